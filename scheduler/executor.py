@@ -1,0 +1,78 @@
+"""APScheduler pieces: an executor that tells each run its scheduled time, and a job store that never deletes."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from apscheduler.executors.base import run_job
+from apscheduler.executors.pool import ThreadPoolExecutor
+from django_apscheduler.jobstores import DjangoJobStore
+from django_apscheduler.models import DjangoJob
+
+from scheduler.models import JobRun
+from scheduler.runs import RunContext, current_run
+
+
+def _run_with_scheduled_time(job: Any, alias: str, run_times: list, logger_name: str, term: int) -> list:
+    # APScheduler 3 does not pass the scheduled time to the function; the wrapper reads it here.
+    events: list = []
+    for run_time in run_times:
+        token = current_run.set(RunContext(scheduled_at=run_time, kind=JobRun.Kind.SCHEDULED, term=term))
+        try:
+            events.extend(run_job(job, alias, [run_time], logger_name))
+        finally:
+            current_run.reset(token)
+    return events
+
+
+class ScheduledTimeExecutor(ThreadPoolExecutor):
+    """ThreadPoolExecutor whose runs carry (scheduled time, leadership term) into the job wrapper."""
+
+    def __init__(self, max_workers: int, term: int):
+        super().__init__(max_workers)
+        self.term = term
+
+    def _do_submit_job(self, job: Any, run_times: list) -> None:
+        def callback(future: Any) -> None:
+            exc = future.exception()
+            if exc:
+                self._run_job_error(job.id, exc, getattr(exc, "__traceback__", None))
+            else:
+                self._run_job_success(job.id, future.result())
+
+        future = self._pool.submit(
+            _run_with_scheduled_time, job, job._jobstore_alias, run_times, self._logger.name, self.term
+        )
+        future.add_done_callback(callback)
+
+    def running_count(self) -> int:
+        with self._lock:
+            return sum(self._instances.values())
+
+
+class SafeDjangoJobStore(DjangoJobStore):
+    """DjangoJobStore that skips, instead of deleting, rows it cannot unpickle.
+
+    django-apscheduler deletes such rows, and the delete cascades to their execution
+    history; a job whose function moved must be paused and flagged, never lost.
+    """
+
+    def _get_jobs(self, **filters: Any) -> list:
+        jobs = []
+        for job_id, job_state in DjangoJob.objects.filter(**filters).values_list("id", "job_state"):
+            try:
+                jobs.append(self._reconstitute_job(job_state))
+            except Exception:
+                self._logger.exception("Unable to restore job %r; left in place (paused by reconciliation)", job_id)
+        return jobs
+
+    def lookup_job(self, job_id: str) -> Any:
+        row = DjangoJob.objects.filter(id=job_id).values_list("job_state", flat=True).first()
+        if not row:
+            return None
+        try:
+            return self._reconstitute_job(row)
+        except (pickle.UnpicklingError, ImportError, LookupError, AttributeError, ValueError):
+            self._logger.exception("Unable to restore job %r", job_id)
+            return None

@@ -1,0 +1,149 @@
+"""The declarative job registry (SPEC §2.1): one reviewed table, plus validated overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from django.conf import settings
+
+INTERVAL_FIELDS = ("weeks", "days", "hours", "minutes", "seconds")
+CRON_FIELDS = ("year", "month", "day", "week", "day_of_week", "hour", "minute", "second")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    kind: str  # "interval" | "cron"
+    fields: tuple[tuple[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+    def build(self, timezone: str) -> BaseTrigger:
+        if self.kind == "interval":
+            return IntervalTrigger(timezone=ZoneInfo(timezone), **self.as_dict())
+        return CronTrigger(timezone=ZoneInfo(timezone), **self.as_dict())
+
+
+def interval(**fields: int) -> Trigger:
+    return Trigger("interval", tuple(sorted(fields.items())))
+
+
+def cron(**fields: int | str) -> Trigger:
+    return Trigger("cron", tuple(sorted(fields.items())))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    id: str
+    name: str
+    func: str  # "module:function", resolving to the wrapped job function
+    trigger: Trigger
+    grace: int  # misfire_grace_time, seconds
+    budget: float  # seconds; a longer run is an overrun
+    enabled: bool = True
+
+    def trigger_text(self, timezone: str | None = None) -> str:
+        return str(self.trigger.build(timezone or settings.SCHEDULER_TIMEZONE))
+
+
+# Business jobs are added here by their domains as their real functions land.
+REGISTRY: tuple[JobSpec, ...] = (
+    JobSpec(
+        id="prune_job_history",
+        name="Prune Job History",
+        func="scheduler.jobs:prune_job_history",
+        trigger=cron(hour=4, minute=41),
+        grace=3600,
+        budget=300,
+    ),
+)
+
+PROBE_JOB = JobSpec(
+    id="scheduler_probe",
+    name="Scheduler Probe",
+    func="scheduler.jobs:scheduler_probe",
+    trigger=interval(seconds=1),
+    grace=2,
+    budget=0.8,
+)
+
+
+class OverrideError(ValueError):
+    """A SCHEDULER_JOB_OVERRIDES entry that cannot be applied; the message names job and field."""
+
+
+def _apply_override(spec: JobSpec, override: Any) -> JobSpec:
+    if not isinstance(override, dict):
+        raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{spec.id!r}]: must be an object, got {override!r}")
+    allowed = INTERVAL_FIELDS if spec.trigger.kind == "interval" else CRON_FIELDS
+    trigger_fields = spec.trigger.as_dict()
+    grace, enabled = spec.grace, spec.enabled
+    for field, value in override.items():
+        where = f"SCHEDULER_JOB_OVERRIDES[{spec.id!r}].{field}"
+        if field == "grace":
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise OverrideError(f"{where}: must be a positive whole number of seconds, got {value!r}")
+            grace = value
+        elif field == "enabled":
+            if not isinstance(value, bool):
+                raise OverrideError(f"{where}: must be true or false, got {value!r}")
+            enabled = value
+        elif field in allowed:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise OverrideError(f"{where}: must be a number or a cron expression, got {value!r}")
+            trigger_fields[field] = value
+        else:
+            raise OverrideError(
+                f"{where}: unknown field (allowed: grace, enabled, {', '.join(allowed)}); "
+                "only trigger fields, grace and enabled may be overridden"
+            )
+    trigger = Trigger(spec.trigger.kind, tuple(sorted(trigger_fields.items())))
+    try:
+        built = trigger.build(settings.SCHEDULER_TIMEZONE)
+    except (TypeError, ValueError) as exc:
+        raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{spec.id!r}]: invalid trigger: {exc}") from None
+    if isinstance(built, IntervalTrigger) and built.interval_length <= 0:
+        raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{spec.id!r}]: the interval must be longer than zero")
+    return dataclasses.replace(spec, trigger=trigger, grace=grace, enabled=enabled)
+
+
+def registry_specs(*, overrides: Any = None, probe: bool | None = None) -> list[JobSpec]:
+    """The registry as configured: the code table, the probe job when enabled, overrides applied.
+
+    Raises OverrideError naming the job and field when an override is invalid.
+    """
+    specs = list(REGISTRY)
+    if settings.SCHEDULER_PROBE_JOB if probe is None else probe:
+        specs.append(PROBE_JOB)
+    overrides = settings.SCHEDULER_JOB_OVERRIDES if overrides is None else overrides
+    if isinstance(overrides, str):
+        raise OverrideError(f"SCHEDULER_JOB_OVERRIDES: {overrides}")
+    if not isinstance(overrides, dict):
+        raise OverrideError("SCHEDULER_JOB_OVERRIDES: must be a JSON object keyed by job id")
+    by_id = {spec.id: spec for spec in specs}
+    for job_id, override in overrides.items():
+        if job_id not in by_id:
+            raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{job_id!r}]: no such job in the registry")
+        by_id[job_id] = _apply_override(by_id[job_id], override)
+    return list(by_id.values())
+
+
+def registry_spec(job_id: str) -> JobSpec | None:
+    for spec in registry_specs_lenient():
+        if spec.id == job_id:
+            return spec
+    return None
+
+
+def registry_specs_lenient() -> list[JobSpec]:
+    """The configured registry for readers (web, status); falls back to the code table on a bad override."""
+    try:
+        return registry_specs()
+    except OverrideError:
+        return registry_specs(overrides={})

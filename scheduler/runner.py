@@ -1,0 +1,305 @@
+"""The scheduler host: leader election, APScheduler lifecycle, watchdog, heartbeat, signals (SPEC §2.2-2.4)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import datetime, timedelta
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.util import ref_to_obj
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections
+from django.utils import timezone
+from django_apscheduler.models import DjangoJob
+
+from scheduler.executor import SafeDjangoJobStore, ScheduledTimeExecutor
+from scheduler.leadership import LeaderLock, leader_lock_for_database
+from scheduler.models import SchedulerInstance
+from scheduler.reconcile import reconcile
+from scheduler.registry import JobSpec
+from scheduler.runs import HOST
+from scheduler.services import instance_heartbeat, leadership_begin_term
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+HEARTBEAT_EVERY = 2.0
+WATCHDOG_EVERY = 2.0
+OVERDUE_SLACK = 5  # seconds beyond a job's grace
+RESTART_LIMIT = 3
+RESTART_WINDOW = timedelta(minutes=10)
+
+# Leader-only threads (SPEC §2.4), started on every term and stopped when leadership is lost.
+# Each is "module:Class" taking the host; domains append theirs (outbox sender, user streams).
+LEADER_THREADS: list[str] = ["scheduler.poller:CommandPoller"]
+# Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
+LEADER_HOOKS: list[str] = []
+
+
+class WatchdogExit(SystemExit):
+    pass
+
+
+def overdue_jobs(specs: list[JobSpec], now: datetime) -> list[str]:
+    """Ids of enabled jobs whose next run is older than grace + 5 s (reads the id/next_run_time columns only)."""
+    grace = {spec.id: spec.grace for spec in specs if spec.enabled}
+    overdue = []
+    for job_id, next_run in DjangoJob.objects.filter(id__in=list(grace), next_run_time__isnull=False).values_list(
+        "id", "next_run_time"
+    ):
+        if (now - next_run).total_seconds() > grace[job_id] + OVERDUE_SLACK:
+            overdue.append(job_id)
+    return overdue
+
+
+class SchedulerHost:
+    """One runscheduler process: standby until it holds the leader lock, then the only APScheduler."""
+
+    def __init__(self, *, specs: list[JobSpec], lock: LeaderLock | None = None):
+        self.specs = specs
+        self.instance_id = f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.started_at = timezone.now()
+        self.lock = lock or leader_lock_for_database()
+        self.role = SchedulerInstance.Role.STANDBY
+        self.term: int | None = None
+        self.leader_since: datetime | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.executor: ScheduledTimeExecutor | None = None
+        self.stop_event = threading.Event()
+        self.leader_threads: list[Any] = []
+        self.restarts: deque[datetime] = deque()
+        self._overdue_since: float | None = None
+        self._standby_logged = False
+        self._last_heartbeat = 0.0
+        self._last_watchdog = 0.0
+        self.exit_code = 0
+
+    # --- lifecycle ---------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        logger.info("received %s; stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def run(self) -> int:
+        """Main loop: poll for leadership, probe it every second, watchdog and heartbeat every 2 s."""
+        backoff = 1.0
+        while not self.stop_event.is_set():
+            try:
+                if self.role == SchedulerInstance.Role.LEADER:
+                    self._leader_tick()
+                    wait = 1.0
+                else:
+                    self._standby_tick()
+                    wait = settings.SCHEDULER_STANDBY_POLL
+                backoff = 1.0
+            except WatchdogExit as exc:
+                self._shutdown(wait_for_jobs=False)
+                return int(exc.code or 1)
+            except DatabaseError as exc:
+                logger.warning("database unavailable (%s); retrying in %.0f s", exc, backoff)
+                close_old_connections()
+                wait, backoff = backoff, min(backoff * 2, 10.0)
+            self.stop_event.wait(wait)
+        self._shutdown(wait_for_jobs=True)
+        return self.exit_code
+
+    def _standby_tick(self) -> None:
+        close_old_connections()
+        if self.lock.try_acquire():
+            self._become_leader()
+            return
+        if not self._standby_logged:
+            logger.info("scheduler standby")
+            self._standby_logged = True
+        self._heartbeat()
+
+    def _leader_tick(self) -> None:
+        if not self.lock.probe():
+            logger.error("leader lock lost (term %s); stepping down", self.term)
+            self._step_down()
+            return
+        now = time.monotonic()
+        if now - self._last_watchdog >= WATCHDOG_EVERY:
+            self._last_watchdog = now
+            close_old_connections()
+            self._watchdog()
+        self._heartbeat()
+
+    # --- leadership --------------------------------------------------------
+    def _become_leader(self) -> None:
+        try:
+            self.term = leadership_begin_term(
+                instance_id=self.instance_id, host=HOST, pid=os.getpid(), backend_pid=self.lock.backend_pid
+            )
+        except Exception:
+            self.lock.release()
+            raise
+        self.role = SchedulerInstance.Role.LEADER
+        self.leader_since = timezone.now()
+        self._standby_logged = False
+        self._start_scheduler(reconcile_jobs=True)
+        logger.info("scheduler started as leader (term %s)", self.term)
+        self._heartbeat(force=True)
+        for path in LEADER_THREADS:
+            thread = ref_to_obj(path)(self)
+            thread.start()
+            self.leader_threads.append(thread)
+        if LEADER_HOOKS:
+            threading.Thread(target=self._run_leader_hooks, args=(self.term,), name="leader-hooks", daemon=True).start()
+
+    def _run_leader_hooks(self, term: int) -> None:
+        for path in LEADER_HOOKS:
+            if self.term != term or self.stop_event.is_set():
+                return
+            try:
+                close_old_connections()
+                ref_to_obj(path)(host=self)
+            except Exception:
+                logger.exception("leader hook %s failed", path)
+            finally:
+                close_old_connections()
+
+    def _start_scheduler(self, *, reconcile_jobs: bool) -> None:
+        assert self.term is not None
+        self.executor = ScheduledTimeExecutor(settings.SCHEDULER_THREADS, self.term)
+        scheduler = BackgroundScheduler(
+            jobstores={"default": SafeDjangoJobStore()},
+            executors={"default": self.executor},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone=settings.SCHEDULER_TIMEZONE,
+            jobstore_retry_interval=1,
+        )
+        scheduler.start(paused=True)
+        try:
+            if reconcile_jobs:
+                report = reconcile(scheduler, self.specs)
+                logger.info(
+                    "reconciled term %s: %d added, %d replaced, %d unchanged, %d stale, %d paused",
+                    self.term,
+                    len(report.added),
+                    len(report.replaced),
+                    len(report.unchanged),
+                    len(report.stale),
+                    len(report.paused),
+                )
+            scheduler.resume()
+        except Exception:
+            scheduler.shutdown(wait=False)
+            raise
+        self.scheduler = scheduler
+
+    def _stop_scheduler(self, *, wait: bool) -> None:
+        if self.scheduler is not None:
+            try:
+                self.scheduler.shutdown(wait=wait)
+            except Exception:
+                logger.exception("scheduler shutdown failed")
+            self.scheduler = None
+
+    def _stop_leader_threads(self) -> None:
+        for thread in self.leader_threads:
+            thread.stop()
+        self.leader_threads = []
+
+    def _step_down(self) -> None:
+        self._stop_scheduler(wait=False)
+        self._stop_leader_threads()
+        self.lock.release()
+        self.role = SchedulerInstance.Role.STANDBY
+        self.term = None
+        self.leader_since = None
+        with contextlib.suppress(DatabaseError):  # the database may be what we lost
+            self._heartbeat(force=True)
+
+    # --- watchdog and heartbeat --------------------------------------------
+    def thread_alive(self) -> bool:
+        thread = getattr(self.scheduler, "_thread", None)
+        return bool(thread is not None and thread.is_alive())
+
+    def _watchdog(self) -> None:
+        alive = self.thread_alive()
+        overdue: list[str] = []
+        if alive:
+            overdue = overdue_jobs(self.specs, timezone.now())
+            if overdue:
+                # Two consecutive checks: a job store that just came back needs one pass to catch up.
+                if self._overdue_since is None:
+                    self._overdue_since = time.monotonic()
+                    return
+            else:
+                self._overdue_since = None
+                return
+        problem = "APScheduler thread is dead" if not alive else f"jobs overdue: {', '.join(overdue)}"
+        self._overdue_since = None
+        self._restart_scheduler(problem)
+
+    def _restart_scheduler(self, problem: str) -> None:
+        from notifications.services import alert_raise
+
+        now = timezone.now()
+        while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
+            self.restarts.popleft()
+        self.restarts.append(now)
+        logger.error("watchdog: %s; rebuilding the scheduler (restart %d)", problem, len(self.restarts))
+        try:
+            alert_raise(key="scheduler:watchdog", text=f"Scheduler watchdog on {HOST}: {problem}; restarting")
+        except Exception:
+            logger.exception("watchdog alert failed")
+        if len(self.restarts) > RESTART_LIMIT:
+            logger.critical("watchdog: more than %d restarts in 10 minutes; exiting", RESTART_LIMIT)
+            raise WatchdogExit(3)
+        self._stop_scheduler(wait=False)
+        if self.lock.probe():
+            self._start_scheduler(reconcile_jobs=False)
+        else:
+            self._step_down()
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < HEARTBEAT_EVERY:
+            return
+        self._last_heartbeat = now
+        instance_heartbeat(
+            instance_id=self.instance_id,
+            host=HOST,
+            pid=os.getpid(),
+            role=self.role,
+            term=self.term,
+            backend_pid=self.lock.backend_pid if self.role == SchedulerInstance.Role.LEADER else None,
+            started_at=self.started_at,
+            leader_since=self.leader_since,
+            thread_alive=self.thread_alive(),
+            version=VERSION,
+        )
+
+    # --- shutdown ----------------------------------------------------------
+    def _shutdown(self, *, wait_for_jobs: bool) -> None:
+        if self.scheduler is not None:
+            self.scheduler.pause()  # no new runs
+            if wait_for_jobs and self.executor is not None:
+                deadline = time.monotonic() + settings.SCHEDULER_SHUTDOWN_GRACE
+                while self.executor.running_count() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if self.executor.running_count():
+                    logger.warning("shutdown grace over with jobs still running")
+            self._stop_scheduler(wait=False)
+        self._stop_leader_threads()
+        self.role = SchedulerInstance.Role.STOPPED
+        try:
+            close_old_connections()
+            self._heartbeat(force=True)
+        except Exception as exc:
+            logger.warning("final heartbeat failed: %s", exc)
+        logger.info("scheduler stopped")
+        # The leader lock is released by process exit (after the jobs above finished).

@@ -1,0 +1,196 @@
+"""The job wrapper: JobRun claim before the body, outcome after it (SPEC §2.3)."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from scheduler.locks import JobLock
+from scheduler.models import JobRun
+from scheduler.scrub import scrub
+
+logger = logging.getLogger(__name__)
+
+HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job body returns: a one-line summary, and whether it did any work."""
+
+    summary: str = ""
+    noop: bool = False
+
+
+@dataclass(frozen=True)
+class RunContext:
+    scheduled_at: datetime
+    kind: str = JobRun.Kind.SCHEDULED
+    term: int | None = None  # None: whatever term is current (manual runs outside the leader)
+    lock_timeout: float = 0.0
+
+
+class JobFailedError(Exception):
+    """Raised to APScheduler in place of the body's exception, with its text scrubbed."""
+
+
+current_run: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar("current_run", default=None)
+
+
+def jobrun_claim(*, job_id: str, ctx: RunContext, started_at: datetime) -> int | None:
+    """Insert the JobRun row in its own statement, only if (job, scheduled_at) is new and the term current.
+
+    Returns the row id, or None when the claim is refused (duplicate or stale term).
+    """
+    if ctx.term is None:
+        term_sql, params_term = "", []
+    else:
+        term_sql, params_term = " AND term = %s", [ctx.term]
+    # FOR SHARE makes a concurrent term increment wait for this claim (and vice versa).
+    lock_sql = " FOR SHARE" if connection.vendor == "postgresql" else ""
+    sql = (
+        "INSERT INTO scheduler_jobrun (job_id, scheduled_at, term, host, pid, kind, started_at, "
+        "lateness_ms, outcome, summary, error) "
+        "SELECT %s, %s, term, %s, %s, %s, %s, %s, %s, '', '' FROM scheduler_leadership "
+        f"WHERE id = 1{term_sql}{lock_sql} "
+        "ON CONFLICT (job_id, scheduled_at) DO NOTHING RETURNING id"
+    )
+    adapt = connection.ops.adapt_datetimefield_value
+    params = [
+        job_id,
+        adapt(ctx.scheduled_at),
+        HOST,
+        os.getpid(),
+        ctx.kind,
+        adapt(started_at),
+        max(0, int((started_at - ctx.scheduled_at).total_seconds() * 1000)),
+        JobRun.Outcome.RUNNING,
+        *params_term,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def jobrun_finish(
+    *, run_id: int, started_at: datetime, duration_ms: int, outcome: str, summary: str, error: str = ""
+) -> None:
+    JobRun.objects.filter(pk=run_id).update(
+        finished_at=started_at + timedelta(milliseconds=duration_ms),
+        duration_ms=duration_ms,
+        outcome=outcome,
+        summary=scrub(summary)[:500],
+        error=scrub(error),
+    )
+
+
+def _outcome(result: Any, duration_s: float, budget: float) -> tuple[str, str]:
+    if isinstance(result, JobResult):
+        summary, noop = result.summary, result.noop
+    elif result is None:
+        summary, noop = "", True
+    else:
+        summary, noop = str(result), False
+    if duration_s > budget:
+        return JobRun.Outcome.OVERRUN, summary
+    return (JobRun.Outcome.NOOP if noop else JobRun.Outcome.OK), summary
+
+
+def _budget(job_id: str) -> float:
+    from scheduler.registry import registry_spec
+
+    spec = registry_spec(job_id)
+    return spec.budget if spec else float("inf")
+
+
+def run_wrapped(job_id: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    from notifications.services import alert_raise
+    from scheduler.services import counter_add
+
+    started_at = timezone.now()
+    ctx = current_run.get() or RunContext(scheduled_at=started_at, kind=JobRun.Kind.MANUAL, lock_timeout=60.0)
+    close_old_connections()
+    lock = JobLock(job_id)
+    try:
+        if not lock.acquire(timeout=ctx.lock_timeout):
+            counter_add(name="suppressed_duplicates", labels=f"job={job_id}")
+            logger.warning("[%s] run at %s skipped: the job is already running", job_id, ctx.scheduled_at)
+            return None
+        run_id = jobrun_claim(job_id=job_id, ctx=ctx, started_at=started_at)
+        if run_id is None:
+            counter_add(name="suppressed_duplicates", labels=f"job={job_id}")
+            logger.warning(
+                "[%s] run at %s suppressed: already claimed or term %s is no longer current",
+                job_id,
+                ctx.scheduled_at,
+                ctx.term,
+            )
+            return None
+        t0 = time.monotonic()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            duration_ms = int((time.monotonic() - t0) * 1000)
+            message = scrub(f"{type(exc).__name__}: {exc}")
+            close_old_connections()  # the body may have left a broken connection behind
+            jobrun_finish(
+                run_id=run_id,
+                started_at=started_at,
+                duration_ms=duration_ms,
+                outcome=JobRun.Outcome.ERROR,
+                summary=message[:500],
+                error=scrub(traceback.format_exc()),
+            )
+            counter_add(name="job_errors", labels=f"job={job_id}")
+            logger.error("[%s] run at %s failed after %d ms: %s", job_id, ctx.scheduled_at, duration_ms, message)
+            alert_raise(key=f"job:{job_id}", text=f"Job {job_id} failed: {message}")
+            raise JobFailedError(message) from None
+        duration_s = time.monotonic() - t0
+        duration_ms = int(duration_s * 1000)
+        outcome, summary = _outcome(result, duration_s, _budget(job_id))
+        jobrun_finish(run_id=run_id, started_at=started_at, duration_ms=duration_ms, outcome=outcome, summary=summary)
+        if outcome == JobRun.Outcome.OVERRUN:
+            counter_add(name="job_overruns", labels=f"job={job_id}")
+            logger.warning("[%s] overran its budget: %d ms; %s", job_id, duration_ms, summary)
+        else:
+            level = logging.DEBUG if outcome == JobRun.Outcome.NOOP else logging.INFO
+            logger.log(level, "[%s] %s in %d ms: %s", job_id, outcome, duration_ms, summary)
+        return result
+    finally:
+        lock.release()
+        close_old_connections()
+
+
+def scheduler_job(job_id: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a job function at module level so APScheduler's text reference resolves to the wrapper."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return run_wrapped(job_id, fn, args, kwargs)
+
+        wrapper.scheduler_job_id = job_id  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def run_in_context(ctx: RunContext, fn: Callable[[], Any]) -> Any:
+    token = current_run.set(ctx)
+    try:
+        return fn()
+    finally:
+        current_run.reset(token)

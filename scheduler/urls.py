@@ -1,0 +1,3 @@
+"""Scheduler URLs: status API, health, metrics."""
+
+urlpatterns: list = []
