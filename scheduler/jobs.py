@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -71,4 +72,7 @@ def prune_job_history() -> JobResult:
 @scheduler_job("scheduler_probe")
 def scheduler_probe() -> JobResult:
     """Does nothing but let the wrapper record its run: proof the host schedules on time."""
+    if settings.SCHEDULER_PROBE_SLEEP:
+        time.sleep(settings.SCHEDULER_PROBE_SLEEP)
+        return JobResult(summary=f"alive after {settings.SCHEDULER_PROBE_SLEEP:g} s")
     return JobResult(summary="alive", noop=True)

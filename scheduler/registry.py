@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -97,6 +98,8 @@ def _apply_override(spec: JobSpec, override: Any) -> JobSpec:
         elif field in allowed:
             if isinstance(value, bool) or not isinstance(value, int | str):
                 raise OverrideError(f"{where}: must be a number or a cron expression, got {value!r}")
+            if spec.trigger.kind == "interval" and (not isinstance(value, int) or value < 0):
+                raise OverrideError(f"{where}: must be a whole number >= 0, got {value!r}")
             trigger_fields[field] = value
         else:
             raise OverrideError(
@@ -105,10 +108,11 @@ def _apply_override(spec: JobSpec, override: Any) -> JobSpec:
             )
     trigger = Trigger(spec.trigger.kind, tuple(sorted(trigger_fields.items())))
     try:
-        built = trigger.build(settings.SCHEDULER_TIMEZONE)
+        built: BaseTrigger = trigger.build(settings.SCHEDULER_TIMEZONE)
     except (TypeError, ValueError) as exc:
         raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{spec.id!r}]: invalid trigger: {exc}") from None
-    if isinstance(built, IntervalTrigger) and built.interval_length <= 0:
+    # IntervalTrigger silently turns a zero interval into 1 s; refuse it instead.
+    if isinstance(built, IntervalTrigger) and timedelta(**trigger.as_dict()) <= timedelta(0):
         raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{spec.id!r}]: the interval must be longer than zero")
     return dataclasses.replace(spec, trigger=trigger, grace=grace, enabled=enabled)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import close_old_connections, connection
+from django.db import close_old_connections as _close_old_connections
+from django.db import connection
 from django.utils import timezone
 
 from scheduler.locks import JobLock
@@ -47,6 +48,12 @@ class JobFailedError(Exception):
 
 
 current_run: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar("current_run", default=None)
+
+
+def close_old_connections() -> None:
+    """close_old_connections, except inside an outer transaction (a test, or a caller's atomic block)."""
+    if not connection.in_atomic_block:
+        _close_old_connections()
 
 
 def jobrun_claim(*, job_id: str, ctx: RunContext, started_at: datetime) -> int | None:

@@ -38,3 +38,37 @@ def user_client(plain_user):  # noqa: ANN001
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=plain_user).key}")
     return client
+
+
+@pytest.fixture(scope="session")
+def proc_sqlite_template(tmp_path_factory):  # noqa: ANN001
+    """A migrated SQLite file, copied per test for processes started by the test."""
+    from tests import procs
+
+    return procs.sqlite_template(tmp_path_factory.mktemp("sqlite-template"))
+
+
+@pytest.fixture
+def proc_sqlite_db(proc_sqlite_template, tmp_path):  # noqa: ANN001
+    from tests import procs
+
+    return procs.sqlite_db(proc_sqlite_template, tmp_path / "proc")
+
+
+@pytest.fixture(scope="session")
+def proc_pg_template(tmp_path_factory):  # noqa: ANN001
+    """A migrated PostgreSQL template database; each test gets a copy (CREATE DATABASE ... TEMPLATE)."""
+    from tests import procs
+
+    name = procs.pg_template(tmp_path_factory.mktemp("pg-template"))
+    yield name
+    procs.pg_drop(name)
+
+
+@pytest.fixture
+def proc_pg_db(proc_pg_template, tmp_path):  # noqa: ANN001
+    from tests import procs
+
+    db = procs.pg_db(proc_pg_template, tmp_path / "proc")
+    yield db
+    procs.pg_drop(db.url)
