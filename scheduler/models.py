@@ -43,6 +43,7 @@ class SchedulerInstance(models.Model):
     last_heartbeat = models.DateTimeField(db_index=True)
     thread_alive = models.BooleanField(default=False)
     version = models.CharField(max_length=64, blank=True)
+    rss_bytes = models.BigIntegerField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid} ({self.role})"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -61,6 +61,30 @@ REGISTRY: tuple[JobSpec, ...] = (
         func="scheduler.jobs:prune_job_history",
         trigger=cron(hour=4, minute=41),
         grace=3600,
+        budget=300,
+    ),
+    JobSpec(
+        id="update_price_cache",
+        name="Update Price Cache",
+        func="exchanges.jobs:update_price_cache",
+        trigger=interval(seconds=31),
+        grace=31,
+        budget=20,
+    ),
+    JobSpec(
+        id="precision_cache_update",
+        name="Precision Cache Update",
+        func="exchanges.jobs:precision_cache_update",
+        trigger=cron(hour=3, minute=7),
+        grace=3600,
+        budget=900,
+    ),
+    JobSpec(
+        id="symbol_validator_refresh",
+        name="Symbol Validator Refresh",
+        func="exchanges.jobs:symbol_validator_refresh",
+        trigger=cron(minute=15),
+        grace=600,
         budget=300,
     ),
 )

@@ -13,6 +13,7 @@ from collections import deque
 from datetime import datetime, timedelta
 from typing import Any
 
+import psutil
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.util import ref_to_obj
 from django.conf import settings
@@ -81,6 +82,7 @@ class SchedulerHost:
         self._last_heartbeat = 0.0
         self._last_watchdog = 0.0
         self.exit_code = 0
+        self._process = psutil.Process()
 
     # --- lifecycle ---------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -281,6 +283,7 @@ class SchedulerHost:
             leader_since=self.leader_since,
             thread_alive=self.thread_alive(),
             version=VERSION,
+            rss_bytes=self._process.memory_info().rss,
         )
 
     # --- shutdown ----------------------------------------------------------

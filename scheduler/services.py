@@ -60,6 +60,7 @@ def instance_heartbeat(
     leader_since: datetime | None,
     thread_alive: bool,
     version: str,
+    rss_bytes: int | None = None,
 ) -> None:
     """Upsert this process's SchedulerInstance row (every 2 s)."""
     SchedulerInstance.objects.update_or_create(
@@ -75,6 +76,7 @@ def instance_heartbeat(
             "last_heartbeat": timezone.now(),
             "thread_alive": thread_alive,
             "version": version,
+            "rss_bytes": rss_bytes,
         },
     )
 

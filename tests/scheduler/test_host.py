@@ -204,9 +204,7 @@ def test_prune_job_history_deletes_old_rows_in_batches(settings):
     rows += [jobrun("scheduler_probe", timedelta(days=2, seconds=100), outcome="error")]
     rows += [jobrun("prune_job_history", timedelta(days=2))]
     JobRun.objects.bulk_create(rows, batch_size=500)
-    DjangoJobExecution.objects.create(
-        job_id="prune_job_history", status="Executed", run_time=now - timedelta(days=9)
-    )
+    DjangoJobExecution.objects.create(job_id="prune_job_history", status="Executed", run_time=now - timedelta(days=9))
     prune_job_history()
     remaining = set(JobRun.objects.values_list("job_id", "outcome"))
     assert JobRun.objects.filter(scheduled_at__lt=now - timedelta(days=7)).count() == 0

@@ -64,7 +64,7 @@ def test_function_importable_wrapped_and_job_state_pickles(spec):
         max_instances=1,
         next_run_time=None,
     )
-    state = pickle.loads(pickle.dumps(job.__getstate__()))
+    state = pickle.loads(pickle.dumps(job.__getstate__()))  # noqa: S301 -- our own bytes
     restored = Job.__new__(Job)
     restored.__setstate__(state)
     assert restored.func is func

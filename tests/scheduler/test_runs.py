@@ -47,9 +47,11 @@ def run(fn, *, when, term=None, kind=JobRun.Kind.SCHEDULED):
 
 
 def suppressed(job_id):
-    return sum(MetricCounter.objects.filter(name="suppressed_duplicates", labels=f"job={job_id}").values_list(
-        "value", flat=True
-    ))
+    return sum(
+        MetricCounter.objects.filter(name="suppressed_duplicates", labels=f"job={job_id}").values_list(
+            "value", flat=True
+        )
+    )
 
 
 @pytest.fixture
@@ -112,9 +114,12 @@ def test_stale_term_claim_is_refused(term):
     run(stale, when=timezone.now(), term=term)
     assert calls == [] and not JobRun.objects.filter(job_id="test_stale").exists()
     assert suppressed("test_stale") == 1
-    assert jobrun_claim(
-        job_id="test_stale", ctx=RunContext(scheduled_at=timezone.now(), term=term), started_at=timezone.now()
-    ) is None
+    assert (
+        jobrun_claim(
+            job_id="test_stale", ctx=RunContext(scheduled_at=timezone.now(), term=term), started_at=timezone.now()
+        )
+        is None
+    )
     assert jobrun_claim(
         job_id="test_stale", ctx=RunContext(scheduled_at=timezone.now(), term=new_term), started_at=timezone.now()
     )

@@ -1,0 +1,172 @@
+"""Scheduler read side: leader, standbys, the running predicate and the status body (SPEC §2.5)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+from django.db import connection
+from django_apscheduler.models import DjangoJob
+
+from scheduler.locks import LEADER_LOCK_CLASS, LEADER_LOCK_ID, is_postgres
+from scheduler.models import JobControl, JobRun, SchedulerInstance
+from scheduler.registry import JobSpec, registry_specs_lenient
+
+logger = logging.getLogger(__name__)
+
+# A leader whose heartbeat (every 2 s) is older than this is not running, even if it holds the lock:
+# a frozen process keeps its PostgreSQL session, and with it the advisory lock.
+LEADER_HEARTBEAT_MAX_AGE_POSTGRES = timedelta(seconds=10)
+# SQLite has no lock visible to other processes; the heartbeat alone identifies the leader.
+LEADER_HEARTBEAT_MAX_AGE_SQLITE = timedelta(seconds=3)
+STANDBY_HEARTBEAT_MAX_AGE = timedelta(seconds=10)
+DISABLED_REASON = "disabled by SCHEDULER_JOB_OVERRIDES"
+
+LAST_RUN_FIELDS = ("outcome", "scheduled_at", "duration_ms", "lateness_ms", "summary")
+
+
+def _scheduler_tz() -> ZoneInfo:
+    return ZoneInfo(settings.SCHEDULER_TIMEZONE)
+
+
+def _local(value: datetime | None) -> datetime | None:
+    return value.astimezone(_scheduler_tz()) if value is not None else None
+
+
+def leader_lock_holder_pids() -> list[int]:
+    """Backend pids holding the leader advisory lock in this database (PostgreSQL only; one query)."""
+    # Advisory locks are per database; without the database filter another deployment
+    # (or another test database) on the same cluster would look like our leader.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            [LEADER_LOCK_CLASS, LEADER_LOCK_ID],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def scheduler_leader(*, now: datetime) -> SchedulerInstance | None:
+    """The live leader instance, or None. Reads SchedulerInstance (and pg_locks on PostgreSQL); no writes.
+
+    PostgreSQL: role leader, its lock connection's backend pid holds the advisory lock, and a
+    heartbeat younger than 10 s. SQLite: role leader with a heartbeat younger than 3 s.
+    """
+    leaders = SchedulerInstance.objects.filter(role=SchedulerInstance.Role.LEADER)
+    if is_postgres():
+        pids = leader_lock_holder_pids()
+        if not pids:
+            return None
+        leaders = leaders.filter(backend_pid__in=pids, last_heartbeat__gte=now - LEADER_HEARTBEAT_MAX_AGE_POSTGRES)
+    else:
+        leaders = leaders.filter(last_heartbeat__gte=now - LEADER_HEARTBEAT_MAX_AGE_SQLITE)
+    return leaders.order_by("-last_heartbeat").first()
+
+
+def scheduler_standbys(*, now: datetime) -> list[SchedulerInstance]:
+    """Standby instances with a heartbeat younger than 10 s, oldest first. One query, no writes."""
+    return list(
+        SchedulerInstance.objects.filter(
+            role=SchedulerInstance.Role.STANDBY, last_heartbeat__gte=now - STANDBY_HEARTBEAT_MAX_AGE
+        ).order_by("started_at", "id")
+    )
+
+
+def _running(*, leader: SchedulerInstance | None, specs: list[JobSpec], now: datetime) -> bool:
+    # Imported here: the runner module pulls in APScheduler's host machinery, which readers rarely need.
+    from scheduler.runner import overdue_jobs
+
+    if leader is None or not leader.thread_alive:
+        return False
+    overdue = overdue_jobs(specs, now)
+    if overdue:
+        logger.debug("scheduler not running: overdue jobs %s", ", ".join(overdue))
+    return not overdue
+
+
+def scheduler_running(*, now: datetime) -> bool:
+    """The health predicate: a live leader whose APScheduler thread is alive, and no enabled job
+    overdue beyond grace + 5 s. Reads only id/next_run_time columns of DjangoJob; no writes."""
+    return _running(leader=scheduler_leader(now=now), specs=registry_specs_lenient(), now=now)
+
+
+def jobrun_last_by_job(*, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The latest JobRun of each job (by scheduled_at), as plain dicts.
+
+    One query per job, each a backward scan of the unique (job_id, scheduled_at) index
+    limited to one row, so the cost does not grow with the size of JobRun.
+    """
+    latest = {}
+    for job_id in job_ids:
+        row = JobRun.objects.filter(job_id=job_id).order_by("-scheduled_at").values(*LAST_RUN_FIELDS).first()
+        if row is not None:
+            row["scheduled_at"] = _local(row["scheduled_at"])
+            latest[job_id] = row
+    return latest
+
+
+def scheduler_jobs(*, specs: list[JobSpec]) -> list[dict[str, Any]]:
+    """One entry per registry job: trigger, next run (SCHEDULER_TIMEZONE), pause state, last run.
+
+    Never unpickles DjangoJob.job_state: only the id/next_run_time columns are read.
+    """
+    ids = [spec.id for spec in specs]
+    next_runs = dict(DjangoJob.objects.filter(id__in=ids).values_list("id", "next_run_time"))
+    controls = {
+        control.job_id: control
+        for control in JobControl.objects.filter(job_id__in=ids, paused=True).only("job_id", "paused", "pause_reason")
+    }
+    last_runs = jobrun_last_by_job(job_ids=ids)
+    jobs = []
+    for spec in specs:
+        control = controls.get(spec.id)
+        stored = spec.id in next_runs
+        next_run = next_runs.get(spec.id)
+        if control is not None:
+            pause_reason: str | None = control.pause_reason or None
+        elif not spec.enabled:
+            pause_reason = DISABLED_REASON
+        else:
+            pause_reason = None
+        jobs.append(
+            {
+                "id": spec.id,
+                "name": spec.name,
+                "trigger": spec.trigger_text(),
+                "next_run": _local(next_run),
+                "paused": (stored and next_run is None) or control is not None or not spec.enabled,
+                "pause_reason": pause_reason,
+                "last_run": last_runs.get(spec.id),
+            }
+        )
+    return jobs
+
+
+def scheduler_status(*, now: datetime) -> dict[str, Any]:
+    """The status body of SPEC §2.5 as plain values (datetimes aware, in SCHEDULER_TIMEZONE).
+
+    Read-only; a bounded number of queries (a few plus one per registry job) whatever the
+    size of JobRun. Never touches DjangoJob.job_state or the DjangoJobStore.
+    """
+    specs = registry_specs_lenient()
+    leader = scheduler_leader(now=now)
+    return {
+        "running": _running(leader=leader, specs=specs, now=now),
+        "leader": None
+        if leader is None
+        else {
+            "host": leader.host,
+            "pid": leader.pid,
+            "term": leader.term,
+            "since": _local(leader.leader_since),
+            "last_heartbeat": _local(leader.last_heartbeat),
+        },
+        "standbys": [
+            {"host": standby.host, "pid": standby.pid, "last_heartbeat": _local(standby.last_heartbeat)}
+            for standby in scheduler_standbys(now=now)
+        ],
+        "jobs": scheduler_jobs(specs=specs),
+    }
