@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -52,6 +53,10 @@ INSTALLED_APPS = [
     "django_apscheduler",
     "scheduler",
     "notifications",
+    "exchanges",
+    "accounts",
+    "orders",
+    "positions",
 ]
 
 MIDDLEWARE = [
@@ -97,6 +102,9 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=30000;",
     }
     _db["CONN_MAX_AGE"] = 0
+    # A file (not in-memory) test database, one per test process: scheduler threads and
+    # subprocess-style tests need real WAL locking, and concurrent test runs must not collide.
+    _db["TEST"] = {"NAME": str(VAR_DIR / f"test_{os.getpid()}.sqlite3")}
 else:
     _db["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     _db["CONN_HEALTH_CHECKS"] = True
@@ -151,6 +159,8 @@ SCHEDULER_STANDBY_POLL = env.float("SCHEDULER_STANDBY_POLL", default=1.0)
 SCHEDULER_SHUTDOWN_GRACE = env.float("SCHEDULER_SHUTDOWN_GRACE", default=30.0)
 SCHEDULER_THREADS = env.int("SCHEDULER_THREADS", default=20)
 SCHEDULER_LOCK_FILE = env.str("SCHEDULER_LOCK_FILE", default="")
+# Test and drill knob: seconds the probe job sleeps, so a run can be caught in flight.
+SCHEDULER_PROBE_SLEEP = env.float("SCHEDULER_PROBE_SLEEP", default=0.0)
 try:
     SCHEDULER_JOB_OVERRIDES = json.loads(env.str("SCHEDULER_JOB_OVERRIDES", default="{}") or "{}")
 except json.JSONDecodeError as exc:
@@ -158,6 +168,26 @@ except json.JSONDecodeError as exc:
     SCHEDULER_JOB_OVERRIDES = f"invalid JSON: {exc}"
 
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# --- Orders (SPEC §4.1) ----------------------------------------------------------
+# Live slots per bucket: a number, or JSON {"default": 2, "BINANCE:FUTURES": 5}.
+_slots = env.str("ORDER_QUEUE_SLOTS", default="2")
+try:
+    ORDER_QUEUE_SLOTS = json.loads(_slots) if _slots.strip().startswith("{") else {"default": int(_slots)}
+except (ValueError, json.JSONDecodeError) as exc:
+    raise ImproperlyConfigured(f"ORDER_QUEUE_SLOTS: expected a number or a JSON object, got {_slots!r}") from exc
+# Test-only: crash points armed in this process, e.g. "promote.after_exchange_ack:kill".
+ORDER_CRASH_POINTS = env.str("ORDER_CRASH_POINTS", default="")
+
+# --- Exchanges (SPEC §4.4, §5) -------------------------------------------------------
+PRICE_MAX_AGE_TRADE = env.int("PRICE_MAX_AGE_TRADE", default=120)  # seconds; sizing and validation
+PRICE_MAX_AGE_VALUE = env.int("PRICE_MAX_AGE_VALUE", default=3600)  # seconds; PnL valuation
+try:
+    # {"BINANCE": "http://127.0.0.1:8900"}: aim a real exchange id at another base URL.
+    EXCHANGE_URL_OVERRIDES = json.loads(env.str("EXCHANGE_URL_OVERRIDES", default="{}") or "{}")
+except json.JSONDecodeError as exc:
+    raise ImproperlyConfigured(f"EXCHANGE_URL_OVERRIDES is not valid JSON: {exc}") from None
+SIMULATOR_SEED = env.int("SIMULATOR_SEED", default=0)
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {

@@ -1,0 +1,108 @@
+"""Accounts and strategies: who trades where, with what weight and capital (SPEC §3)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from accounts.fields import EncryptedTextField
+
+
+def money(**kwargs) -> models.DecimalField:  # noqa: ANN003
+    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+
+
+class Exchange(models.TextChoices):
+    BINANCE = "BINANCE"
+    BYBIT = "BYBIT"
+    PAPER = "PAPER"
+    KIS = "KIS"
+
+
+class MarketType(models.TextChoices):
+    SPOT = "SPOT"
+    FUTURES = "FUTURES"
+
+
+class Account(models.Model):
+    """An exchange or broker account. Credentials are encrypted at rest and never shown."""
+
+    class AccountType(models.TextChoices):
+        CRYPTO = "CRYPTO"
+        SECURITIES = "SECURITIES"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="accounts")
+    name = models.CharField(max_length=100)
+    exchange = models.CharField(max_length=16, choices=Exchange.choices)
+    account_type = models.CharField(max_length=16, choices=AccountType.choices, default=AccountType.CRYPTO)
+    is_testnet = models.BooleanField(default=False)
+    is_active = models.BooleanField(default=True)
+    api_key = EncryptedTextField(blank=True, default="")
+    api_secret = EncryptedTextField(blank=True, default="")
+    passphrase = EncryptedTextField(blank=True, default="")
+    kis_appkey = EncryptedTextField(blank=True, default="")
+    kis_appsecret = EncryptedTextField(blank=True, default="")
+    kis_account_no = EncryptedTextField(blank=True, default="")
+    is_virtual = models.BooleanField(default=False, help_text="KIS virtual (paper) trading account")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    SECRET_FIELDS = ("api_key", "api_secret", "passphrase", "kis_appkey", "kis_appsecret", "kis_account_no")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "name"], name="account_unique_name_per_user")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.exchange})"
+
+    def __repr__(self) -> str:
+        # Credentials stay out of reprs, tracebacks and debug pages.
+        return f"<Account {self.pk} {self.exchange} {self.name!r}>"
+
+
+class Strategy(models.Model):
+    """A trading strategy; `group_name` routes webhooks to it and fixes the market type."""
+
+    name = models.CharField(max_length=100)
+    group_name = models.CharField(max_length=100, unique=True)
+    market_type = models.CharField(max_length=8, choices=MarketType.choices)
+    webhook_token_hash = models.CharField(max_length=200, blank=True)
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        verbose_name_plural = "strategies"
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.group_name}]"
+
+
+class StrategyAccount(models.Model):
+    """A strategy trading on one account, with its share (weight) and leverage."""
+
+    strategy = models.ForeignKey(Strategy, on_delete=models.PROTECT, related_name="strategy_accounts")
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="strategy_accounts")
+    weight = models.DecimalField(max_digits=12, decimal_places=6, default=1)
+    leverage = models.DecimalField(max_digits=8, decimal_places=2, default=1)
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["strategy", "account"], name="strategyaccount_unique"),
+            models.CheckConstraint(condition=models.Q(weight__gte=0), name="strategyaccount_weight_nonneg"),
+            models.CheckConstraint(condition=models.Q(leverage__gt=0), name="strategyaccount_leverage_pos"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.strategy.group_name} @ {self.account.name}"
+
+
+class StrategyCapital(models.Model):
+    """Capital allocated to one StrategyAccount and the watermark of realized PnL compounded into it."""
+
+    strategy_account = models.OneToOneField(StrategyAccount, on_delete=models.CASCADE, related_name="capital")
+    allocated_capital = money(default=0)
+    current_pnl = money(default=0)
+    last_rebalance_at = models.DateTimeField(null=True, blank=True)
+    pnl_reflected_until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.strategy_account}: {self.allocated_capital}"

@@ -1,0 +1,8 @@
+"""Exchanges app config."""
+
+from django.apps import AppConfig
+
+
+class ExchangesConfig(AppConfig):
+    name = "exchanges"
+    verbose_name = "Exchanges"

@@ -1,0 +1,132 @@
+"""Exchange readers: price quotes with freshness limits, market rules, and the work lists of the jobs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.cache import cache
+
+from exchanges.gateway import MarketRule, MarketType
+from exchanges.models import MarketInfo, PriceQuote
+
+logger = logging.getLogger(__name__)
+
+# The embedded default exchange is always refreshed, so a fresh install has markets to trade.
+EMBEDDED_TARGETS: tuple[tuple[str, MarketType], ...] = (("PAPER", MarketType.SPOT), ("PAPER", MarketType.FUTURES))
+
+
+@dataclass(frozen=True)
+class Quote:
+    price: Decimal
+    as_of: datetime
+
+
+def price_cache_key(*, exchange: str, market_type: str, symbol: str) -> str:
+    return f"price:{exchange}:{market_type}:{symbol}".replace(" ", "_")
+
+
+def price_targets() -> list[tuple[str, MarketType]]:
+    """(exchange, market_type) pairs whose prices update_price_cache refreshes: those with active MarketInfo.
+
+    Until accounts and positions exist this is every pair with active market rules; the
+    orders domain narrows it to pairs used by active accounts (plus pairs holding positions).
+    """
+    pairs = MarketInfo.objects.filter(active=True).values_list("exchange", "market_type").distinct()
+    return sorted({(exchange, MarketType(market_type)) for exchange, market_type in pairs})
+
+
+def market_targets() -> list[tuple[str, MarketType]]:
+    """(exchange, market_type) pairs whose market rules are refreshed: every pair known to MarketInfo
+    plus the embedded PAPER exchange. The accounts domain adds the pairs of active accounts."""
+    pairs = MarketInfo.objects.values_list("exchange", "market_type").distinct()
+    return sorted({(exchange, MarketType(market_type)) for exchange, market_type in pairs} | set(EMBEDDED_TARGETS))
+
+
+def quote_get(*, exchange: str, market_type: str, symbol: str) -> Quote | None:
+    """The last stored quote: Django's cache first, then the PriceQuote table (shared by every process)."""
+    cached = cache.get(price_cache_key(exchange=exchange, market_type=market_type, symbol=symbol))
+    if cached is not None:
+        price, as_of = cached
+        return Quote(price=Decimal(price), as_of=as_of)
+    row = (
+        PriceQuote.objects.filter(exchange=exchange, market_type=market_type, symbol=symbol)
+        .values_list("price", "as_of")
+        .first()
+    )
+    return Quote(price=row[0], as_of=row[1]) if row else None
+
+
+def _fresh_price(
+    *, exchange: str, market_type: str, symbol: str, now: datetime, max_age: int, use: str
+) -> Decimal | None:
+    from scheduler.services import counter_add
+
+    quote = quote_get(exchange=exchange, market_type=market_type, symbol=symbol)
+    if quote is None:
+        logger.info("no price for %s %s %s (%s)", exchange, market_type, symbol, use)
+        counter_add(name="stale_prices", labels=f"exchange={exchange},use={use}", now=now)
+        return None
+    age = now - quote.as_of
+    if age > timedelta(seconds=max_age):
+        logger.info(
+            "stale price for %s %s %s (%s): %d s old, limit %d s",
+            exchange,
+            market_type,
+            symbol,
+            use,
+            age.total_seconds(),
+            max_age,
+        )
+        counter_add(name="stale_prices", labels=f"exchange={exchange},use={use}", now=now)
+        return None
+    return quote.price
+
+
+def price_for_trading(*, exchange: str, market_type: str, symbol: str, now: datetime) -> Decimal | None:
+    """The last price if younger than PRICE_MAX_AGE_TRADE (sizing, validation); else None, logged and counted."""
+    return _fresh_price(
+        exchange=exchange,
+        market_type=market_type,
+        symbol=symbol,
+        now=now,
+        max_age=settings.PRICE_MAX_AGE_TRADE,
+        use="trade",
+    )
+
+
+def price_for_valuation(*, exchange: str, market_type: str, symbol: str, now: datetime) -> Decimal | None:
+    """The last price if younger than PRICE_MAX_AGE_VALUE (PnL); else None, logged and counted."""
+    return _fresh_price(
+        exchange=exchange,
+        market_type=market_type,
+        symbol=symbol,
+        now=now,
+        max_age=settings.PRICE_MAX_AGE_VALUE,
+        use="value",
+    )
+
+
+def market_rule_get(*, exchange: str, market_type: str, symbol: str) -> MarketRule | None:
+    """The stored rules of an active symbol, or None when unknown or delisted."""
+    row = MarketInfo.objects.filter(exchange=exchange, market_type=market_type, symbol=symbol, active=True).first()
+    if row is None:
+        return None
+    base, _, quote = symbol.partition("/")
+    return MarketRule(
+        symbol=row.symbol,
+        market_type=MarketType(row.market_type),
+        base=base,
+        quote=quote,
+        tick_size=row.tick_size,
+        step_size=row.step_size,
+        min_qty=row.min_qty,
+        max_qty=row.max_qty,
+        min_notional=row.min_notional,
+        price_precision=row.price_precision,
+        amount_precision=row.amount_precision,
+        active=row.active,
+    )

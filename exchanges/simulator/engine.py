@@ -1,0 +1,987 @@
+"""The simulated exchange's matching engine; all of its state lives in the exchanges app's Sim* tables.
+
+Public API. `exchange` is a name ("PAPER", "BINANCE", "BYBIT", ...), `account` any key string (the
+PAPER account key, or an API key for the dialect server), `market_type` a MarketType, `now` an
+aware UTC datetime (default: the engine's injectable clock). Every call that reads or writes
+orders first runs a lazy matching step (at most one per MATCH_INTERVAL of engine time per
+exchange), so no background thread is needed.
+
+    engine = SimEngine(clock=timezone.now, sleep=time.sleep)      # or the module's `default_engine`
+
+    # market data
+    engine.market_list(exchange, market_type) -> list[MarketRule]
+    engine.price_get(exchange, market_type, symbol, *, now=None) -> Decimal      # Rejected if unknown
+    engine.prices_last(exchange, market_type, symbols=None, *, now=None) -> dict[str, Decimal]
+    # balances
+    engine.balance_get(exchange, account, market_type) -> Balance
+    engine.balance_set(exchange, account, market_type, currency, *, free, used=None) -> None
+    # orders (errors: Rejected, InsufficientFunds, DuplicateClientId, NotFound)
+    engine.order_create(exchange, account, request: OrderRequest, *, now=None) -> OrderState
+    engine.order_cancel(exchange, account, *, symbol, market_type, exchange_order_id=None,
+                        client_order_id=None, conditional=False, now=None) -> OrderState
+    engine.order_get(exchange, account, *, symbol, market_type, exchange_order_id=None,
+                     client_order_id=None, conditional=False, now=None) -> OrderState  # open or history
+    engine.order_list_open(exchange, account, market_type, *, conditional=False, symbol=None,
+                           now=None) -> list[OrderState]
+    engine.order_updates_since(exchange, account, cursor, *, market_type=None, now=None)
+        -> tuple[list[OrderState], int]          # changed orders (latest state) and the next cursor
+    engine.fill_list(exchange, account, market_type, *, symbol=None, exchange_order_id=None) -> list[FillRecord]
+    engine.position_list(exchange, account) -> list[PositionRecord]                # futures
+    # matching (tests call it to move time along)
+    engine.match(exchange, *, now=None, force=False) -> MatchReport
+    # scripting and configuration
+    engine.exchange_configure(exchange, *, open_order_cap=None, maker_fee_rate=None,
+                              taker_fee_rate=None, seed=None) -> None
+    engine.price_script(exchange, symbol, prices, *, start_at=None, step_seconds=60) -> None
+    engine.price_script_clear(exchange, symbol=None) -> None
+    engine.market_delist(exchange, market_type, symbol) / engine.market_relist(...) -> None
+    # faults (endpoint names: ENDPOINTS; the dialect server maps its routes onto them)
+    engine.fault_add(kind, *, exchange="", endpoint="", account="", phase="before", remaining=1,
+                     probability=None, latency_ms=0) -> int
+    engine.fault_take(exchange, endpoint, account, *, phase="before") -> FaultHit | None   # consumes
+    engine.fault_check(exchange, endpoint, account, *, phase="before") -> None   # sleeps or raises
+    engine.fault_ws_take(exchange, account) -> str | None                        # "ws_drop" | "ws_silent"
+    engine.fault_clear(exchange=None) -> int
+
+    walk_price(symbol=, seed=, at=, base_price=) -> Decimal   # the pure seeded price path
+
+Modelling choices: a resting LIMIT fills at its own price (maker) up to the market's
+`liquidity` per matching step, so large orders fill in steps; a marketable order fills at
+once at the market price (taker). Conditional orders reserve nothing until they trigger
+(like Binance futures algo orders); the spawned order reserves then, and is REJECTED if the
+balance no longer covers it. Spot fees are charged in the quote currency. Futures keep a
+signed position per symbol, orders reserve FUTURES_MARGIN_RATE of their notional while open,
+and fills credit realized PnL minus fees to the quote balance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from exchanges.gateway import (
+    AssetBalance,
+    Balance,
+    DuplicateClientId,
+    ExchangeError,
+    InsufficientFunds,
+    Maintenance,
+    MarketRule,
+    MarketType,
+    Network,
+    NotFound,
+    OrderRequest,
+    OrderState,
+    OrderStatus,
+    OrderType,
+    RateLimited,
+    Rejected,
+    Side,
+)
+from exchanges.models import SimBalance, SimExchange, SimFault, SimFill, SimOrder, SimPosition, SimPricePath
+from exchanges.rounding import floor_to_step
+from exchanges.simulator.catalog import DEFAULT_BALANCES, CatalogMarket, catalog_market, catalog_markets
+
+logger = logging.getLogger(__name__)
+
+ZERO = Decimal("0")
+ONE = Decimal("1")
+QUANTUM = Decimal("1e-12")  # the Sim* tables' decimal places
+MATCH_INTERVAL = timedelta(seconds=1)
+FUTURES_MARGIN_RATE = Decimal("0.1")  # 10x: margin reserved per unit of notional on open futures orders
+OPEN = (OrderStatus.NEW.value, OrderStatus.PARTIALLY_FILLED.value)
+ENDPOINTS = (
+    "load_markets",
+    "fetch_last_prices",
+    "fetch_balance",
+    "create_order",
+    "cancel_order",
+    "fetch_order",
+    "fetch_open_orders",
+    "ws",
+)
+WS_FAULTS = (SimFault.Kind.WS_DROP, SimFault.Kind.WS_SILENT)
+# Walk octaves: (period in seconds, relative amplitude). Sums of interpolated hash noise at
+# three scales look like a walk, stay within ±5.2 % of the base and cost O(1) at any time.
+WALK_OCTAVES = ((60, Decimal("0.002")), (900, Decimal("0.01")), (14400, Decimal("0.04")))
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class FaultHit:
+    fault_id: int
+    kind: str
+    latency_ms: int
+
+
+@dataclass(frozen=True)
+class MatchReport:
+    ran: bool
+    fills: int = 0
+    triggers: int = 0
+
+
+@dataclass(frozen=True)
+class FillRecord:
+    fill_id: int
+    exchange_order_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    quantity: Decimal
+    price: Decimal
+    fee: Decimal
+    fee_currency: str
+    is_maker: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PositionRecord:
+    symbol: str
+    quantity: Decimal  # signed: long > 0, short < 0
+    entry_price: Decimal
+
+
+def _q(value: Decimal) -> Decimal:
+    return value.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def _noise(symbol: str, seed: int, period: int, bucket: int) -> Decimal:
+    digest = hashlib.sha256(f"{seed}:{symbol}:{period}:{bucket}".encode()).digest()
+    return Decimal(int.from_bytes(digest[:8], "big")) / Decimal(2**63) - ONE  # [-1, 1)
+
+
+def walk_price(*, symbol: str, seed: int, at: datetime, base_price: Decimal) -> Decimal:
+    """The deterministic price of `symbol` at `at`: a pure function of (symbol, seed, time), unrounded."""
+    elapsed = at - EPOCH
+    micros = (elapsed.days * 86400 + elapsed.seconds) * 1_000_000 + elapsed.microseconds
+    offset = ZERO
+    for period, amplitude in WALK_OCTAVES:
+        period_us = period * 1_000_000
+        bucket, into = divmod(micros, period_us)
+        frac = Decimal(into) / Decimal(period_us)
+        n0 = _noise(symbol, seed, period, bucket)
+        n1 = _noise(symbol, seed, period, bucket + 1)
+        offset += amplitude * (n0 + (n1 - n0) * frac)
+    return base_price * (ONE + offset)
+
+
+def scripted_price(*, prices: list[str], start_at: datetime, step_seconds: int, at: datetime) -> Decimal:
+    """prices[i] holds from start_at + i × step; before start the first, after the end the last."""
+    index = int((at - start_at).total_seconds() // step_seconds) if at > start_at else 0
+    return Decimal(prices[min(max(index, 0), len(prices) - 1)])
+
+
+def _state_of(order: SimOrder) -> OrderState:
+    spawned = getattr(order, "_spawned_cache", None)
+    if spawned is None and order.conditional and order.status == OrderStatus.TRIGGERED:
+        spawned = SimOrder.objects.filter(parent_id=order.pk).first()
+    filled = order.filled_quantity
+    return OrderState(
+        exchange_order_id=str(order.pk),
+        client_order_id=order.client_order_id,
+        symbol=order.symbol,
+        market_type=MarketType(order.market_type),
+        side=Side(order.side),
+        order_type=OrderType(order.order_type),
+        status=OrderStatus(order.status),
+        quantity=order.quantity,
+        filled_quantity=filled,
+        average_price=_q(order.cost / filled) if filled else None,
+        price=order.price,
+        stop_price=order.stop_price,
+        fee=order.fee,
+        fee_currency=order.fee_currency,
+        updated_at=order.updated_at,
+        conditional=order.conditional,
+        spawned_order_id=str(spawned.pk) if spawned else None,
+        spawned_client_order_id=spawned.client_order_id if spawned else None,
+    )
+
+
+class SimEngine:
+    """The matching engine. Stateless in memory: any number of instances and processes share one exchange."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], datetime] = timezone.now,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+
+    # --- configuration and scripting -------------------------------------------------
+
+    def _exchange_row(self, exchange: str, *, lock: bool) -> SimExchange:
+        manager = SimExchange.objects.select_for_update() if lock else SimExchange.objects
+        row = manager.filter(exchange=exchange).first()
+        if row is None:
+            try:
+                with transaction.atomic():
+                    SimExchange.objects.create(exchange=exchange)
+            except IntegrityError:
+                pass  # another process created it first; read it below
+            row = manager.get(exchange=exchange)
+        return row
+
+    def exchange_configure(
+        self,
+        exchange: str,
+        *,
+        open_order_cap: int | None = None,
+        maker_fee_rate: Decimal | None = None,
+        taker_fee_rate: Decimal | None = None,
+        seed: int | None = None,
+    ) -> None:
+        with transaction.atomic():
+            row = self._exchange_row(exchange, lock=True)
+            if open_order_cap is not None:
+                row.open_order_cap = open_order_cap
+            if maker_fee_rate is not None:
+                row.maker_fee_rate = maker_fee_rate
+            if taker_fee_rate is not None:
+                row.taker_fee_rate = taker_fee_rate
+            if seed is not None:
+                row.seed = seed
+            row.save()
+
+    def price_script(
+        self,
+        exchange: str,
+        symbol: str,
+        prices: list[Decimal | str],
+        *,
+        start_at: datetime | None = None,
+        step_seconds: int = 60,
+    ) -> None:
+        """Replace the walk of `symbol` with a scripted list (both market types)."""
+        if not prices:
+            raise ValueError("a price script needs at least one price")
+        SimPricePath.objects.update_or_create(
+            exchange=exchange,
+            symbol=symbol,
+            defaults={
+                "start_at": start_at or self.clock(),
+                "step_seconds": step_seconds,
+                "prices": [str(Decimal(p)) for p in prices],
+            },
+        )
+
+    def price_script_clear(self, exchange: str, symbol: str | None = None) -> None:
+        scripts = SimPricePath.objects.filter(exchange=exchange)
+        if symbol:
+            scripts = scripts.filter(symbol=symbol)
+        scripts.delete()
+
+    def market_delist(self, exchange: str, market_type: MarketType, symbol: str) -> None:
+        self._set_delisted(exchange, f"{MarketType(market_type)}:{symbol}", True)
+
+    def market_relist(self, exchange: str, market_type: MarketType, symbol: str) -> None:
+        self._set_delisted(exchange, f"{MarketType(market_type)}:{symbol}", False)
+
+    def _set_delisted(self, exchange: str, key: str, delisted: bool) -> None:
+        with transaction.atomic():
+            row = self._exchange_row(exchange, lock=True)
+            keys = set(row.delisted)
+            if delisted:
+                keys.add(key)
+            else:
+                keys.discard(key)
+            row.delisted = sorted(keys)
+            row.save(update_fields=["delisted"])
+
+    # --- market data -------------------------------------------------------------------
+
+    def _market(self, row: SimExchange, market_type: MarketType, symbol: str) -> CatalogMarket:
+        market = catalog_market(market_type, symbol)
+        if market is None or f"{MarketType(market_type)}:{symbol}" in row.delisted:
+            raise Rejected(f"Invalid symbol {symbol} for {market_type}", code="-1121", exchange=row.exchange)
+        return market
+
+    def market_list(self, exchange: str, market_type: MarketType) -> list[MarketRule]:
+        row = self._exchange_row(exchange, lock=False)
+        market_type = MarketType(market_type)
+        return [
+            m.rule(market_type) for m in catalog_markets(market_type) if f"{market_type}:{m.symbol}" not in row.delisted
+        ]
+
+    def _seed(self, row: SimExchange) -> int:
+        return row.seed if row.seed is not None else settings.SIMULATOR_SEED
+
+    def _price(
+        self, row: SimExchange, market: CatalogMarket, at: datetime, scripts: dict[str, SimPricePath]
+    ) -> Decimal:
+        script = scripts.get(market.symbol)
+        if script is not None:
+            raw = scripted_price(
+                prices=script.prices, start_at=script.start_at, step_seconds=script.step_seconds, at=at
+            )
+        else:
+            raw = walk_price(symbol=market.symbol, seed=self._seed(row), at=at, base_price=market.base_price)
+        return max(floor_to_step(raw, market.tick_size), market.tick_size)
+
+    def _scripts(self, exchange: str) -> dict[str, SimPricePath]:
+        return {s.symbol: s for s in SimPricePath.objects.filter(exchange=exchange)}
+
+    def price_get(self, exchange: str, market_type: MarketType, symbol: str, *, now: datetime | None = None) -> Decimal:
+        row = self._exchange_row(exchange, lock=False)
+        market = self._market(row, MarketType(market_type), symbol)
+        return self._price(row, market, now or self.clock(), self._scripts(exchange))
+
+    def prices_last(
+        self,
+        exchange: str,
+        market_type: MarketType,
+        symbols: list[str] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> dict[str, Decimal]:
+        """Last prices of the listed symbols (unknown ones left out), all symbols when None."""
+        now = now or self.clock()
+        row = self._exchange_row(exchange, lock=False)
+        market_type = MarketType(market_type)
+        scripts = self._scripts(exchange)
+        wanted = set(symbols) if symbols is not None else None
+        return {
+            m.symbol: self._price(row, m, now, scripts)
+            for m in catalog_markets(market_type)
+            if f"{market_type}:{m.symbol}" not in row.delisted and (wanted is None or m.symbol in wanted)
+        }
+
+    # --- balances ----------------------------------------------------------------------
+
+    def _ensure_balances(self, exchange: str, account: str, market_type: MarketType) -> None:
+        """A never-seen account starts with DEFAULT_BALANCES (balance_set opts out by creating rows)."""
+        if SimBalance.objects.filter(exchange=exchange, account=account, market_type=market_type).exists():
+            return
+        SimBalance.objects.bulk_create(
+            [
+                SimBalance(exchange=exchange, account=account, market_type=market_type, currency=c, free=amount)
+                for c, amount in DEFAULT_BALANCES[MarketType(market_type)].items()
+            ],
+            ignore_conflicts=True,
+        )
+
+    def balance_get(self, exchange: str, account: str, market_type: MarketType) -> Balance:
+        market_type = MarketType(market_type)
+        with transaction.atomic():
+            self._ensure_balances(exchange, account, market_type)
+        rows = SimBalance.objects.filter(exchange=exchange, account=account, market_type=market_type)
+        return Balance(
+            market_type=market_type,
+            assets={r.currency: AssetBalance(currency=r.currency, free=r.free, used=r.used) for r in rows},
+        )
+
+    def balance_set(
+        self,
+        exchange: str,
+        account: str,
+        market_type: MarketType,
+        currency: str,
+        *,
+        free: Decimal,
+        used: Decimal | None = None,
+    ) -> None:
+        """Set one currency's free (and optionally used) amount: the simulator's deposit/withdraw."""
+        defaults = {"free": Decimal(free)}
+        if used is not None:
+            defaults["used"] = Decimal(used)
+        with transaction.atomic():
+            self._exchange_row(exchange, lock=True)
+            SimBalance.objects.update_or_create(
+                exchange=exchange,
+                account=account,
+                market_type=MarketType(market_type),
+                currency=currency,
+                defaults=defaults,
+            )
+
+    def _balance_row(self, exchange: str, account: str, market_type: str, currency: str) -> SimBalance:
+        row, _ = SimBalance.objects.select_for_update().get_or_create(
+            exchange=exchange, account=account, market_type=market_type, currency=currency
+        )
+        return row
+
+    def _move(self, order: SimOrder, currency: str, *, free: Decimal = ZERO, used: Decimal = ZERO) -> None:
+        row = self._balance_row(order.exchange, order.account, order.market_type, currency)
+        row.free = _q(row.free + free)
+        row.used = _q(row.used + used)
+        row.save(update_fields=["free", "used"])
+
+    # --- orders ------------------------------------------------------------------------
+
+    def _bump(self, row: SimExchange, order: SimOrder, now: datetime) -> None:
+        row.seq += 1
+        order.update_seq = row.seq
+        order.updated_at = now
+
+    def _reservation(
+        self, row: SimExchange, market: CatalogMarket, order: SimOrder, ref_price: Decimal
+    ) -> tuple[str, Decimal]:
+        remaining = order.quantity - order.filled_quantity
+        if order.market_type == MarketType.FUTURES:
+            if order.reduce_only:
+                return market.quote, ZERO
+            return market.quote, _q(remaining * ref_price * (FUTURES_MARGIN_RATE + row.taker_fee_rate))
+        if order.side == Side.BUY:
+            return market.quote, _q(remaining * ref_price * (ONE + row.taker_fee_rate))
+        return market.base, remaining
+
+    def _reserve(self, row: SimExchange, market: CatalogMarket, order: SimOrder, ref_price: Decimal) -> None:
+        """Hold the order's funds; InsufficientFunds when the free balance does not cover them."""
+        currency, amount = self._reservation(row, market, order, ref_price)
+        if amount <= 0:
+            order.reserved_currency = currency
+            return
+        balance = self._balance_row(order.exchange, order.account, order.market_type, currency)
+        if balance.free < amount:
+            raise InsufficientFunds(
+                f"Account has insufficient balance for requested action: needs {amount} {currency}, "
+                f"free {balance.free}",
+                code="-2019" if order.market_type == MarketType.FUTURES else "-2010",
+                exchange=row.exchange,
+            )
+        balance.free = _q(balance.free - amount)
+        balance.used = _q(balance.used + amount)
+        balance.save(update_fields=["free", "used"])
+        order.reserved, order.reserved_currency = amount, currency
+
+    def _release(self, order: SimOrder, amount: Decimal) -> None:
+        if amount > 0:
+            self._move(order, order.reserved_currency, free=amount, used=-amount)
+            order.reserved = _q(order.reserved - amount)
+
+    def _fill(
+        self,
+        row: SimExchange,
+        market: CatalogMarket,
+        order: SimOrder,
+        qty: Decimal,
+        price: Decimal,
+        now: datetime,
+        *,
+        maker: bool,
+    ) -> None:
+        remaining = order.quantity - order.filled_quantity
+        qty = min(qty, remaining)
+        if qty <= 0:
+            return
+        rate = row.maker_fee_rate if maker else row.taker_fee_rate
+        notional = _q(qty * price)
+        fee = _q(notional * rate)
+        self._release(order, order.reserved if qty == remaining else _q(order.reserved * qty / remaining))
+        if order.market_type == MarketType.FUTURES:
+            realized = self._position_apply(order, market, qty, price)
+            self._move(order, market.quote, free=realized - fee)
+        elif order.side == Side.BUY:
+            self._move(order, market.quote, free=-(notional + fee))
+            self._move(order, market.base, free=qty)
+        else:
+            self._move(order, market.base, free=-qty)
+            self._move(order, market.quote, free=notional - fee)
+        order.filled_quantity = _q(order.filled_quantity + qty)
+        order.cost = _q(order.cost + notional)
+        order.fee = _q(order.fee + fee)
+        order.fee_currency = market.quote
+        order.status = (
+            OrderStatus.FILLED.value if order.filled_quantity >= order.quantity else OrderStatus.PARTIALLY_FILLED.value
+        )
+        self._bump(row, order, now)
+        order.save()
+        SimFill.objects.create(
+            order=order, quantity=qty, price=price, fee=fee, fee_currency=market.quote, is_maker=maker, created_at=now
+        )
+
+    def _position_apply(self, order: SimOrder, market: CatalogMarket, qty: Decimal, price: Decimal) -> Decimal:
+        """SPEC §4.3 arithmetic on the simulated futures position; returns the realized PnL."""
+        position, _ = SimPosition.objects.select_for_update().get_or_create(
+            exchange=order.exchange, account=order.account, symbol=order.symbol
+        )
+        q0, p0 = position.quantity, position.entry_price
+        t = qty if order.side == Side.BUY else -qty
+        realized = ZERO
+        if q0 == 0:
+            q1, p1 = t, price
+        elif (q0 > 0) == (t > 0):
+            q1 = q0 + t
+            p1 = _q((abs(q0) * p0 + abs(t) * price) / (abs(q0) + abs(t)))
+        else:
+            closed = min(abs(q0), abs(t))
+            realized = closed * (price - p0) if q0 > 0 else closed * (p0 - price)
+            q1 = q0 + t
+            p1 = ZERO if q1 == 0 else (p0 if (q1 > 0) == (q0 > 0) else price)
+        position.quantity, position.entry_price = _q(q1), _q(p1)
+        position.save(update_fields=["quantity", "entry_price"])
+        return _q(realized)
+
+    def _check_rules(self, row: SimExchange, market: CatalogMarket, request: OrderRequest, ref_price: Decimal) -> None:
+        """Exchange filters, with Binance-like messages."""
+        qty = request.quantity
+        if qty < market.min_qty or qty > market.max_qty or floor_to_step(qty, market.step_size) != qty:
+            raise Rejected(f"Filter failure: LOT_SIZE ({qty} {request.symbol})", code="-1013", exchange=row.exchange)
+        for value in (request.price, request.stop_price):
+            if value is not None and floor_to_step(value, market.tick_size) != value:
+                raise Rejected(f"Filter failure: PRICE_FILTER ({value})", code="-1013", exchange=row.exchange)
+        if qty * ref_price < market.min_notional:
+            raise Rejected(
+                f"Filter failure: NOTIONAL ({_q(qty * ref_price).normalize()} < {market.min_notional})",
+                code="-1013",
+                exchange=row.exchange,
+            )
+
+    def order_create(
+        self, exchange: str, account: str, request: OrderRequest, *, now: datetime | None = None
+    ) -> OrderState:
+        """Store and (if marketable) fill an order in one short transaction; nothing is kept when it raises."""
+        now = now or self.clock()
+        self.match(exchange, now=now)
+        market_type = MarketType(request.market_type)
+        with transaction.atomic():
+            row = self._exchange_row(exchange, lock=True)
+            market = self._market(row, market_type, request.symbol)
+            scripts = self._scripts(exchange)
+            last = self._price(row, market, now, scripts)
+            cid = request.client_order_id or f"sim{uuid.uuid4().hex[:24]}"
+            if SimOrder.objects.filter(
+                exchange=exchange, account=account, market_type=market_type, client_order_id=cid
+            ).exists():
+                raise DuplicateClientId(f"Duplicate order sent: client order id {cid}", code="-4116", exchange=exchange)
+            if request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+                ref_price = request.price
+            elif request.order_type == OrderType.STOP_MARKET:
+                ref_price = request.stop_price
+            else:
+                ref_price = last
+            self._check_rules(row, market, request, ref_price)
+            if request.conditional:
+                stop = request.stop_price
+                if (request.side == Side.BUY and last >= stop) or (request.side == Side.SELL and last <= stop):
+                    raise Rejected("Order would immediately trigger.", code="-2021", exchange=exchange)
+            open_same = SimOrder.objects.filter(
+                exchange=exchange,
+                account=account,
+                market_type=market_type,
+                symbol=request.symbol,
+                conditional=request.conditional,
+                status__in=OPEN,
+            ).count()
+            if open_same >= row.open_order_cap:
+                raise Rejected(
+                    f"Filter failure: MAX_NUM_ORDERS ({row.open_order_cap} open orders on {request.symbol})",
+                    code="-2025",
+                    exchange=exchange,
+                )
+            self._ensure_balances(exchange, account, market_type)
+            order = SimOrder(
+                exchange=exchange,
+                account=account,
+                market_type=market_type,
+                symbol=request.symbol,
+                side=request.side,
+                order_type=request.order_type,
+                conditional=request.conditional,
+                reduce_only=request.reduce_only,
+                client_order_id=cid,
+                quantity=request.quantity,
+                price=request.price,
+                stop_price=request.stop_price,
+                fee_currency=market.quote,
+                created_at=now,
+            )
+            if not request.conditional:
+                self._reserve(row, market, order, ref_price)
+            self._bump(row, order, now)
+            order.save()
+            self._execute_new(row, market, order, last, now)
+            row.save(update_fields=["seq"])
+        logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, cid)
+        return _state_of(order)
+
+    def _execute_new(
+        self, row: SimExchange, market: CatalogMarket, order: SimOrder, last: Decimal, now: datetime
+    ) -> None:
+        """A new regular order takes what it can at once: MARKET all of it, a marketable LIMIT one step."""
+        if order.order_type == OrderType.MARKET:
+            self._fill(row, market, order, order.quantity, last, now, maker=False)
+        elif order.order_type == OrderType.LIMIT and self._crosses(order, last):
+            self._fill(row, market, order, market.liquidity, last, now, maker=False)
+
+    @staticmethod
+    def _crosses(order: SimOrder, price: Decimal) -> bool:
+        return price <= order.price if order.side == Side.BUY else price >= order.price
+
+    @staticmethod
+    def _stop_hit(order: SimOrder, price: Decimal) -> bool:
+        return price >= order.stop_price if order.side == Side.BUY else price <= order.stop_price
+
+    def _find(
+        self,
+        exchange: str,
+        account: str,
+        *,
+        symbol: str,
+        market_type: MarketType,
+        exchange_order_id: str | None,
+        client_order_id: str | None,
+        conditional: bool,
+        lock: bool,
+    ) -> SimOrder:
+        if not exchange_order_id and not client_order_id:
+            raise ValueError("give exchange_order_id or client_order_id")
+        orders = SimOrder.objects.select_for_update() if lock else SimOrder.objects
+        orders = orders.filter(
+            exchange=exchange,
+            account=account,
+            market_type=MarketType(market_type),
+            symbol=symbol,
+            conditional=conditional,
+        )
+        if exchange_order_id:
+            if not str(exchange_order_id).isdigit():
+                raise NotFound(f"Order does not exist: {exchange_order_id}", code="-2013", exchange=exchange)
+            orders = orders.filter(pk=int(exchange_order_id))
+        if client_order_id:
+            orders = orders.filter(client_order_id=client_order_id)
+        order = orders.first()
+        if order is None:
+            raise NotFound(
+                f"Order does not exist: id={exchange_order_id} client id={client_order_id} on {symbol}",
+                code="-2013",
+                exchange=exchange,
+            )
+        return order
+
+    def order_get(
+        self,
+        exchange: str,
+        account: str,
+        *,
+        symbol: str,
+        market_type: MarketType,
+        exchange_order_id: str | None = None,
+        client_order_id: str | None = None,
+        conditional: bool = False,
+        now: datetime | None = None,
+    ) -> OrderState:
+        """One order, open or in history; NotFound otherwise."""
+        self.match(exchange, now=now)
+        order = self._find(
+            exchange,
+            account,
+            symbol=symbol,
+            market_type=market_type,
+            exchange_order_id=exchange_order_id,
+            client_order_id=client_order_id,
+            conditional=conditional,
+            lock=False,
+        )
+        return _state_of(order)
+
+    def order_cancel(
+        self,
+        exchange: str,
+        account: str,
+        *,
+        symbol: str,
+        market_type: MarketType,
+        exchange_order_id: str | None = None,
+        client_order_id: str | None = None,
+        conditional: bool = False,
+        now: datetime | None = None,
+    ) -> OrderState:
+        """Cancel a live order and release its reservation; NotFound when it is unknown or no longer open."""
+        now = now or self.clock()
+        self.match(exchange, now=now)
+        with transaction.atomic():
+            row = self._exchange_row(exchange, lock=True)
+            order = self._find(
+                exchange,
+                account,
+                symbol=symbol,
+                market_type=market_type,
+                exchange_order_id=exchange_order_id,
+                client_order_id=client_order_id,
+                conditional=conditional,
+                lock=True,
+            )
+            if order.status not in OPEN:
+                # Binance answers -2011 "Unknown order sent." for a filled or cancelled order.
+                raise NotFound(f"Unknown order sent: {order.pk} is {order.status}", code="-2011", exchange=exchange)
+            self._release(order, order.reserved)
+            order.status = OrderStatus.CANCELED.value
+            self._bump(row, order, now)
+            order.save()
+            row.save(update_fields=["seq"])
+        return _state_of(order)
+
+    def order_list_open(
+        self,
+        exchange: str,
+        account: str,
+        market_type: MarketType,
+        *,
+        conditional: bool = False,
+        symbol: str | None = None,
+        now: datetime | None = None,
+    ) -> list[OrderState]:
+        self.match(exchange, now=now)
+        orders = SimOrder.objects.filter(
+            exchange=exchange,
+            account=account,
+            market_type=MarketType(market_type),
+            conditional=conditional,
+            status__in=OPEN,
+        )
+        if symbol:
+            orders = orders.filter(symbol=symbol)
+        return [_state_of(o) for o in orders.order_by("pk")]
+
+    def order_updates_since(
+        self,
+        exchange: str,
+        account: str,
+        cursor: int,
+        *,
+        market_type: MarketType | None = None,
+        now: datetime | None = None,
+    ) -> tuple[list[OrderState], int]:
+        """Orders changed after `cursor` (their latest state, in change order) and the cursor to pass next.
+
+        Writers of one exchange are serialized on its SimExchange row, so sequence numbers
+        commit in order and a reader never skips a change.
+        """
+        self.match(exchange, now=now)
+        orders = SimOrder.objects.filter(exchange=exchange, account=account, update_seq__gt=cursor)
+        if market_type is not None:
+            orders = orders.filter(market_type=MarketType(market_type))
+        changed = list(orders.order_by("update_seq"))
+        return [_state_of(o) for o in changed], (changed[-1].update_seq if changed else cursor)
+
+    def fill_list(
+        self,
+        exchange: str,
+        account: str,
+        market_type: MarketType,
+        *,
+        symbol: str | None = None,
+        exchange_order_id: str | None = None,
+    ) -> list[FillRecord]:
+        fills = SimFill.objects.select_related("order").filter(
+            order__exchange=exchange, order__account=account, order__market_type=MarketType(market_type)
+        )
+        if symbol:
+            fills = fills.filter(order__symbol=symbol)
+        if exchange_order_id:
+            fills = fills.filter(order_id=int(exchange_order_id))
+        return [
+            FillRecord(
+                fill_id=f.pk,
+                exchange_order_id=str(f.order_id),
+                client_order_id=f.order.client_order_id,
+                symbol=f.order.symbol,
+                side=Side(f.order.side),
+                quantity=f.quantity,
+                price=f.price,
+                fee=f.fee,
+                fee_currency=f.fee_currency,
+                is_maker=f.is_maker,
+                created_at=f.created_at,
+            )
+            for f in fills.order_by("pk")
+        ]
+
+    def position_list(self, exchange: str, account: str) -> list[PositionRecord]:
+        return [
+            PositionRecord(symbol=p.symbol, quantity=p.quantity, entry_price=p.entry_price)
+            for p in SimPosition.objects.filter(exchange=exchange, account=account)
+            .exclude(quantity=0)
+            .order_by("symbol")
+        ]
+
+    # --- matching ----------------------------------------------------------------------
+
+    def match(self, exchange: str, *, now: datetime | None = None, force: bool = False) -> MatchReport:
+        """One matching step at `now`: trigger stops, fill crossing limits (one liquidity slice each).
+
+        Runs at most once per MATCH_INTERVAL of engine time per exchange unless `force`; a
+        clock that moved backwards (tests) runs it too. One transaction, exchange row locked.
+        """
+        now = now or self.clock()
+        if not force:
+            last = SimExchange.objects.filter(exchange=exchange).values_list("last_match_at", flat=True).first()
+            if last is not None and last <= now < last + MATCH_INTERVAL:
+                return MatchReport(ran=False)
+        fills = triggers = 0
+        with transaction.atomic():
+            row = self._exchange_row(exchange, lock=True)
+            last = row.last_match_at
+            if not force and last is not None and last <= now < last + MATCH_INTERVAL:
+                return MatchReport(ran=False)  # another process matched meanwhile
+            row.last_match_at = now
+            scripts = self._scripts(exchange)
+            prices: dict[tuple[str, str], Decimal] = {}
+            live = SimOrder.objects.select_for_update().filter(exchange=exchange, status__in=OPEN).order_by("pk")
+            for order in live:
+                market = catalog_market(MarketType(order.market_type), order.symbol)
+                if market is None:
+                    continue
+                key = (order.market_type, order.symbol)
+                if key not in prices:
+                    prices[key] = self._price(row, market, now, scripts)
+                price = prices[key]
+                if order.conditional:
+                    if self._stop_hit(order, price):
+                        self._trigger(row, market, order, price, now)
+                        triggers += 1
+                elif order.order_type == OrderType.MARKET:
+                    self._fill(row, market, order, order.quantity, price, now, maker=False)
+                    fills += 1
+                elif self._crosses(order, price):
+                    self._fill(row, market, order, market.liquidity, order.price, now, maker=True)
+                    fills += 1
+            row.save(update_fields=["seq", "last_match_at"])
+        return MatchReport(ran=True, fills=fills, triggers=triggers)
+
+    def _trigger(self, row: SimExchange, market: CatalogMarket, order: SimOrder, price: Decimal, now: datetime) -> None:
+        """Conditional → TRIGGERED, and its regular child (STOP_LIMIT → LIMIT, STOP_MARKET → MARKET, filled at once)."""
+        order.status = OrderStatus.TRIGGERED.value
+        self._bump(row, order, now)
+        order.save()
+        is_limit = order.order_type == OrderType.STOP_LIMIT
+        child = SimOrder(
+            exchange=order.exchange,
+            account=order.account,
+            market_type=order.market_type,
+            symbol=order.symbol,
+            side=order.side,
+            order_type=OrderType.LIMIT.value if is_limit else OrderType.MARKET.value,
+            reduce_only=order.reduce_only,
+            client_order_id=f"{order.client_order_id[:36]}-T",
+            quantity=order.quantity,
+            price=order.price if is_limit else None,
+            fee_currency=market.quote,
+            parent=order,
+            created_at=now,
+        )
+        try:
+            with transaction.atomic():
+                self._reserve(row, market, child, order.price if is_limit else price)
+        except InsufficientFunds as exc:
+            child.status = OrderStatus.REJECTED.value
+            child.reject_reason = str(exc)[:255]
+        self._bump(row, child, now)
+        child.save()
+        order._spawned_cache = child  # type: ignore[attr-defined]
+        if child.status == OrderStatus.NEW:
+            self._execute_new(row, market, child, price, now)
+
+    # --- faults ------------------------------------------------------------------------
+
+    def fault_add(
+        self,
+        kind: str,
+        *,
+        exchange: str = "",
+        endpoint: str = "",
+        account: str = "",
+        phase: str = SimFault.Phase.BEFORE,
+        remaining: int | None = 1,
+        probability: Decimal | None = None,
+        latency_ms: int = 0,
+    ) -> int:
+        """Inject a fault; blank scope fields match anything. Returns its id."""
+        if kind not in SimFault.Kind.values:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        if endpoint and endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; one of {', '.join(ENDPOINTS)}")
+        fault = SimFault.objects.create(
+            kind=kind,
+            exchange=exchange,
+            endpoint=endpoint,
+            account=account,
+            phase=phase,
+            remaining=remaining,
+            probability=probability,
+            latency_ms=latency_ms,
+        )
+        return fault.pk
+
+    def fault_clear(self, exchange: str | None = None) -> int:
+        faults = SimFault.objects.all() if exchange is None else SimFault.objects.filter(exchange=exchange)
+        return faults.delete()[0]
+
+    def _fault_candidates(self, exchange: str, endpoint: str, account: str, kinds_q: Q):
+        return SimFault.objects.filter(
+            Q(exchange="") | Q(exchange=exchange),
+            Q(endpoint="") | Q(endpoint=endpoint),
+            Q(account="") | Q(account=account),
+            Q(remaining__isnull=True) | Q(remaining__gt=0),
+            kinds_q,
+        ).order_by("pk")
+
+    def _fault_consume(self, candidates) -> FaultHit | None:  # noqa: ANN001
+        # Cheap unlocked probe first: every gateway call passes here.
+        if not candidates.exists():
+            return None
+        with transaction.atomic():
+            for fault in candidates.select_for_update():
+                if fault.probability is not None and Decimal(str(self.rng.random())) >= fault.probability:
+                    continue
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                fault.fired += 1
+                fault.save(update_fields=["remaining", "fired"])
+                return FaultHit(fault_id=fault.pk, kind=fault.kind, latency_ms=fault.latency_ms)
+        return None
+
+    def fault_take(self, exchange: str, endpoint: str, account: str, *, phase: str = "before") -> FaultHit | None:
+        """Consume the first matching REST fault for this call and phase (the HTTP server shapes the reply)."""
+        kinds = ~Q(kind__in=WS_FAULTS) & Q(phase=phase)
+        return self._fault_consume(self._fault_candidates(exchange, endpoint, account, kinds))
+
+    def fault_ws_take(self, exchange: str, account: str) -> str | None:
+        """Consume a websocket fault for the account's stream: "ws_drop", "ws_silent" or None."""
+        hit = self._fault_consume(self._fault_candidates(exchange, "ws", account, Q(kind__in=WS_FAULTS)))
+        return hit.kind if hit else None
+
+    def fault_check(self, exchange: str, endpoint: str, account: str, *, phase: str = "before") -> None:
+        """Apply a matching fault: sleep for latency, or raise the typed error the real gateway would."""
+        hit = self.fault_take(exchange, endpoint, account, phase=phase)
+        if hit is None:
+            return
+        logger.info("sim fault %s on %s/%s %s (%s)", hit.kind, exchange, endpoint, phase, hit.fault_id)
+        if hit.kind == SimFault.Kind.LATENCY:
+            self.sleep(hit.latency_ms / 1000)
+        elif hit.kind == SimFault.Kind.TIMEOUT:
+            if hit.latency_ms:
+                self.sleep(hit.latency_ms / 1000)
+            raise Network(f"{exchange} {endpoint}: request timed out (simulated)", exchange=exchange)
+        elif hit.kind == SimFault.Kind.HTTP_5XX:
+            raise ExchangeError(
+                f"{exchange} {endpoint}: HTTP 500 Internal Server Error (simulated)", code="500", exchange=exchange
+            )
+        elif hit.kind == SimFault.Kind.HTTP_429:
+            raise RateLimited(
+                f"{exchange} {endpoint}: HTTP 429 Too Many Requests (simulated)", code="429", exchange=exchange
+            )
+        elif hit.kind == SimFault.Kind.MAINTENANCE:
+            raise Maintenance(f"{exchange} {endpoint}: system maintenance (simulated)", code="503", exchange=exchange)
+
+
+default_engine = SimEngine()

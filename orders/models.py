@@ -1,0 +1,233 @@
+"""Orders from arrival to fill: queued and live orders, their event history, trades and the fill ledger."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+from accounts.models import Account, MarketType, StrategyAccount, money
+
+
+class Side(models.TextChoices):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class OrderType(models.TextChoices):
+    MARKET = "MARKET"
+    LIMIT = "LIMIT"
+    STOP_LIMIT = "STOP_LIMIT"
+    STOP_MARKET = "STOP_MARKET"
+
+
+class CancelRequestedBy(models.TextChoices):
+    NONE = "NONE"
+    USER = "USER"
+    DEMOTION = "DEMOTION"
+
+
+class OrderIdentity(models.Model):
+    """Fields a logical order keeps as it moves between PendingOrder and OpenOrder (SPEC §3)."""
+
+    order_key = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    placement_no = models.PositiveIntegerField(default=0)
+    client_order_id = models.CharField(max_length=36, blank=True, db_index=True)
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="+")
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
+    symbol = models.CharField(max_length=32)
+    market_type = models.CharField(max_length=8, choices=MarketType.choices)
+    side = models.CharField(max_length=4, choices=Side.choices)
+    order_type = models.CharField(max_length=12, choices=OrderType.choices)
+    price = money(null=True, blank=True)
+    stop_price = money(null=True, blank=True)
+    quantity = money()
+    filled_quantity = money(default=0)
+    priority = models.IntegerField(default=0, help_text="lower ranks first (LIMIT buckets only)")
+    signal_at = models.DateTimeField()
+    queue_seq = models.BigIntegerField(help_text="arrival order (ns clock at intake); never changes")
+    cancel_requested_by = models.CharField(
+        max_length=10, choices=CancelRequestedBy.choices, default=CancelRequestedBy.NONE
+    )
+    express = models.BooleanField(default=False, help_text="MARKET orders skip the slot logic")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def remaining_quantity(self):  # noqa: ANN201
+        return self.quantity - self.filled_quantity
+
+    @property
+    def conditional(self) -> bool:
+        return self.order_type in (OrderType.STOP_LIMIT, OrderType.STOP_MARKET)
+
+    def __str__(self) -> str:
+        return f"{self.order_key} {self.side} {self.order_type} {self.quantity} {self.symbol}"
+
+
+class PendingOrder(OrderIdentity):
+    """An order waiting for a slot (QUEUED) or being placed (SUBMITTING, outcome not yet known)."""
+
+    class Status(models.TextChoices):
+        QUEUED = "QUEUED"
+        SUBMITTING = "SUBMITTING"
+
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
+    submitting_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="failed placements with a temporary error")
+    next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="backoff after a temporary error")
+    not_found_count = models.PositiveSmallIntegerField(default=0, help_text="lookups that found nothing")
+    last_lookup_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account", "market_type", "symbol", "status"], name="pending_pair_idx"),
+            models.Index(fields=["express", "status"], name="pending_express_idx"),
+        ]
+
+
+class OpenOrder(OrderIdentity):
+    """An order live on the exchange, being cancelled, or a triggered stop tracked as its spawned order."""
+
+    class Status(models.TextChoices):
+        NEW = "NEW"
+        PARTIALLY_FILLED = "PARTIALLY_FILLED"
+        CANCELLING = "CANCELLING"
+        TRIGGERED = "TRIGGERED"
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.NEW)
+    exchange_order_id = models.CharField(max_length=64)
+    conditional = models.BooleanField(default=False)
+    status_before_cancel = models.CharField(max_length=16, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancel_failures = models.PositiveSmallIntegerField(default=0)
+    spawned_order_id = models.CharField(max_length=64, blank=True)
+    spawned_client_order_id = models.CharField(max_length=36, blank=True)
+    missing_runs = models.PositiveSmallIntegerField(default=0, help_text="runs where open and history lookups missed")
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account", "market_type", "symbol"], name="open_pair_idx"),
+            models.Index(fields=["account", "market_type", "status"], name="open_account_status_idx"),
+        ]
+
+
+class OrderEvent(models.Model):
+    """Append-only history of a logical order; the last event says where it is."""
+
+    class Kind(models.TextChoices):
+        QUEUED = "queued"
+        SUBMITTING = "submitting"
+        PLACED = "placed"
+        DEMOTED = "demoted"
+        REQUEUED = "requeued"
+        TRIGGERED = "triggered"
+        PARTIALLY_FILLED = "partially_filled"
+        FILLED = "filled"
+        CANCELLED = "cancelled"
+        REJECTED = "rejected"
+        LOST = "lost"
+        FAILED = "failed"
+
+    order_key = models.UUIDField(db_index=True)
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
+    symbol = models.CharField(max_length=32)
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["order_key", "id"], name="orderevent_key_id_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.order_key} {self.kind}"
+
+
+class QueueDirty(models.Model):
+    """A (account, market type, symbol) pair whose orders changed; written in the same transaction."""
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="+")
+    market_type = models.CharField(max_length=8, choices=MarketType.choices)
+    symbol = models.CharField(max_length=32)
+    marked_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "market_type", "symbol"], name="queuedirty_unique_pair")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account_id} {self.market_type} {self.symbol}"
+
+
+class Trade(models.Model):
+    """One per (strategy account, exchange order): cumulative fill, average price, fees, realized PnL."""
+
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="trades")
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
+    exchange_order_id = models.CharField(max_length=64)
+    order_key = models.UUIDField(null=True, blank=True, db_index=True)
+    symbol = models.CharField(max_length=32)
+    market_type = models.CharField(max_length=8, choices=MarketType.choices)
+    side = models.CharField(max_length=4, choices=Side.choices)
+    cumulative_filled = money(default=0)
+    average_price = money(default=0)
+    fees = money(default=0)
+    fee_currency = models.CharField(max_length=16, blank=True)
+    realized_pnl = money(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["strategy_account", "exchange_order_id"], name="trade_unique_order")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.exchange_order_id} {self.side} {self.cumulative_filled} {self.symbol}"
+
+
+class Fill(models.Model):
+    """Append-only fill ledger; UNIQUE(trade, cum_filled_after) makes a fill seen twice a no-op."""
+
+    class Source(models.TextChoices):
+        REST = "REST"
+        STREAM = "STREAM"
+        ADJUSTMENT = "ADJUSTMENT"
+
+    trade = models.ForeignKey(Trade, null=True, blank=True, on_delete=models.PROTECT, related_name="fills")
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="fills")
+    symbol = models.CharField(max_length=32)
+    cum_filled_after = money()
+    delta_qty = money(help_text="signed: + buy, - sell")
+    price = money()
+    fee = money(default=0)
+    fee_currency = models.CharField(max_length=16, blank=True)
+    realized_pnl = money(default=0)
+    filled_at = models.DateTimeField(db_index=True)
+    source = models.CharField(max_length=10, choices=Source.choices)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["trade", "cum_filled_after"], name="fill_unique_increment")]
+        indexes = [models.Index(fields=["strategy_account", "symbol"], name="fill_position_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.symbol} {self.delta_qty} @ {self.price}"
+
+
+class CircuitState(models.Model):
+    """A circuit breaker over exchange calls: per (exchange, market type), or per account for auth failures."""
+
+    scope = models.CharField(max_length=100, unique=True)
+    failures = models.PositiveIntegerField(default=0)
+    opened_until = models.DateTimeField(null=True, blank=True)
+    cooldown_seconds = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=500, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.scope}: {self.failures} failures"
