@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
+from exchanges.ccxt_gateway import ccxt_gateway_factory
 from exchanges.gateway import ExchangeGateway, MarketRule, MarketType
 from exchanges.models import MarketInfo, PriceQuote
 from exchanges.paper import PaperGateway
@@ -51,7 +52,7 @@ def _paper_factory(account_like: Any) -> ExchangeGateway:
 
 # exchange name → factory(account_like) -> ExchangeGateway. The ccxt gateway registers
 # BINANCE, BYBIT, … here (gateway_factory_register) when its module is imported.
-GATEWAY_FACTORIES: dict[str, Callable[[Any], ExchangeGateway]] = {"PAPER": _paper_factory}
+GATEWAY_FACTORIES: dict[str, Callable[[Any], ExchangeGateway]] = {"PAPER": _paper_factory, "BINANCE": ccxt_gateway_factory, "BYBIT": ccxt_gateway_factory}  # noqa: E501
 
 
 def gateway_factory_register(*, exchange: str, factory: Callable[[Any], ExchangeGateway]) -> None:

@@ -1,0 +1,1 @@
+"""Wire dialects of the simulator server: Binance and Bybit."""

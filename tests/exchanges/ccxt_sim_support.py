@@ -1,0 +1,46 @@
+"""Fixtures for the real-ccxt tests: the dialect server in a background thread and gateways aimed at it."""
+
+from __future__ import annotations
+
+import pytest
+
+from exchanges import ccxt_gateway
+from exchanges.ccxt_gateway import CcxtGateway
+from exchanges.gateway import MarketType
+from exchanges.simulator.server import ServerConfig, ServerThread
+
+API_KEY = "sim-test-key-0123456789"
+API_SECRET = "sim-test-secret-abcdefghijklmnop"
+
+
+@pytest.fixture(scope="session")
+def sim_server():
+    server = ServerThread(ServerConfig(api_key=API_KEY, api_secret=API_SECRET, timeout_hold=3.0)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sim_urls(sim_server, settings, transactional_db):
+    settings.EXCHANGE_URL_OVERRIDES = {"BINANCE": sim_server.base_url, "BYBIT": sim_server.base_url}
+    settings.EXCHANGE_HTTP_TIMEOUT_MS = 1500
+    ccxt_gateway.caches_clear()
+    yield sim_server
+    ccxt_gateway.caches_clear()
+
+
+@pytest.fixture
+def make_gateway(sim_urls):
+    def make(exchange: str, market_type: MarketType, *, account: str = "acct-1", secret: str = API_SECRET, **kw):
+        return CcxtGateway(
+            exchange,
+            market_type,
+            API_KEY,
+            secret,
+            account_key=account,
+            retries=kw.pop("retries", 0),
+            backoff_seconds=0.01,
+            **kw,
+        )
+
+    return make

@@ -1,0 +1,142 @@
+"""The dialect server on the wire: signature checks with the real error codes, and both user streams."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from decimal import Decimal
+
+import requests
+import websockets
+
+from exchanges.gateway import MarketType, OrderRequest, OrderType, Side
+from exchanges.simulator.engine import default_engine
+from tests.exchanges import ccxt_sim_support
+from tests.exchanges.ccxt_sim_support import API_KEY, API_SECRET
+
+# The dialect-server fixtures, shared with the other real-ccxt test module.
+sim_server = ccxt_sim_support.sim_server
+sim_urls = ccxt_sim_support.sim_urls
+make_gateway = ccxt_sim_support.make_gateway
+
+
+def _binance_signed(base, path, params, secret=API_SECRET, method="GET"):
+    query = "&".join(f"{k}={v}" for k, v in {**params, "timestamp": int(time.time() * 1000)}.items())
+    signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
+    return requests.request(
+        method, f"{base}{path}?{query}&signature={signature}", headers={"X-MBX-APIKEY": API_KEY}, timeout=5
+    )
+
+
+def test_binance_signature_checked(sim_urls):
+    good = _binance_signed(sim_urls.base_url, "/api/v3/account", {})
+    assert good.status_code == 200 and "balances" in good.json()
+    bad = _binance_signed(sim_urls.base_url, "/api/v3/account", {}, secret="not-the-secret")
+    assert bad.status_code == 400 and bad.json()["code"] == -1022
+    no_key = requests.get(f"{sim_urls.base_url}/fapi/v3/account?timestamp=1&signature=x", timeout=5)
+    assert no_key.status_code == 401 and no_key.json()["code"] == -2015
+
+
+def test_bybit_signature_checked(sim_urls):
+    query = "accountType=UNIFIED"
+    ts, window = str(int(time.time() * 1000)), "5000"
+
+    def call(secret):
+        sign = hmac.new(secret.encode(), f"{ts}{API_KEY}{window}{query}".encode(), hashlib.sha256).hexdigest()
+        headers = {"X-BAPI-API-KEY": API_KEY, "X-BAPI-TIMESTAMP": ts, "X-BAPI-RECV-WINDOW": window, "X-BAPI-SIGN": sign}
+        return requests.get(f"{sim_urls.base_url}/v5/account/wallet-balance?{query}", headers=headers, timeout=5)
+
+    assert call(API_SECRET).json()["retCode"] == 0
+    bad = call("not-the-secret")
+    assert bad.status_code == 200 and bad.json()["retCode"] == 10004
+
+
+def test_binance_listen_key_stream_sends_order_updates(sim_urls):
+    base = sim_urls.base_url
+    key = requests.post(f"{base}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": API_KEY}, timeout=5).json()["listenKey"]
+    assert requests.put(f"{base}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": API_KEY}, timeout=5).json() == {}
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/ws/{key}") as ws:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(
+                default_engine.order_create,
+                "BINANCE",
+                API_KEY,
+                OrderRequest(
+                    symbol="ETH/USDT",
+                    market_type=MarketType.FUTURES,
+                    side=Side.BUY,
+                    order_type=OrderType.MARKET,
+                    quantity=Decimal("0.1"),
+                    client_order_id="ws-1",
+                ),
+            )
+            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+    event = asyncio.run(run())
+    assert event["e"] == "ORDER_TRADE_UPDATE"
+    assert event["o"]["c"] == "ws-1" and event["o"]["X"] == "FILLED" and event["o"]["z"] == "0.1"
+
+
+def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            expires = int(time.time() * 1000) + 10_000
+            sign = hmac.new(API_SECRET.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+            await ws.send(json.dumps({"op": "auth", "args": [API_KEY, expires, sign]}))
+            auth = json.loads(await ws.recv())
+            await ws.send(json.dumps({"op": "subscribe", "args": ["order"]}))
+            subscribed = json.loads(await ws.recv())
+            await ws.send(json.dumps({"op": "ping"}))
+            pong = json.loads(await ws.recv())
+            await asyncio.to_thread(
+                default_engine.order_create,
+                "BYBIT",
+                API_KEY,
+                OrderRequest(
+                    symbol="ETH/USDT",
+                    market_type=MarketType.SPOT,
+                    side=Side.BUY,
+                    order_type=OrderType.MARKET,
+                    quantity=Decimal("0.1"),
+                    client_order_id="ws-2",
+                ),
+            )
+            push = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            return auth, subscribed, pong, push
+
+    auth, subscribed, pong, push = asyncio.run(run())
+    assert auth["success"] is True and subscribed["success"] is True and pong["op"] == "pong"
+    assert push["topic"] == "order" and push["data"][0]["orderLinkId"] == "ws-2"
+    assert push["data"][0]["orderStatus"] == "Filled"
+
+
+def test_bybit_private_stream_rejects_bad_auth(sim_urls):
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            await ws.send(json.dumps({"op": "auth", "args": [API_KEY, int(time.time() * 1000) + 10_000, "bad"]}))
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(run())["success"] is False
+
+
+def test_ws_drop_fault_closes_stream(sim_urls):
+    default_engine.fault_add("ws_drop", exchange="BYBIT", endpoint="ws", account=API_KEY)
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            expires = int(time.time() * 1000) + 10_000
+            sign = hmac.new(API_SECRET.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+            await ws.send(json.dumps({"op": "auth", "args": [API_KEY, expires, sign]}))
+            await ws.recv()
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except websockets.ConnectionClosed:
+                return "closed"
+            return "open"
+
+    assert asyncio.run(run()) == "closed"
