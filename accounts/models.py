@@ -106,3 +106,27 @@ class StrategyCapital(models.Model):
 
     def __str__(self) -> str:
         return f"{self.strategy_account}: {self.allocated_capital}"
+
+
+class SecuritiesToken(models.Model):
+    """The KIS access token of one securities account (SPEC §3, §4.7); written only by accounts.tokens.
+
+    `last_issue_attempt_at` is the single-flight claim: an issue is attempted only by the caller
+    whose UPDATE moved it forward, at most once per 61 s (KIS allows one issue a minute per appkey).
+    """
+
+    account = models.OneToOneField(Account, on_delete=models.CASCADE, related_name="securities_token")
+    access_token = EncryptedTextField(blank=True, default="")
+    token_type = models.CharField(max_length=20, blank=True, default="")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_refreshed_at = models.DateTimeField(null=True, blank=True)
+    last_issue_attempt_at = models.DateTimeField(null=True, blank=True)
+    # Why the last attempt failed (scrubbed, one line); cleared by a successful issue.
+    last_error = models.CharField(max_length=500, blank=True, default="")
+
+    def __str__(self) -> str:
+        return f"KIS token of account {self.account_id}"
+
+    def __repr__(self) -> str:
+        # The token stays out of reprs, tracebacks and debug pages.
+        return f"<SecuritiesToken account={self.account_id} expires_at={self.expires_at}>"

@@ -72,6 +72,14 @@ REGISTRY: tuple[JobSpec, ...] = (
         budget=20,
     ),
     JobSpec(
+        id="securities_token_refresh",
+        name="Securities Token Refresh",
+        func="accounts.jobs:securities_token_refresh",
+        trigger=interval(hours=6),
+        grace=3600,
+        budget=120,
+    ),
+    JobSpec(
         id="precision_cache_update",
         name="Precision Cache Update",
         func="exchanges.jobs:precision_cache_update",

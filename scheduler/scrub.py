@@ -18,7 +18,7 @@ _PATTERNS = [
         re.compile(
             r"(?i)([\"']?(?:api[-_]?key|apikey|api[-_]?secret|secret|signature|sign|appkey|appsecret|"
             r"access[-_]?token|token|password|passphrase|x-mbx-apikey|x-bapi-api-key|x-bapi-sign|"
-            r"listenkey|authorization)[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+)?([^\s&\"',;}]+)"
+            r"listenkey|authorization)[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+)?([^\s&\"',;}]{8,})"
         ),
         r"\1" + REDACTED,
     ),
