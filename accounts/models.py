@@ -130,3 +130,32 @@ class SecuritiesToken(models.Model):
     def __repr__(self) -> str:
         # The token stays out of reprs, tracebacks and debug pages.
         return f"<SecuritiesToken account={self.account_id} expires_at={self.expires_at}>"
+
+
+class CapitalSnapshot(models.Model):
+    """The total capital of one (account, market type) as read each hour (SPEC §3, §4.11).
+
+    LIVE rows come from the exchange. When the balance call fails, a FALLBACK row repeats the
+    newest LIVE total at most 24 h old (`fallback_of` names it), so every run leaves a trace and
+    the allocation it fed is recorded on the row it actually used (`used_for_allocation`).
+    """
+
+    class Source(models.TextChoices):
+        LIVE = "LIVE"
+        FALLBACK = "FALLBACK"
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="capital_snapshots")
+    market_type = models.CharField(max_length=8, choices=MarketType.choices)
+    total = money()
+    source = models.CharField(max_length=8, choices=Source.choices)
+    taken_at = models.DateTimeField()
+    used_for_allocation = models.BooleanField(default=False)
+    fallback_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", help_text="the LIVE row repeated"
+    )
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "market_type", "taken_at"], name="capitalsnapshot_lookup_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.account_id} {self.market_type} {self.total} ({self.source} {self.taken_at:%Y-%m-%d %H:%M})"

@@ -81,6 +81,12 @@ class PendingOrder(OrderIdentity):
     next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="backoff after a temporary error")
     not_found_count = models.PositiveSmallIntegerField(default=0, help_text="lookups that found nothing")
     last_lookup_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, help_text="the last placement error, scrubbed")
+    last_error_kind = models.CharField(
+        max_length=10,
+        blank=True,
+        help_text="how the last placement failed: unknown (look up twice), temporary or permanent (look up once)",
+    )
 
     class Meta:
         indexes = [
@@ -104,6 +110,9 @@ class OpenOrder(OrderIdentity):
     status_before_cancel = models.CharField(max_length=16, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     cancel_failures = models.PositiveSmallIntegerField(default=0)
+    next_cancel_at = models.DateTimeField(
+        null=True, blank=True, help_text="when the queue may (re)send the cancel of a CANCELLING order; null: now"
+    )
     spawned_order_id = models.CharField(max_length=64, blank=True)
     spawned_client_order_id = models.CharField(max_length=36, blank=True)
     missing_runs = models.PositiveSmallIntegerField(default=0, help_text="runs where open and history lookups missed")
@@ -159,6 +168,9 @@ class QueueDirty(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["account", "market_type", "symbol"], name="queuedirty_unique_pair")
         ]
+        # The 1 s pass reads `marked_at <= now`: marks deferred into the future (backoffs,
+        # lookups due later) wait here without costing the steady state anything.
+        indexes = [models.Index(fields=["marked_at"], name="queuedirty_marked_idx")]
 
     def __str__(self) -> str:
         return f"{self.account_id} {self.market_type} {self.symbol}"

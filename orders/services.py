@@ -119,12 +119,27 @@ def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime
                     kind=OrderEvent.Kind.QUEUED,
                     account_id=o.account_id,
                     symbol=o.symbol,
-                    details=_jsonable(
-                        {"side": o.side, "type": o.order_type, "quantity": o.quantity, "price": o.price}
-                    ),
+                    details=_jsonable({"side": o.side, "type": o.order_type, "quantity": o.quantity, "price": o.price}),
                 )
                 for o in orders
             ]
         )
         queue_mark_dirty(pairs=[(o.account_id, o.market_type, o.symbol) for o in orders], now=now)
     return orders
+
+
+def queue_mark_dirty_by(*, pairs: Iterable[tuple[int, str, str]], due_at: datetime) -> None:
+    """Mark pairs dirty no later than `due_at` (a backoff or a lookup due then): an earlier mark is kept.
+
+    Unlike queue_mark_dirty, never moves an existing mark later, so a change waiting to be
+    processed is not delayed by a deferral. Two statements; call inside a transaction.
+    """
+    pairs = set(pairs)
+    for account_id, market_type, symbol in pairs:
+        QueueDirty.objects.filter(
+            account_id=account_id, market_type=market_type, symbol=symbol, marked_at__gt=due_at
+        ).update(marked_at=due_at)
+    QueueDirty.objects.bulk_create(
+        [QueueDirty(account_id=a, market_type=m, symbol=s, marked_at=due_at) for a, m, s in pairs],
+        ignore_conflicts=True,
+    )

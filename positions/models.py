@@ -27,3 +27,47 @@ class Position(models.Model):
 
     def __str__(self) -> str:
         return f"{self.symbol} {self.quantity} @ {self.average_entry}"
+
+
+def ratio(**kwargs) -> models.DecimalField:  # noqa: ANN003
+    """Percentages and ratios: wide enough for a return on a tiny capital base."""
+    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+
+
+class StrategyDailyPerformance(models.Model):
+    """One strategy's results for one KST calendar day (SPEC §4.10); written only by positions.services.
+
+    Returns are % of `capital_base` (None when the base is not positive); risk figures are over
+    the daily returns (%) of the 30 days ending at `day`.
+    """
+
+    strategy = models.ForeignKey("accounts.Strategy", on_delete=models.CASCADE, related_name="daily_performance")
+    day = models.DateField(help_text="KST calendar day")
+    capital_base = money(help_text="Σ allocated capital at the day's start; kept on re-run")
+    next_capital_base = money(
+        default=0, help_text="Σ allocated when this row was first computed: the next day's capital_base; kept on re-run"
+    )
+    daily_pnl = money(default=0)
+    cumulative_pnl = money(default=0)
+    daily_return = ratio(null=True, blank=True)
+    cumulative_return = ratio(null=True, blank=True)
+    trades = models.PositiveIntegerField(default=0, help_text="fills in the day")
+    winning = models.PositiveIntegerField(default=0)
+    losing = models.PositiveIntegerField(default=0)
+    win_rate = ratio(null=True, blank=True, help_text="% of closing fills (realized ≠ 0) that won")
+    fees = money(default=0, help_text="fees paid in the quote currency")
+    volatility = ratio(null=True, blank=True)
+    sharpe = ratio(null=True, blank=True)
+    sortino = ratio(null=True, blank=True)
+    sharpe_annualized = ratio(null=True, blank=True)
+    sortino_annualized = ratio(null=True, blank=True)
+    max_drawdown = money(default=0)
+    max_drawdown_pct = ratio(default=0)
+    computed_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["strategy", "day"], name="dailyperformance_unique_day")]
+        ordering = ["strategy", "day"]
+
+    def __str__(self) -> str:
+        return f"{self.strategy_id} {self.day}: {self.daily_pnl}"

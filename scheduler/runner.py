@@ -40,9 +40,13 @@ RESTART_WINDOW = timedelta(minutes=10)
 
 # Leader-only threads (SPEC §2.4), started on every term and stopped when leadership is lost.
 # Each is "module:Class" taking the host; domains append theirs (outbox sender, user streams).
-LEADER_THREADS: list[str] = ["scheduler.poller:CommandPoller"]
+LEADER_THREADS: list[str] = ["scheduler.poller:CommandPoller", "notifications.sender:OutboxSender"]
 # Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
-LEADER_HOOKS: list[str] = []
+LEADER_HOOKS: list[str] = [
+    "exchanges.services:leader_warmup",
+    "positions.services:performance_catch_up",
+    "notifications.services:leader_announce",
+]
 
 
 class WatchdogExit(SystemExit):
@@ -83,6 +87,7 @@ class SchedulerHost:
         self._last_watchdog = 0.0
         self.exit_code = 0
         self._process = psutil.Process()
+        self._hooks_thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -158,7 +163,10 @@ class SchedulerHost:
             thread.start()
             self.leader_threads.append(thread)
         if LEADER_HOOKS:
-            threading.Thread(target=self._run_leader_hooks, args=(self.term,), name="leader-hooks", daemon=True).start()
+            self._hooks_thread = threading.Thread(
+                target=self._run_leader_hooks, args=(self.term,), name="leader-hooks", daemon=True
+            )
+            self._hooks_thread.start()
 
     def _run_leader_hooks(self, term: int) -> None:
         for path in LEADER_HOOKS:
@@ -288,15 +296,18 @@ class SchedulerHost:
 
     # --- shutdown ----------------------------------------------------------
     def _shutdown(self, *, wait_for_jobs: bool) -> None:
+        deadline = time.monotonic() + settings.SCHEDULER_SHUTDOWN_GRACE
         if self.scheduler is not None:
             self.scheduler.pause()  # no new runs
             if wait_for_jobs and self.executor is not None:
-                deadline = time.monotonic() + settings.SCHEDULER_SHUTDOWN_GRACE
                 while self.executor.running_count() and time.monotonic() < deadline:
                     time.sleep(0.1)
                 if self.executor.running_count():
                     logger.warning("shutdown grace over with jobs still running")
             self._stop_scheduler(wait=False)
+        if wait_for_jobs and self._hooks_thread is not None and self._hooks_thread.is_alive():
+            # Catch-up runs started on becoming leader are job runs too: let the current one finish.
+            self._hooks_thread.join(max(0.0, deadline - time.monotonic()))
         self._stop_leader_threads()
         self.role = SchedulerInstance.Role.STOPPED
         try:

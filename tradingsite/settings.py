@@ -169,6 +169,15 @@ except json.JSONDecodeError as exc:
 
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
+# --- Telegram (SPEC §4.9) ---------------------------------------------------------
+# The global bot and chat; a user's TelegramProfile overrides them for that user's messages.
+# Neither set: nothing is enqueued. The token is registered for scrubbing in NotificationsConfig.ready().
+TELEGRAM_BOT_TOKEN = env.str("TELEGRAM_BOT_TOKEN", default="")
+TELEGRAM_CHAT_ID = env.str("TELEGRAM_CHAT_ID", default="")
+TELEGRAM_API_URL = env.str("TELEGRAM_API_URL", default="https://api.telegram.org")
+# KIS (SPEC §4.7): empty picks the real or virtual host per account; tests aim it at a local server.
+KIS_BASE_URL = env.str("KIS_BASE_URL", default="")
+
 # --- Orders (SPEC §4.1) ----------------------------------------------------------
 # Live slots per bucket: a number, or JSON {"default": 2, "BINANCE:FUTURES": 5}.
 _slots = env.str("ORDER_QUEUE_SLOTS", default="2")
@@ -188,6 +197,13 @@ try:
 except json.JSONDecodeError as exc:
     raise ImproperlyConfigured(f"EXCHANGE_URL_OVERRIDES is not valid JSON: {exc}") from None
 SIMULATOR_SEED = env.int("SIMULATOR_SEED", default=0)
+# Extra generated symbols (SYN0001/USDT, …) listed by both simulated market types: benchmarks at scale.
+SIMULATOR_SYNTHETIC_SYMBOLS = env.int("SIMULATOR_SYNTHETIC_SYMBOLS", default=0)
+# ccxt: per-request timeout, and retries (with exponential backoff from EXCHANGE_RETRY_BACKOFF seconds)
+# for reads that failed with a network error or a rate limit; create_order is never retried.
+EXCHANGE_HTTP_TIMEOUT_MS = env.int("EXCHANGE_HTTP_TIMEOUT_MS", default=10_000)
+EXCHANGE_RETRIES = env.int("EXCHANGE_RETRIES", default=2)
+EXCHANGE_RETRY_BACKOFF = env.float("EXCHANGE_RETRY_BACKOFF", default=0.5)
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {

@@ -1,0 +1,150 @@
+"""Admin for orders, events, trades, the fill ledger, dirty marks and circuit breakers — read-only.
+
+Orders move only through the queue and reconciliation services (each move writes its event and
+dirty mark in the same transaction); an edit or delete here would bypass them, so none is offered.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    # Tables grow to millions of rows: no COUNT(*) of the whole table on every changelist.
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class OrderKeySearchMixin:
+    """Search by order key: a full UUID is an indexed exact match; anything else matches text fields."""
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        term = search_term.strip()
+        try:
+            key = uuid.UUID(term)
+        except ValueError:
+            return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
+        return queryset.filter(order_key=key), False
+
+
+ORDER_FIELDS = (
+    "order_key",
+    "status",
+    "account",
+    "symbol",
+    "market_type",
+    "side",
+    "order_type",
+    "price",
+    "stop_price",
+    "quantity",
+    "filled_quantity",
+    "priority",
+    "express",
+    "cancel_requested_by",
+    "signal_at",
+)
+
+
+@admin.register(PendingOrder)
+class PendingOrderAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
+    list_display = (*ORDER_FIELDS, "placement_no", "attempts", "next_attempt_at")
+    list_filter = ("status", "account", "symbol", "market_type", "side", "order_type", "express")
+    list_select_related = ("account",)
+    search_fields = ("symbol", "client_order_id")
+    ordering = ("-queue_seq",)
+
+
+@admin.register(OpenOrder)
+class OpenOrderAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
+    list_display = (*ORDER_FIELDS, "exchange_order_id", "placement_no", "last_seen_at")
+    list_filter = ("status", "account", "symbol", "market_type", "side", "order_type", "conditional")
+    list_select_related = ("account",)
+    search_fields = ("symbol", "client_order_id", "exchange_order_id")
+    ordering = ("-queue_seq",)
+
+
+@admin.register(OrderEvent)
+class OrderEventAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
+    list_display = ("created_at", "order_key", "kind", "account", "symbol", "details")
+    list_filter = ("kind",)
+    list_select_related = ("account",)
+    search_fields = ("symbol",)
+    ordering = ("-id",)
+
+
+@admin.register(Trade)
+class TradeAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
+    list_display = (
+        "exchange_order_id",
+        "strategy_account",
+        "symbol",
+        "market_type",
+        "side",
+        "cumulative_filled",
+        "average_price",
+        "fees",
+        "fee_currency",
+        "realized_pnl",
+        "updated_at",
+    )
+    list_filter = ("market_type", "side", "account")
+    list_select_related = ("strategy_account__strategy", "strategy_account__account")
+    search_fields = ("exchange_order_id", "symbol")
+    ordering = ("-id",)
+
+
+@admin.register(Fill)
+class FillAdmin(ReadOnlyAdmin):
+    list_display = (
+        "filled_at",
+        "strategy_account",
+        "symbol",
+        "delta_qty",
+        "price",
+        "fee",
+        "fee_currency",
+        "realized_pnl",
+        "source",
+        "trade",
+    )
+    list_filter = ("source",)
+    list_select_related = ("strategy_account__strategy", "strategy_account__account", "trade")
+    search_fields = ("symbol", "trade__exchange_order_id")
+    ordering = ("-id",)
+
+
+@admin.register(QueueDirty)
+class QueueDirtyAdmin(ReadOnlyAdmin):
+    list_display = ("account", "market_type", "symbol", "marked_at")
+    list_select_related = ("account",)
+
+
+@admin.register(CircuitState)
+class CircuitStateAdmin(ReadOnlyAdmin):
+    list_display = ("scope", "failures", "opened_until", "cooldown_seconds", "last_error", "updated_at")
+    search_fields = ("scope",)
+    actions = ("close_circuit",)
+
+    def has_close_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("orders.change_circuitstate")
+
+    @admin.action(description="Close the selected circuits (forget failures and cool-down)", permissions=["close"])
+    def close_circuit(self, request: HttpRequest, queryset: QuerySet) -> None:
+        closed = queryset.update(failures=0, opened_until=None, cooldown_seconds=0)
+        self.message_user(request, f"{closed} circuit(s) closed; the next run tries the exchange again.", messages.INFO)

@@ -1,0 +1,325 @@
+"""Orders HTTP API (SPEC §6): create (validate, then enqueue), list queued and live orders, user cancel."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.exceptions import NotFound
+from rest_framework.fields import SkipField
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orders.models import OpenOrder, OrderType, PendingOrder, Side
+from orders.queue import order_cancel_by_user
+from orders.selectors import order_key_owned_by, order_list_for_user
+from orders.validation import COLUMN_LIMIT, IntakeRequest, OrderRejectedError, order_intake
+
+logger = logging.getLogger(__name__)
+
+SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,12}$")
+
+
+# --- Shared API pieces (the positions API uses them too) ------------------------------------------
+
+
+class PlainDecimalField(serializers.DecimalField):
+    """A Decimal rendered as a plain string without trailing zeros ("3000", "0.0015")."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("max_digits", 28)
+        kwargs.setdefault("decimal_places", 12)
+        super().__init__(**kwargs)
+
+    def to_representation(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        return format(Decimal(value).normalize(), "f")
+
+
+class PositiveDecimalField(serializers.DecimalField):
+    """A decimal input greater than zero and small enough for a money column; any number of decimals
+    (the market rules floor it to the step or tick afterwards)."""
+
+    default_error_messages = {
+        "not_positive": "must be a number greater than zero",
+        "too_large": "must be below 10^16",
+    }
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(max_digits=None, decimal_places=None, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Decimal:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if value <= 0:
+            self.fail("not_positive")
+        if value >= COLUMN_LIMIT:
+            self.fail("too_large")
+        return value
+
+
+class SymbolField(serializers.CharField):
+    """A canonical BASE/QUOTE symbol (upper-cased); exchange spellings like BTCUSDT or BTC/USDT:USDT are refused."""
+
+    default_error_messages = {"format": "must be a canonical BASE/QUOTE symbol such as BTC/USDT"}
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("max_length", 32)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        value = super().to_internal_value(data).strip().upper()
+        if not SYMBOL_RE.match(value):
+            self.fail("format")
+        return value
+
+
+class ErrorsSerializer(serializers.Serializer):
+    """A 400 body: every bad field with its messages."""
+
+    class Meta:
+        ref_name = "ValidationErrors"
+
+    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))
+
+
+def errors_response(errors: dict[str, list[str]]) -> Response:
+    return Response({"errors": errors}, status=status.HTTP_400_BAD_REQUEST)
+
+
+def fields_parse(serializer_class: type[serializers.Serializer], data: Any) -> tuple[dict[str, Any], dict[str, list]]:
+    """Parse every field on its own: (values of the fields that parsed, errors of those that did not).
+
+    Unlike `Serializer.is_valid`, the values that did parse are kept, so the domain rules can still
+    check them and one 400 names every bad field. Missing optional fields come back as None.
+    """
+    if not hasattr(data, "get"):
+        return {}, {"non_field_errors": ["expected a JSON object"]}
+    values: dict[str, Any] = {}
+    errors: dict[str, list] = {}
+    for name, field in serializer_class().fields.items():
+        try:
+            values[name] = field.run_validation(field.get_value(data))
+        except SkipField:
+            values[name] = None
+        except serializers.ValidationError as exc:
+            detail = exc.detail
+            errors[name] = [str(message) for message in (detail if isinstance(detail, list) else [detail])]
+    return values, errors
+
+
+class ApiPagination(LimitOffsetPagination):
+    default_limit = 100
+    max_limit = 1000
+
+
+def page_serializer(name: str, item: type[serializers.Serializer]) -> type[serializers.Serializer]:
+    """The schema of one LimitOffsetPagination page of `item`."""
+    return type(
+        name,
+        (serializers.Serializer,),
+        {
+            "count": serializers.IntegerField(),
+            "next": serializers.URLField(allow_null=True),
+            "previous": serializers.URLField(allow_null=True),
+            "results": item(many=True),
+            "Meta": type("Meta", (), {"ref_name": name}),
+        },
+    )
+
+
+def paginated_response(*, request: Request, view: APIView, queryset: Any, serializer: type) -> Response:
+    paginator = ApiPagination()
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer(page, many=True).data)
+
+
+PAGINATION_PARAMETERS = [
+    OpenApiParameter("limit", int, description="page size (default 100, at most 1000)"),
+    OpenApiParameter("offset", int, description="rows to skip"),
+]
+
+
+class UserApi(APIView):
+    # TokenAuthentication first: an anonymous request gets 401 with WWW-Authenticate.
+    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    permission_classes = [IsAuthenticated]
+
+
+# --- Orders ---------------------------------------------------------------------------------------
+
+
+class OrderCreateApi(UserApi):
+    """POST /api/orders/: validate one order against the market rules and enqueue it (202).
+
+    The account must be one of the requesting user's own (staff included: the API always acts as
+    the authenticated user). Quantity is floored to the step and prices to the tick; the reply shows
+    the values that were queued. A 400 names every bad field and nothing is written.
+    """
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "OrderCreateInput"
+
+        account = serializers.IntegerField(min_value=1, help_text="id of one of your accounts")
+        strategy = serializers.CharField(max_length=100, help_text="strategy group_name; fixes the market type")
+        symbol = SymbolField(help_text="canonical BASE/QUOTE, e.g. BTC/USDT")
+        side = serializers.ChoiceField(choices=Side.choices)
+        order_type = serializers.ChoiceField(choices=OrderType.choices)
+        price = PositiveDecimalField(
+            required=False, allow_null=True, help_text="limit price: LIMIT and STOP_LIMIT only; floored to the tick"
+        )
+        stop_price = PositiveDecimalField(
+            required=False, allow_null=True, help_text="trigger price: STOP_LIMIT and STOP_MARKET only"
+        )
+        quantity = PositiveDecimalField(help_text="base quantity; floored to the step")
+        priority = serializers.IntegerField(
+            required=False, default=0, min_value=-1_000_000, max_value=1_000_000, help_text="lower ranks first"
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class AcceptedOrderSerializer(serializers.Serializer):
+            class Meta:
+                ref_name = "OrderCreateAccepted"
+
+            order_key = serializers.UUIDField()
+            symbol = serializers.CharField()
+            market_type = serializers.CharField()
+            side = serializers.CharField()
+            order_type = serializers.CharField()
+            quantity = PlainDecimalField()
+            price = PlainDecimalField(allow_null=True)
+            stop_price = PlainDecimalField(allow_null=True)
+            express = serializers.BooleanField()
+
+        class Meta:
+            ref_name = "OrderCreateOutput"
+
+        order_keys = serializers.ListField(child=serializers.UUIDField())
+        orders = AcceptedOrderSerializer(many=True)
+
+    @extend_schema(
+        operation_id="orders_create",
+        request=InputSerializer,
+        responses={202: OutputSerializer, 400: ErrorsSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        values, parse_errors = fields_parse(OrderCreateApi.InputSerializer, request.data)
+        if "non_field_errors" in parse_errors:
+            return errors_response(parse_errors)
+        intake = IntakeRequest(
+            account_id=values.get("account"),
+            strategy=values.get("strategy"),
+            symbol=values.get("symbol"),
+            side=values.get("side"),
+            order_type=values.get("order_type"),
+            quantity=values.get("quantity"),
+            price=values.get("price"),
+            stop_price=values.get("stop_price"),
+            priority=values.get("priority") or 0,
+        )
+        try:
+            orders = order_intake(user=request.user, request=intake, now=timezone.now(), known_errors=parse_errors)
+        except OrderRejectedError as exc:
+            return errors_response(exc.errors)
+        body = OrderCreateApi.OutputSerializer({"order_keys": [o.order_key for o in orders], "orders": orders}).data
+        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+class OrderListApi(UserApi):
+    """GET /api/orders/: the user's queued and live orders, newest first, paginated."""
+
+    class FilterSerializer(serializers.Serializer):
+        account = serializers.IntegerField(required=False, min_value=1)
+        symbol = SymbolField(required=False)
+        status = serializers.ChoiceField(
+            required=False, choices=[*PendingOrder.Status.choices, *OpenOrder.Status.choices]
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "OrderListItem"
+
+        order_key = serializers.UUIDField()
+        location = serializers.ChoiceField(choices=["queued", "live"], help_text="queued: waiting; live: on exchange")
+        status = serializers.CharField()
+        account = serializers.IntegerField(source="account_id")
+        strategy = serializers.CharField()
+        symbol = serializers.CharField()
+        market_type = serializers.CharField()
+        side = serializers.CharField()
+        order_type = serializers.CharField()
+        price = PlainDecimalField(allow_null=True)
+        stop_price = PlainDecimalField(allow_null=True)
+        quantity = PlainDecimalField()
+        filled_quantity = PlainDecimalField()
+        priority = serializers.IntegerField()
+        express = serializers.BooleanField()
+        cancel_requested_by = serializers.CharField()
+        exchange_order_id = serializers.CharField(source="ext_id", allow_blank=True)
+        signal_at = serializers.DateTimeField()
+        created_at = serializers.DateTimeField()
+
+    @extend_schema(
+        operation_id="orders_list",
+        parameters=[FilterSerializer, *PAGINATION_PARAMETERS],
+        responses={200: page_serializer("OrderListPage", OutputSerializer), 400: ErrorsSerializer},
+    )
+    def get(self, request: Request) -> Response:
+        values, errors = fields_parse(OrderListApi.FilterSerializer, request.query_params)
+        if errors:
+            return errors_response(errors)
+        orders = order_list_for_user(
+            user=request.user, account_id=values["account"], symbol=values["symbol"], status=values["status"]
+        )
+        return paginated_response(request=request, view=self, queryset=orders, serializer=OrderListApi.OutputSerializer)
+
+
+class OrderCollectionApi(OrderCreateApi, OrderListApi):
+    """/api/orders/ serves two operations on one path; each keeps its own class and serializers,
+    and this class only routes GET and POST to them."""
+
+
+class OrderCancelApi(UserApi):
+    """DELETE /api/orders/{order_key}/: a user cancel (SPEC §4.1); no exchange call in the request.
+
+    202 "cancelled": a queued order was removed. 202 "cancelling": a live or placing order is marked
+    and the queue job cancels and ends it (never re-queued). 409 "ended": it had already filled or
+    ended, nothing changed. 404: unknown, or another user's order.
+    """
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "OrderCancelOutput"
+
+        order_key = serializers.UUIDField()
+        state = serializers.ChoiceField(
+            choices=["cancelled", "cancelling", "ended"], help_text="where the order stands after the request"
+        )
+
+    @extend_schema(
+        operation_id="orders_cancel",
+        request=None,
+        responses={202: OutputSerializer, 404: None, 409: OutputSerializer},
+    )
+    def delete(self, request: Request, order_key: uuid.UUID) -> Response:
+        if not order_key_owned_by(user=request.user, order_key=order_key):
+            raise NotFound(f"no order {order_key}")
+        state = order_cancel_by_user(order_key=order_key, now=timezone.now())
+        logger.info("user %s cancel of order %s: %s", request.user.pk, order_key, state)
+        if state == "not_found":
+            raise NotFound(f"no order {order_key}")
+        code = status.HTTP_409_CONFLICT if state == "ended" else status.HTTP_202_ACCEPTED
+        return Response(OrderCancelApi.OutputSerializer({"order_key": order_key, "state": state}).data, status=code)

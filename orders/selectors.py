@@ -1,0 +1,248 @@
+"""Order reads: a user's orders for the API, and the queue pass's dirty pairs, express orders and pair rows."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import CharField, Count, F, Q, QuerySet, Value
+
+from accounts.models import Account
+from exchanges.models import MarketInfo
+from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty
+
+Pair = tuple[int, str, str]  # (account_id, market_type, symbol)
+
+PENDING_FIELDS = (
+    "id",
+    "order_key",
+    "account_id",
+    "market_type",
+    "symbol",
+    "side",
+    "order_type",
+    "price",
+    "stop_price",
+    "priority",
+    "signal_at",
+    "queue_seq",
+    "express",
+    "status",
+    "cancel_requested_by",
+    "submitting_at",
+    "next_attempt_at",
+    "last_lookup_at",
+    "not_found_count",
+    "last_error_kind",
+)
+OPEN_FIELDS = (
+    "id",
+    "order_key",
+    "account_id",
+    "market_type",
+    "symbol",
+    "side",
+    "order_type",
+    "price",
+    "stop_price",
+    "priority",
+    "signal_at",
+    "queue_seq",
+    "express",
+    "status",
+    "status_before_cancel",
+    "cancel_requested_by",
+    "next_cancel_at",
+)
+
+
+# --- Queue pass reads -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirtyMark:
+    id: int
+    pair: Pair
+    marked_at: datetime
+
+
+@dataclass
+class PairRows:
+    """A snapshot of one pair's queued and live orders (plain dicts of PENDING_FIELDS / OPEN_FIELDS)."""
+
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    open: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.pending and not self.open
+
+
+def queue_dirty_due(*, now: datetime, limit: int) -> list[DirtyMark]:
+    """Pairs marked dirty and due (`marked_at <= now`), oldest first: the pass's one steady-state query."""
+    rows = (
+        QueueDirty.objects.filter(marked_at__lte=now)
+        .order_by("marked_at")
+        .values_list("id", "account_id", "market_type", "symbol", "marked_at")[:limit]
+    )
+    return [DirtyMark(id=i, pair=(a, m, s), marked_at=at) for i, a, m, s, at in rows]
+
+
+def queue_express_due(*, now: datetime) -> list[PendingOrder]:
+    """Queued MARKET orders whose backoff (if any) has passed, in arrival order."""
+    return list(
+        PendingOrder.objects.filter(express=True, status=PendingOrder.Status.QUEUED)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .order_by("signal_at", "queue_seq")
+    )
+
+
+def queue_pairs_all() -> set[Pair]:
+    """Every pair with any queued or live order (the safety-net sweep); two index-only scans."""
+    pairs: set[Pair] = set()
+    for model in (PendingOrder, OpenOrder):
+        pairs.update(model.objects.values_list("account_id", "market_type", "symbol").distinct())
+    return pairs
+
+
+def queue_rows_for_pairs(*, pairs: Iterable[Pair], everything: bool = False) -> dict[Pair, PairRows]:
+    """Queued and live rows of the given pairs in two queries (all rows when `everything`)."""
+    wanted = set(pairs)
+    result: dict[Pair, PairRows] = defaultdict(PairRows)
+    if not wanted and not everything:
+        return result
+    pending = PendingOrder.objects.all()
+    live = OpenOrder.objects.all()
+    if not everything:
+        # A superset filter the pair indexes serve; the exact pairs are kept below.
+        accounts = {a for a, _, _ in wanted}
+        symbols = {s for _, _, s in wanted}
+        pending = pending.filter(account_id__in=accounts, symbol__in=symbols)
+        live = live.filter(account_id__in=accounts, symbol__in=symbols)
+    for row in pending.values(*PENDING_FIELDS):
+        pair = (row["account_id"], row["market_type"], row["symbol"])
+        if everything or pair in wanted:
+            result[pair].pending.append(row)
+    for row in live.values(*OPEN_FIELDS):
+        pair = (row["account_id"], row["market_type"], row["symbol"])
+        if everything or pair in wanted:
+            result[pair].open.append(row)
+    return result
+
+
+def account_exchanges(*, account_ids: Iterable[int]) -> dict[int, str]:
+    return dict(Account.objects.filter(pk__in=set(account_ids)).values_list("id", "exchange"))
+
+
+def market_ticks(*, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str, str], tuple[Decimal, Decimal]]:
+    """(exchange, market_type, symbol) → (tick_size, min_qty) for the given (exchange, market_type) keys."""
+    keys = set(keys)
+    if not keys:
+        return {}
+    exchanges = {e for e, _ in keys}
+    rows = MarketInfo.objects.filter(exchange__in=exchanges).values_list(
+        "exchange", "market_type", "symbol", "tick_size", "min_qty"
+    )
+    return {(e, m, s): (tick, min_qty) for e, m, s, tick, min_qty in rows if (e, m) in keys}
+
+
+def market_min_qty(*, exchange: str, market_type: str, symbol: str) -> Decimal | None:
+    return (
+        MarketInfo.objects.filter(exchange=exchange, market_type=market_type, symbol=symbol)
+        .values_list("min_qty", flat=True)
+        .first()
+    )
+
+
+def queue_congested_pairs(*, threshold: int) -> int:
+    """How many pairs have at least `threshold` queued orders."""
+    return (
+        PendingOrder.objects.filter(status=PendingOrder.Status.QUEUED)
+        .values("account_id", "market_type", "symbol")
+        .annotate(n=Count("id"))
+        .filter(n__gte=threshold)
+        .count()
+    )
+
+
+def order_last_event(*, order_key: Any) -> str | None:
+    return OrderEvent.objects.filter(order_key=order_key).order_by("-id").values_list("kind", flat=True).first()
+
+
+# --- The orders API: a user's queued and live orders, and who owns an order key ----------------
+
+ORDER_LIST_FIELDS = (
+    "order_key",
+    "location",
+    "status",
+    "account_id",
+    "strategy",
+    "symbol",
+    "market_type",
+    "side",
+    "order_type",
+    "price",
+    "stop_price",
+    "quantity",
+    "filled_quantity",
+    "priority",
+    "express",
+    "cancel_requested_by",
+    "ext_id",
+    "signal_at",
+    "queue_seq",
+    "created_at",
+)
+
+
+def order_list_for_user(
+    *,
+    user: AbstractBaseUser,
+    account_id: int | None = None,
+    symbol: str | None = None,
+    status: str | None = None,
+) -> QuerySet:
+    """The user's queued (PendingOrder) and live (OpenOrder) orders as one query of dicts, newest first.
+
+    `location` is "queued" or "live"; `status` is the row's own status; `ext_id` the exchange
+    order id of a live order. One UNION ALL query, so slicing and counting for pagination happen
+    in the database.
+    """
+    halves = []
+    for model, location, exchange_order_id in (
+        (PendingOrder, "queued", Value("", output_field=CharField())),
+        (OpenOrder, "live", F("exchange_order_id")),
+    ):
+        rows = model.objects.filter(account__user=user)
+        if account_id is not None:
+            rows = rows.filter(account_id=account_id)
+        if symbol is not None:
+            rows = rows.filter(symbol=symbol)
+        if status is not None:
+            rows = rows.filter(status=status)
+        # The UNION's columns line up by position: both halves list ORDER_LIST_FIELDS in order.
+        halves.append(
+            rows.annotate(
+                location=Value(location, output_field=CharField()),
+                strategy=F("strategy_account__strategy__group_name"),
+                ext_id=exchange_order_id,
+            )
+            .values(*ORDER_LIST_FIELDS)
+            .order_by()
+        )
+    return halves[0].union(halves[1], all=True).order_by("-queue_seq", "order_key")
+
+
+def order_key_owned_by(*, user: AbstractBaseUser, order_key: uuid.UUID) -> bool:
+    """Whether the logical order exists (queued, live or ended) on one of the user's accounts."""
+    return (
+        PendingOrder.objects.filter(order_key=order_key, account__user=user).exists()
+        or OpenOrder.objects.filter(order_key=order_key, account__user=user).exists()
+        or OrderEvent.objects.filter(order_key=order_key, account__user=user).exists()
+    )

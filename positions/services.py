@@ -1,0 +1,392 @@
+"""Position services: unrealized PnL and its roll-up into StrategyCapital (SPEC §4.5); daily performance (§4.10)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from accounts.models import Strategy, StrategyCapital
+from exchanges.selectors import price_for_valuation
+from orders.models import Fill
+from positions.arithmetic import unrealized_pnl
+from positions.models import Position, StrategyDailyPerformance
+from positions.performance import (
+    FillFacts,
+    day_bounds,
+    day_tally,
+    local_day,
+    max_drawdown,
+    percent_of,
+    return_window,
+    risk_figures,
+)
+
+logger = logging.getLogger(__name__)
+
+ZERO = Decimal("0")
+QUANTUM = Decimal("1e-12")
+
+
+@dataclass(frozen=True)
+class UnrealizedReport:
+    valued: int  # open positions priced and stored
+    flat: int  # flat positions whose stale unrealized PnL was reset to 0
+    skipped: int  # open positions without a fresh price (kept their last value)
+    capitals: int  # StrategyCapital rows written
+    skipped_keys: tuple[str, ...] = ()
+
+
+def positions_unrealized_update(*, now: datetime) -> UnrealizedReport:
+    """Value every open position at its (account's exchange, strategy's market type, symbol) price.
+
+    Long q·(last − entry), short |q|·(entry − last), with `price_for_valuation` (at most
+    PRICE_MAX_AGE_VALUE old). A position without a fresh price is skipped and keeps its last
+    value; flat positions go to 0. Each StrategyCapital.current_pnl becomes the sum of its
+    positions' stored unrealized PnL (the row is created when missing). Only the unrealized
+    columns are written, so a fill landing meanwhile keeps its quantity; its new value
+    follows on the next run.
+    """
+    positions = list(
+        Position.objects.filter(~Q(quantity=0) | ~Q(unrealized_pnl=0))
+        .select_related("strategy_account__account", "strategy_account__strategy")
+        .order_by("pk")
+    )
+    prices: dict[tuple[str, str, str], Decimal | None] = {}
+    changed: list[Position] = []
+    valued = flat = 0
+    skipped: list[str] = []
+    for position in positions:
+        if position.quantity == 0:
+            position.unrealized_pnl, position.unrealized_updated_at = ZERO, now
+            changed.append(position)
+            flat += 1
+            continue
+        sa = position.strategy_account
+        key = (sa.account.exchange, sa.strategy.market_type, position.symbol)
+        if key not in prices:
+            prices[key] = price_for_valuation(exchange=key[0], market_type=key[1], symbol=key[2], now=now)
+        last = prices[key]
+        if last is None:
+            skipped.append(":".join(key))
+            continue
+        value = unrealized_pnl(quantity=position.quantity, average_entry=position.average_entry, last_price=last)
+        position.unrealized_pnl = value.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+        position.unrealized_updated_at = now
+        changed.append(position)
+        valued += 1
+    totals: dict[int, Decimal] = {}
+    for position in positions:
+        totals[position.strategy_account_id] = totals.get(position.strategy_account_id, ZERO) + position.unrealized_pnl
+    with transaction.atomic():
+        Position.objects.bulk_update(changed, ["unrealized_pnl", "unrealized_updated_at"], batch_size=500)
+        StrategyCapital.objects.bulk_create(
+            [StrategyCapital(strategy_account_id=sa_id, current_pnl=total) for sa_id, total in sorted(totals.items())],
+            batch_size=500,
+            update_conflicts=True,
+            unique_fields=["strategy_account"],
+            update_fields=["current_pnl"],
+        )
+    if skipped:
+        logger.info(
+            "unrealized PnL: %d positions without a fresh price: %s", len(skipped), ", ".join(sorted(set(skipped)))
+        )
+    return UnrealizedReport(
+        valued=valued, flat=flat, skipped=len(skipped), capitals=len(totals), skipped_keys=tuple(sorted(set(skipped)))
+    )
+
+
+# --- Daily performance (SPEC §4.10) --------------------------------------------------------
+
+PERF_QUANTUM = Decimal("1e-12")
+RATIO_LIMIT = Decimal("1e15")
+PERF_FIELDS = (
+    "daily_pnl",
+    "cumulative_pnl",
+    "daily_return",
+    "cumulative_return",
+    "trades",
+    "winning",
+    "losing",
+    "win_rate",
+    "fees",
+    "volatility",
+    "sharpe",
+    "sortino",
+    "sharpe_annualized",
+    "sortino_annualized",
+    "max_drawdown",
+    "max_drawdown_pct",
+)
+
+
+@dataclass(frozen=True)
+class PerformanceReport:
+    strategies: int  # active strategies looked at
+    written: int  # rows inserted or changed
+    unchanged: int  # rows recomputed to the values already stored
+    first_day: date | None = None
+    last_day: date | None = None
+
+
+@dataclass
+class _StrategyHistory:
+    """The stored rows of one strategy, kept current while days are computed in order."""
+
+    first_day: date | None
+    rows: dict[date, StrategyDailyPerformance] = field(default_factory=dict)
+
+    def returns(self) -> dict[date, Decimal | None]:
+        return {day: row.daily_return for day, row in self.rows.items()}
+
+    def cumulative_before(self, day: date) -> list[Decimal]:
+        return [row.cumulative_pnl for d, row in sorted(self.rows.items()) if d < day]
+
+
+def _q(value: Decimal | None) -> Decimal | None:
+    return None if value is None else value.quantize(PERF_QUANTUM)
+
+
+def _ratio(value: Decimal | None) -> Decimal | None:
+    """A ratio or % quantized for storage; None when it does not fit the column (16 integer digits),
+    which only a capital base of dust produces, where the figure means nothing anyway."""
+    if value is None or abs(value) >= RATIO_LIMIT:
+        return None
+    return value.quantize(PERF_QUANTUM)
+
+
+def _timezone() -> str:
+    return settings.SCHEDULER_TIMEZONE
+
+
+def performance_last_complete_day(*, now: datetime) -> date:
+    """Yesterday in the scheduler timezone (KST): the newest day that is over."""
+    return local_day(now, _timezone()) - timedelta(days=1)
+
+
+def performance_capital_sum(*, strategy: Strategy) -> Decimal:
+    """Σ allocated capital over the strategy's active StrategyAccounts on active accounts, now."""
+    total = StrategyCapital.objects.filter(
+        strategy_account__strategy=strategy,
+        strategy_account__is_active=True,
+        strategy_account__account__is_active=True,
+    ).aggregate(total=Sum("allocated_capital"))["total"]
+    return total or ZERO
+
+
+def _quote_of(symbol: str) -> str:
+    return symbol.rpartition("/")[2].partition(":")[0]
+
+
+def _history_load(strategy: Strategy) -> _StrategyHistory:
+    rows = {row.day: row for row in StrategyDailyPerformance.objects.filter(strategy=strategy)}
+    return _StrategyHistory(first_day=min(rows) if rows else None, rows=rows)
+
+
+def performance_first_day(*, strategy: Strategy, until: date) -> date | None:
+    """The first day the scheduled job computes for a strategy: the day after its newest row, or,
+    without rows, the day of its first Fill (yesterday when it has none). None when up to date."""
+    newest = StrategyDailyPerformance.objects.filter(strategy=strategy).order_by("-day").first()
+    if newest is not None:
+        start = newest.day + timedelta(days=1)
+    else:
+        first_fill = (
+            Fill.objects.filter(strategy_account__strategy=strategy).order_by("filled_at").values("filled_at").first()
+        )
+        start = local_day(first_fill["filled_at"], _timezone()) if first_fill else until
+    return start if start <= until else None
+
+
+def performance_day_compute(
+    *, strategy: Strategy, day: date, now: datetime, history: _StrategyHistory | None = None
+) -> tuple[StrategyDailyPerformance, bool]:
+    """Compute and upsert the StrategyDailyPerformance row of (strategy, KST day).
+
+    capital_base is the previous day's `next_capital_base` (Σ allocated when that row was
+    computed, i.e. about this day's start when the job ran on time), else Σ allocated now; an
+    existing row keeps both capital figures. Risk figures read the stored rows of earlier days,
+    so days must be computed oldest first. A re-run that yields the stored values writes
+    nothing. Returns (row, written). One upsert statement (INSERT … ON CONFLICT); idempotent.
+    """
+    tz = _timezone()
+    if history is None:
+        history = _history_load(strategy)
+    start, end = day_bounds(day, tz)
+    existing = history.rows.get(day)
+    if existing is not None:
+        capital_base, next_capital_base = existing.capital_base, existing.next_capital_base
+    else:
+        next_capital_base = _q(performance_capital_sum(strategy=strategy))
+        previous = history.rows.get(day - timedelta(days=1))
+        capital_base = previous.next_capital_base if previous is not None else next_capital_base
+
+    fills = Fill.objects.filter(strategy_account__strategy=strategy, filled_at__gte=start, filled_at__lt=end)
+    facts = [
+        FillFacts(
+            realized_pnl=realized,
+            # Fees in another currency (BNB, the base asset) cannot be added without a price.
+            fee=fee if fee_currency in ("", _quote_of(symbol)) else ZERO,
+        )
+        for realized, fee, fee_currency, symbol in fills.values_list("realized_pnl", "fee", "fee_currency", "symbol")
+    ]
+    tally = day_tally(facts)
+    cumulative = (
+        Fill.objects.filter(strategy_account__strategy=strategy, filled_at__lt=end).aggregate(
+            total=Sum("realized_pnl")
+        )["total"]
+        or ZERO
+    )
+    daily_return = _ratio(percent_of(tally.daily_pnl, capital_base))
+    first_day = min(history.first_day, day) if history.first_day else day
+    returns = history.returns()
+    returns[day] = daily_return
+    risk = risk_figures(return_window(returns, day=day, first_day=first_day))
+    drawdown = max_drawdown([*history.cumulative_before(day), cumulative])
+
+    values = {
+        "daily_pnl": _q(tally.daily_pnl),
+        "cumulative_pnl": _q(cumulative),
+        "daily_return": daily_return,
+        "cumulative_return": _ratio(percent_of(cumulative, capital_base)),
+        "trades": tally.trades,
+        "winning": tally.winning,
+        "losing": tally.losing,
+        "win_rate": _ratio(tally.win_rate),
+        "fees": _q(tally.fees),
+        "volatility": _ratio(risk.volatility),
+        "sharpe": _ratio(risk.sharpe),
+        "sortino": _ratio(risk.sortino),
+        "sharpe_annualized": _ratio(risk.sharpe_annualized),
+        "sortino_annualized": _ratio(risk.sortino_annualized),
+        "max_drawdown": _q(drawdown.amount),
+        "max_drawdown_pct": _ratio(drawdown.pct) or ZERO,
+    }
+    if existing is not None and all(getattr(existing, name) == values[name] for name in PERF_FIELDS):
+        return existing, False
+    row = StrategyDailyPerformance(
+        strategy=strategy,
+        day=day,
+        capital_base=capital_base,
+        next_capital_base=next_capital_base,
+        computed_at=now,
+        **values,
+    )
+    # ON CONFLICT keeps the stored capital figures even if another writer inserted the row meanwhile.
+    StrategyDailyPerformance.objects.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=["strategy", "day"],
+        update_fields=[*PERF_FIELDS, "computed_at"],
+    )
+    row = StrategyDailyPerformance.objects.get(strategy=strategy, day=day)
+    history.rows[day] = row
+    if history.first_day is None or day < history.first_day:
+        history.first_day = day
+    return row, True
+
+
+def performance_strategy_update(
+    *,
+    strategy: Strategy,
+    since: date,
+    until: date,
+    now: datetime,
+    progress: Callable[[Strategy, date], None] | None = None,
+) -> tuple[int, int]:
+    """Compute every day of [since, until] for one strategy, oldest first. Returns (written, unchanged)."""
+    history = _history_load(strategy)
+    written = unchanged = 0
+    day = since
+    while day <= until:
+        _, changed = performance_day_compute(strategy=strategy, day=day, now=now, history=history)
+        written += changed
+        unchanged += not changed
+        if progress is not None:
+            progress(strategy, day)
+        day += timedelta(days=1)
+    return written, unchanged
+
+
+def performance_update_all(*, now: datetime) -> PerformanceReport:
+    """The scheduled job's work: for each active strategy, every day after its newest row up to
+    yesterday (KST); a strategy without rows starts at its first Fill's day (yesterday without
+    fills). Missed days (the leader was down) are therefore all computed on the next run."""
+    until = performance_last_complete_day(now=now)
+    strategies = list(Strategy.objects.filter(is_active=True).order_by("pk"))
+    written = unchanged = 0
+    first: date | None = None
+    last: date | None = None
+    for strategy in strategies:
+        since = performance_first_day(strategy=strategy, until=until)
+        if since is None:
+            continue
+        w, u = performance_strategy_update(strategy=strategy, since=since, until=until, now=now)
+        written, unchanged = written + w, unchanged + u
+        first = since if first is None else min(first, since)
+        last = until
+    return PerformanceReport(
+        strategies=len(strategies), written=written, unchanged=unchanged, first_day=first, last_day=last
+    )
+
+
+def performance_backfill(
+    *,
+    since: date,
+    until: date,
+    now: datetime,
+    strategies: Sequence[Strategy] | None = None,
+    progress: Callable[[Strategy, date], None] | None = None,
+) -> PerformanceReport:
+    """Recompute [since, until] for the given (default: active) strategies; rows present keep their
+    capital_base. Raises ValueError when the range is reversed or not over yet (after yesterday, KST)."""
+    if until < since:
+        raise ValueError(f"--until {until} is before --since {since}")
+    latest = performance_last_complete_day(now=now)
+    if until > latest:
+        raise ValueError(f"{until} is not over yet in {_timezone()}: the newest complete day is {latest}")
+    chosen = list(strategies) if strategies is not None else list(Strategy.objects.filter(is_active=True))
+    written = unchanged = 0
+    for strategy in sorted(chosen, key=lambda s: s.pk):
+        w, u = performance_strategy_update(strategy=strategy, since=since, until=until, now=now, progress=progress)
+        written, unchanged = written + w, unchanged + u
+    return PerformanceReport(
+        strategies=len(chosen), written=written, unchanged=unchanged, first_day=since, last_day=until
+    )
+
+
+def performance_catch_up(*, host: Any) -> bool:
+    """Leader hook (SPEC §2.2): run calculate_daily_performance as a CATCHUP JobRun of the new term.
+
+    The job computes every day missed while no leader ran it. It goes through the wrapped
+    function, so it takes the job's lock (waiting up to its budget, never overlapping the
+    scheduled 00:00:13 run) and its claim is refused once the term is over. Skipped when the
+    job is disabled or paused. Returns whether it ran.
+    """
+    from scheduler.models import JobControl, JobRun
+    from scheduler.reconcile import job_function
+    from scheduler.registry import registry_spec
+    from scheduler.runs import JobFailedError, RunContext, run_in_context
+
+    term = host.term
+    job_id = "calculate_daily_performance"
+    spec = registry_spec(job_id)
+    if term is None or spec is None:
+        return False
+    if not spec.enabled or JobControl.objects.filter(job_id=job_id, paused=True).exists():
+        logger.info("performance catch-up (term %s): %s disabled or paused", term, job_id)
+        return False
+    ctx = RunContext(scheduled_at=timezone.now(), kind=JobRun.Kind.CATCHUP, term=term, lock_timeout=spec.budget)
+    try:
+        run_in_context(ctx, job_function(spec))
+    except JobFailedError as exc:
+        # The wrapper stored, counted and alerted it; the 00:00:13 run retries.
+        logger.warning("performance catch-up (term %s) failed: %s", term, exc)
+    return True
