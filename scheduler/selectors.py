@@ -155,6 +155,13 @@ def scheduler_status(*, now: datetime) -> dict[str, Any]:
     leader = scheduler_leader(now=now)
     return {
         "running": _running(leader=leader, specs=specs, now=now),
+        **_instance_bodies(leader=leader, standbys=scheduler_standbys(now=now)),
+        "jobs": scheduler_jobs(specs=specs),
+    }
+
+
+def _instance_bodies(*, leader: SchedulerInstance | None, standbys: list[SchedulerInstance]) -> dict[str, Any]:
+    return {
         "leader": None
         if leader is None
         else {
@@ -166,7 +173,88 @@ def scheduler_status(*, now: datetime) -> dict[str, Any]:
         },
         "standbys": [
             {"host": standby.host, "pid": standby.pid, "last_heartbeat": _local(standby.last_heartbeat)}
-            for standby in scheduler_standbys(now=now)
+            for standby in standbys
         ],
-        "jobs": scheduler_jobs(specs=specs),
+    }
+
+
+# --- Live feed and dashboard (SPEC §2.5) ------------------------------------------------
+
+JOBRUN_FEED_FIELDS = (
+    "id",
+    "job_id",
+    "kind",
+    "scheduled_at",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "lateness_ms",
+    "outcome",
+    "summary",
+    "host",
+    "pid",
+    "term",
+)
+
+
+def _feed_rows(queryset: Any) -> list[dict[str, Any]]:
+    rows = list(queryset.values(*JOBRUN_FEED_FIELDS))
+    for row in rows:
+        for name in ("scheduled_at", "started_at", "finished_at"):
+            row[name] = _local(row[name])
+    return rows
+
+
+def jobrun_max_id() -> int:
+    """The highest JobRun id (0 when there is none): the starting cursor of a live feed. One query."""
+    return JobRun.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+def jobrun_list_after(*, after_id: int, limit: int) -> list[dict[str, Any]]:
+    """At most `limit` JobRuns with id > after_id, oldest first, as plain dicts. One primary-key range query."""
+    return _feed_rows(JobRun.objects.filter(id__gt=after_id).order_by("id")[:limit])
+
+
+def jobrun_list_by_ids(*, ids: list[int]) -> list[dict[str, Any]]:
+    """The JobRuns with these ids, by id, as plain dicts. One query (callers keep the list short)."""
+    if not ids:
+        return []
+    return _feed_rows(JobRun.objects.filter(id__in=ids).order_by("id"))
+
+
+def jobrun_list_running_ids(*, since: datetime, limit: int) -> list[int]:
+    """Ids of JobRuns still running that were scheduled at or after `since`, newest first.
+
+    One query on the (outcome, scheduled_at) index.
+    """
+    return list(
+        JobRun.objects.filter(outcome=JobRun.Outcome.RUNNING, scheduled_at__gte=since)
+        .order_by("-scheduled_at")
+        .values_list("id", flat=True)[:limit]
+    )
+
+
+def jobrun_list_recent(*, limit: int) -> list[dict[str, Any]]:
+    """The `limit` newest JobRuns (by id), newest first, as plain dicts. One backward primary-key scan."""
+    return _feed_rows(JobRun.objects.order_by("-id")[:limit])
+
+
+def scheduler_next_runs(*, job_ids: list[str]) -> dict[str, datetime | None]:
+    """Next run time (SCHEDULER_TIMEZONE) per job id stored in DjangoJob; never unpickles job_state."""
+    if not job_ids:
+        return {}
+    rows = DjangoJob.objects.filter(id__in=job_ids).values_list("id", "next_run_time")
+    return {job_id: _local(next_run) for job_id, next_run in rows}
+
+
+def scheduler_instances(*, now: datetime) -> dict[str, Any]:
+    """`running`, leader and standbys in the shapes of the status body, without the jobs.
+
+    Reads SchedulerInstance (and pg_locks on PostgreSQL) and the next_run_time column of DjangoJob:
+    three or four small queries, no writes.
+    """
+    leader = scheduler_leader(now=now)
+    return {
+        "running": _running(leader=leader, specs=registry_specs_lenient(), now=now),
+        **_instance_bodies(leader=leader, standbys=scheduler_standbys(now=now)),
     }

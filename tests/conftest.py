@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL=postgres://...)")
+    # Browser tests run once, in the PostgreSQL pass (the pass CI installs Chromium for).
+    skip_browser_db = pytest.mark.skip(
+        reason="browser tests run only in the PostgreSQL pass (DATABASE_URL=postgres://...)"
+    )
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    skip_browser_bin = pytest.mark.skip(
+        reason=f"no {' or '.join(missing)}: apt-get install chromium chromium-driver (Debian's packages)"
+    )
     is_pg = connection.vendor == "postgresql"
     for item in items:
         if "postgres" in item.keywords and not is_pg:
             item.add_marker(skip_pg)
+        if "browser" in item.keywords:
+            if not is_pg:
+                item.add_marker(skip_browser_db)
+            elif missing:
+                item.add_marker(skip_browser_bin)
 
 
 @pytest.fixture

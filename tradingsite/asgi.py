@@ -2,10 +2,23 @@
 
 import os
 
-from channels.routing import ProtocolTypeRouter
+from channels.routing import ProtocolTypeRouter, URLRouter
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tradingsite.settings")
 django_asgi_app = get_asgi_application()
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+# Imported after get_asgi_application(): they load models, which needs the app registry ready.
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from scheduler.routing import websocket_urlpatterns as scheduler_websockets  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        # Origin checked against ALLOWED_HOSTS (a session cookie alone must not open the feed from
+        # another site); then the session's user in scope["user"].
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(scheduler_websockets))),
+    }
+)
