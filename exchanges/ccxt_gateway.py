@@ -649,6 +649,11 @@ class CcxtGateway:
         if as_regular:
             order_type = OrderType.LIMIT if order_type == OrderType.STOP_LIMIT else OrderType.MARKET
             is_conditional = False
+        if status == OrderStatus.TRIGGERED:
+            # A trigger is never a fill (gateway protocol): where the exchange keeps one id for
+            # the stop and the order it became (Binance spot, Bybit), the fills belong to the
+            # spawned view of that id, as they do on every other face.
+            filled, average, fee = ZERO, None, ZERO
         timestamp = raw.get("lastUpdateTimestamp") or raw.get("timestamp")
         return OrderState(
             exchange_order_id=str(raw.get("id") or ""),

@@ -20,27 +20,36 @@ class MarketRefreshError(Exception):
 
 @scheduler_job("update_price_cache")
 def update_price_cache() -> JobResult:
-    """One last-prices call per (exchange, market_type) in use, stored in one upsert each (SPEC §4.4).
+    """One last-prices call per (exchange, market_type) used by active accounts, plus one per pair that
+    only positions hold, each stored in one upsert (SPEC §4.4).
 
     A failing pair is logged and counted and keeps its previous quotes; the run fails only
     when every pair failed.
     """
     now = timezone.now()
-    stored, failed = 0, []
     targets = price_targets()
-    for exchange, market_type in targets:
+    pairs = targets.pairs
+    stored, calls, failed = 0, 0, []
+    for exchange, market_type, reason in pairs:
+        calls += 1
         try:
             stored += price_cache_refresh(exchange=exchange, market_type=market_type, now=now)
         except GatewayError as exc:
             exchange_error_count(exchange=exchange)
             failed.append(f"{exchange}/{market_type}: {type(exc).__name__}")
-            logger.warning("price refresh %s %s failed: %s: %s", exchange, market_type, type(exc).__name__, exc)
-    summary = f"{stored} quotes from {len(targets) - len(failed)}/{len(targets)} markets"
+            logger.warning(
+                "price refresh %s %s (%s) failed: %s: %s", exchange, market_type, reason, type(exc).__name__, exc
+            )
+    summary = (
+        f"{stored} quotes from {len(pairs) - len(failed)}/{len(pairs)} pairs "
+        f"({len(targets.in_use)} used by active accounts, {len(targets.positions_only)} with positions only) "
+        f"in {calls} exchange calls"
+    )
     if failed:
         summary += "; failed " + ", ".join(failed)
-        if len(failed) == len(targets):
+        if len(failed) == len(pairs):
             raise MarketRefreshError(summary)
-    return JobResult(summary=summary, noop=not targets)
+    return JobResult(summary=summary, noop=not pairs)
 
 
 def _refresh_markets(*, numeric: bool) -> JobResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -10,12 +11,14 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.cache import cache
 
+from accounts.models import Account, StrategyAccount
 from exchanges.gateway import MarketRule, MarketType
 from exchanges.models import MarketInfo, PriceQuote
+from positions.models import Position
 
 logger = logging.getLogger(__name__)
 
-# The embedded default exchange is always refreshed, so a fresh install has markets to trade.
+# The embedded default exchange always has its market rules refreshed, so a fresh install has markets to trade.
 EMBEDDED_TARGETS: tuple[tuple[str, MarketType], ...] = (("PAPER", MarketType.SPOT), ("PAPER", MarketType.FUTURES))
 
 
@@ -29,21 +32,55 @@ def price_cache_key(*, exchange: str, market_type: str, symbol: str) -> str:
     return f"price:{exchange}:{market_type}:{symbol}".replace(" ", "_")
 
 
-def price_targets() -> list[tuple[str, MarketType]]:
-    """(exchange, market_type) pairs whose prices update_price_cache refreshes: those with active MarketInfo.
+@dataclass(frozen=True)
+class PriceTargets:
+    """What update_price_cache refreshes (SPEC §4.4), one bulk call per pair.
 
-    Until accounts and positions exist this is every pair with active market rules; the
-    orders domain narrows it to pairs used by active accounts (plus pairs holding positions).
+    `in_use`: (exchange, market_type) pairs of active crypto accounts trading through an
+    active StrategyAccount of an active Strategy (the market type is the strategy's).
+    `positions_only`: pairs holding open positions (quantity ≠ 0) but used by no active
+    account — refreshed too, so PnL of a paused account keeps its prices.
     """
-    pairs = MarketInfo.objects.filter(active=True).values_list("exchange", "market_type").distinct()
-    return sorted({(exchange, MarketType(market_type)) for exchange, market_type in pairs})
+
+    in_use: list[tuple[str, MarketType]]
+    positions_only: list[tuple[str, MarketType]]
+
+    @property
+    def pairs(self) -> list[tuple[str, MarketType, str]]:
+        """Every pair once, with the reason it is refreshed ("accounts" or "positions")."""
+        return [(e, m, "accounts") for e, m in self.in_use] + [(e, m, "positions") for e, m in self.positions_only]
+
+
+def _pairs(rows: Iterable[tuple[str, str]]) -> set[tuple[str, MarketType]]:
+    return {(str(exchange).upper(), MarketType(market_type)) for exchange, market_type in rows}
+
+
+def price_targets() -> PriceTargets:
+    """The (exchange, market_type) pairs whose prices are refreshed: used by active accounts, plus pairs
+    that only positions need. Two DISTINCT queries; no exchange calls."""
+    crypto = Account.AccountType.CRYPTO
+    in_use = _pairs(
+        StrategyAccount.objects.filter(
+            is_active=True, strategy__is_active=True, account__is_active=True, account__account_type=crypto
+        )
+        .values_list("account__exchange", "strategy__market_type")
+        .distinct()
+    )
+    held = _pairs(
+        Position.objects.exclude(quantity=0)
+        .filter(strategy_account__account__account_type=crypto)
+        .values_list("strategy_account__account__exchange", "market_type")
+        .distinct()
+    )
+    return PriceTargets(in_use=sorted(in_use), positions_only=sorted(held - in_use))
 
 
 def market_targets() -> list[tuple[str, MarketType]]:
-    """(exchange, market_type) pairs whose market rules are refreshed: every pair known to MarketInfo
-    plus the embedded PAPER exchange. The accounts domain adds the pairs of active accounts."""
-    pairs = MarketInfo.objects.values_list("exchange", "market_type").distinct()
-    return sorted({(exchange, MarketType(market_type)) for exchange, market_type in pairs} | set(EMBEDDED_TARGETS))
+    """(exchange, market_type) pairs whose market rules are refreshed: every pair known to MarketInfo, the
+    pairs prices are refreshed for, and the embedded PAPER exchange (so a fresh install has markets)."""
+    known = _pairs(MarketInfo.objects.values_list("exchange", "market_type").distinct())
+    targets = price_targets()
+    return sorted(known | set(targets.in_use) | set(targets.positions_only) | set(EMBEDDED_TARGETS))
 
 
 def quote_get(*, exchange: str, market_type: str, symbol: str) -> Quote | None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
+
+from django.conf import settings
 
 from exchanges.gateway import MarketRule, MarketType
 
@@ -85,12 +88,39 @@ DEFAULT_BALANCES: dict[MarketType, dict[str, Decimal]] = {
 }
 
 
+def synthetic_market(index: int) -> CatalogMarket:
+    """Generated symbol number `index` (from 1): SYN0001/USDT, … with plain rules and a spread of base prices.
+
+    Listed in both market types when SIMULATOR_SYNTHETIC_SYMBOLS is set, so benchmarks can run
+    thousands of symbols through the engine and the dialect server like the real catalog.
+    """
+    base_price = Decimal(1 + (index * 7919) % 5000) / 10  # 0.1 … 500.0, deterministic
+    return CatalogMarket(
+        symbol=f"SYN{index:04d}/USDT",
+        tick_size=Decimal("0.0001"),
+        step_size=Decimal("0.1"),
+        min_qty=Decimal("0.1"),
+        max_qty=Decimal("9000000"),
+        min_notional=Decimal("5"),
+        base_price=base_price,
+        liquidity=Decimal("1000"),
+    )
+
+
+@lru_cache(maxsize=8)
+def _catalog(market_type: MarketType, synthetic: int) -> tuple[tuple[CatalogMarket, ...], dict[str, CatalogMarket]]:
+    listed = SPOT_MARKETS if market_type == MarketType.SPOT else FUTURES_MARKETS
+    markets = listed + tuple(synthetic_market(i) for i in range(1, synthetic + 1))
+    return markets, {m.symbol: m for m in markets}
+
+
+def _synthetic_count() -> int:
+    return int(getattr(settings, "SIMULATOR_SYNTHETIC_SYMBOLS", 0) or 0)
+
+
 def catalog_markets(market_type: MarketType) -> tuple[CatalogMarket, ...]:
-    return SPOT_MARKETS if MarketType(market_type) == MarketType.SPOT else FUTURES_MARKETS
+    return _catalog(MarketType(market_type), _synthetic_count())[0]
 
 
 def catalog_market(market_type: MarketType, symbol: str) -> CatalogMarket | None:
-    for market in catalog_markets(market_type):
-        if market.symbol == symbol:
-            return market
-    return None
+    return _catalog(MarketType(market_type), _synthetic_count())[1].get(symbol)

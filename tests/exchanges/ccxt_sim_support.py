@@ -14,7 +14,8 @@ API_SECRET = "sim-test-secret-abcdefghijklmnop"
 
 
 @pytest.fixture(scope="session")
-def sim_server():
+def sim_server(django_db_setup):  # noqa: ANN001
+    # Depends on the test database so that it stops (and its threads' connections close) first.
     server = ServerThread(ServerConfig(api_key=API_KEY, api_secret=API_SECRET, timeout_hold=3.0)).start()
     yield server
     server.stop()

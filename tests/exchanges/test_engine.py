@@ -358,3 +358,18 @@ def test_error_messages_carry_no_secrets(engine):
     with pytest.raises(Network) as caught:
         PaperGateway(secret_account, engine=engine).fetch_balance(MarketType.SPOT)
     assert secret_account not in str(caught.value)
+
+
+def test_synthetic_symbols_extend_both_catalogs(engine, settings):
+    from exchanges.simulator.catalog import FUTURES_MARKETS, SPOT_MARKETS
+
+    settings.SIMULATOR_SYNTHETIC_SYMBOLS = 25
+    spot = [rule.symbol for rule in engine.market_list(EX, MarketType.SPOT)]
+    assert len(spot) == len(SPOT_MARKETS) + 25 and spot[-1] == "SYN0025/USDT"
+    assert len(engine.market_list(EX, MarketType.FUTURES)) == len(FUTURES_MARKETS) + 25
+    prices = engine.prices_last(EX, MarketType.FUTURES)
+    assert len(prices) == len(FUTURES_MARKETS) + 25 and prices["SYN0007/USDT"] > 0
+    state = engine.order_create(EX, ACC, order("SYN0007/USDT", "BUY", "MARKET", "10", market_type=MarketType.FUTURES))
+    assert state.status == OrderStatus.FILLED
+    settings.SIMULATOR_SYNTHETIC_SYMBOLS = 0
+    assert len(engine.market_list(EX, MarketType.SPOT)) == len(SPOT_MARKETS)

@@ -12,6 +12,7 @@ from django.db import connection
 from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
 
+from accounts.models import Account, Strategy, StrategyAccount
 from exchanges.gateway import MarketType
 from exchanges.jobs import precision_cache_update, symbol_validator_refresh, update_price_cache
 from exchanges.models import MarketInfo, PriceQuote, SimFault
@@ -33,6 +34,17 @@ def _clear_cache():
     cache.clear()
     yield
     cache.clear()
+
+
+@pytest.fixture
+def paper_in_use(django_user_model):
+    """An active PAPER account trading SPOT and FUTURES, so update_price_cache has both pairs to refresh."""
+    user = django_user_model.objects.create_user(username="paper-trader")
+    account = Account.objects.create(user=user, name="paper", exchange="PAPER")
+    for market_type in ("SPOT", "FUTURES"):
+        strategy = Strategy.objects.create(name=market_type, group_name=f"paper-{market_type}", market_type=market_type)
+        StrategyAccount.objects.create(strategy=strategy, account=account)
+    return account
 
 
 def counter(name: str, labels: str = "exchange=PAPER") -> int:
@@ -106,7 +118,7 @@ def test_delisted_symbol_becomes_inactive_and_comes_back():
     assert MarketInfo.objects.get(pk=xrp.pk).active is True
 
 
-def test_update_price_cache_one_call_and_one_upsert_per_market(monkeypatch):
+def test_update_price_cache_one_call_and_one_upsert_per_market(monkeypatch, paper_in_use):
     precision_cache_update()
     calls = []
     original = PaperGateway.fetch_last_prices
@@ -116,7 +128,7 @@ def test_update_price_cache_one_call_and_one_upsert_per_market(monkeypatch):
         return original(self, market_type, symbols)
 
     monkeypatch.setattr(PaperGateway, "fetch_last_prices", spy)
-    assert price_targets() == [("PAPER", MarketType.FUTURES), ("PAPER", MarketType.SPOT)]
+    assert price_targets().in_use == [("PAPER", MarketType.FUTURES), ("PAPER", MarketType.SPOT)]
     calls_before = counter("exchange_calls")
     with CaptureQueriesContext(connection) as queries, time_machine.travel(T0, tick=False):
         update_price_cache()
@@ -127,16 +139,19 @@ def test_update_price_cache_one_call_and_one_upsert_per_market(monkeypatch):
     assert PriceQuote.objects.count() == len(SPOT_MARKETS) + len(FUTURES_MARKETS)
     assert set(PriceQuote.objects.values_list("as_of", flat=True)) == {T0}
     run = JobRun.objects.get(job_id="update_price_cache")
-    assert run.outcome == JobRun.Outcome.OK and run.summary.startswith("15 quotes from 2/2 markets")
+    assert run.outcome == JobRun.Outcome.OK and run.summary == (
+        "15 quotes from 2/2 pairs (2 used by active accounts, 0 with positions only) in 2 exchange calls"
+    )
 
 
-def test_update_price_cache_noop_without_markets():
+def test_update_price_cache_noop_without_accounts_or_positions():
+    precision_cache_update()  # markets known, but no account uses them
     update_price_cache()
     assert JobRun.objects.get(job_id="update_price_cache").outcome == JobRun.Outcome.NOOP
     assert PriceQuote.objects.count() == 0
 
 
-def test_one_failing_market_keeps_its_quotes_and_counts_an_error():
+def test_one_failing_market_keeps_its_quotes_and_counts_an_error(paper_in_use):
     precision_cache_update()
     update_price_cache()
     old = dict(PriceQuote.objects.filter(market_type="FUTURES").values_list("symbol", "as_of"))
@@ -151,7 +166,7 @@ def test_one_failing_market_keeps_its_quotes_and_counts_an_error():
     assert counter("exchange_errors") == 1
 
 
-def test_every_market_failing_fails_the_run():
+def test_every_market_failing_fails_the_run(paper_in_use):
     precision_cache_update()
     default_engine.fault_add(SimFault.Kind.TIMEOUT, endpoint="fetch_last_prices", remaining=None)
     with pytest.raises(JobFailedError):
@@ -159,7 +174,7 @@ def test_every_market_failing_fails_the_run():
     assert JobRun.objects.get(job_id="update_price_cache").outcome == JobRun.Outcome.ERROR
 
 
-def test_readers_apply_the_freshness_limits():
+def test_readers_apply_the_freshness_limits(paper_in_use):
     precision_cache_update()
     with time_machine.travel(T0, tick=False):
         update_price_cache()
@@ -177,7 +192,7 @@ def test_readers_apply_the_freshness_limits():
     assert price_for_trading(exchange="PAPER", market_type="SPOT", symbol="NOPE/USDT", now=T0) is None
 
 
-def test_readers_fall_back_to_the_table_another_process_wrote():
+def test_readers_fall_back_to_the_table_another_process_wrote(paper_in_use):
     precision_cache_update()
     with time_machine.travel(T0, tick=False):
         update_price_cache()

@@ -41,6 +41,15 @@ def state(s):
 
 def out(value):
     print("RESULT " + json.dumps(value))
+
+def paper_in_use():
+    # update_price_cache refreshes only pairs that active accounts use (SPEC 4.4).
+    from django.contrib.auth import get_user_model
+    from accounts.models import Account, Strategy, StrategyAccount
+    user, _ = get_user_model().objects.get_or_create(username="mp-trader")
+    account, _ = Account.objects.get_or_create(user=user, name="mp-paper", defaults={"exchange": "PAPER"})
+    strategy, _ = Strategy.objects.get_or_create(group_name="mp-spot", defaults={"name": "mp", "market_type": "SPOT"})
+    StrategyAccount.objects.get_or_create(strategy=strategy, account=account)
 """
 
 
@@ -113,6 +122,7 @@ def test_paper_two_processes_sqlite_file(tmp_path):
     refreshed = run_python(
         """
         from exchanges.jobs import precision_cache_update, update_price_cache
+        paper_in_use()
         precision_cache_update()
         update_price_cache()
         from exchanges.models import PriceQuote
@@ -169,6 +179,7 @@ def test_price_quote_written_by_another_process_postgres():
     run_python(
         """
         from exchanges.jobs import precision_cache_update, update_price_cache
+        paper_in_use()
         precision_cache_update()
         update_price_cache()
         out({})

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): each prints name, value, same-run baseline and ratio; never run by CI."""
