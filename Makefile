@@ -80,3 +80,5 @@ check: lint
 bench: venv
 	$(PY) -m bench.lateness
 	$(PY) -m bench.prices
+	$(PY) -m bench.queue
+	$(PY) -m bench.fills

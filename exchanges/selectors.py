@@ -149,7 +149,13 @@ def price_for_valuation(*, exchange: str, market_type: str, symbol: str, now: da
 
 def market_rule_get(*, exchange: str, market_type: str, symbol: str) -> MarketRule | None:
     """The stored rules of an active symbol, or None when unknown or delisted."""
-    row = MarketInfo.objects.filter(exchange=exchange, market_type=market_type, symbol=symbol, active=True).first()
+    rule = market_rule_any(exchange=exchange, market_type=market_type, symbol=symbol)
+    return rule if rule is not None and rule.active else None
+
+
+def market_rule_any(*, exchange: str, market_type: str, symbol: str) -> MarketRule | None:
+    """The stored rules of a symbol, active or delisted (`active` tells which); None when unknown."""
+    row = MarketInfo.objects.filter(exchange=exchange, market_type=market_type, symbol=symbol).first()
     if row is None:
         return None
     base, _, quote = symbol.partition("/")
