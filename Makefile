@@ -17,8 +17,9 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/tradingsite
 PYTEST_ARGS ?=
 WEB_BIND ?= 127.0.0.1
 WEB_PORT ?= 8000
+DRILL_SECONDS ?= 300
 
-.PHONY: help venv migrate run web test test-pg lint typecheck check bench
+.PHONY: help venv migrate run web test test-pg lint typecheck check bench drill
 
 help:
 	@echo "make run        migrate, seed demo data (when available), run the scheduler on SQLite + simulated exchange"
@@ -28,6 +29,7 @@ help:
 	@echo "make typecheck  mypy (not set up yet)"
 	@echo "make check      lint + runscheduler --check + makemigrations --check"
 	@echo "make bench      benchmarks in bench/ (BENCH_SECONDS, default 300)"
+	@echo "make drill      the HA/chaos drill on PostgreSQL (DRILL_SECONDS, default 300; DRILL_PG_ADMIN_URL)"
 	@echo "make web        migrate, then daphne on $(WEB_BIND):$(WEB_PORT)"
 
 venv: $(STAMP)
@@ -82,3 +84,8 @@ bench: venv
 	$(PY) -m bench.prices
 	$(PY) -m bench.queue
 	$(PY) -m bench.fills
+
+# The whole system on a fresh PostgreSQL database under load and chaos (SPEC §9); exits non-zero on a
+# violated invariant. DRILL_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres) names the server.
+drill: venv
+	$(PY) -m drill --seconds $(DRILL_SECONDS)

@@ -236,3 +236,41 @@ class SimPricePath(models.Model):
 
     def __str__(self) -> str:
         return f"{self.exchange} {self.symbol} ({len(self.prices)} prices)"
+
+
+# --- User-data streams (exchanges.streams owns every write) ---------------------------
+
+
+class StreamState(models.Model):
+    """Health of one account's user-data stream, written by the leader's UserStreamManager (SPEC §4.6).
+
+    Short single-row writes from the manager; read by check_websocket_health, which may set
+    `reconnect_requested_at` on an open but stale row. The manager alone acts on that flag,
+    through the account's one stream task, so a reconnect is never started twice.
+    """
+
+    class State(models.TextChoices):
+        CONNECTING = "connecting"
+        OPEN = "open"
+        DEAD = "dead"  # torn down, waiting out its backoff before the next connect
+        STOPPED = "stopped"
+
+    account = models.OneToOneField("accounts.Account", on_delete=models.CASCADE, related_name="stream_state")
+    exchange = models.CharField(max_length=32)
+    state = models.CharField(max_length=12, choices=State.choices, default=State.CONNECTING)
+    ping_interval = models.FloatField(default=20.0, help_text="seconds; alive = message or pong within twice this")
+    connected_at = models.DateTimeField(null=True, blank=True)
+    last_message_at = models.DateTimeField(null=True, blank=True)
+    last_pong_at = models.DateTimeField(null=True, blank=True)
+    listen_key_refreshed_at = models.DateTimeField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    next_reconnect_at = models.DateTimeField(null=True, blank=True)
+    reconnects = models.PositiveIntegerField(default=0, help_text="reconnects started since the row was created")
+    reconnect_requested_at = models.DateTimeField(
+        null=True, blank=True, help_text="check_websocket_health found the open stream stale; cleared by the manager"
+    )
+    last_error = models.CharField(max_length=500, blank=True)
+    updated_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"stream of account {self.account_id} ({self.exchange}): {self.state}"

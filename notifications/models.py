@@ -78,3 +78,18 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"outbox {self.pk} {self.status} chat {self.chat_id} part {self.part_no}/{self.parts}"
+
+
+class SummarySent(models.Model):
+    """The daily summary of (user, KST day) was queued (SPEC §4.9); created with its outbox rows."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField(help_text="KST calendar day")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "day"], name="summarysent_unique_user_day")]
+        verbose_name_plural = "summaries sent"
+
+    def __str__(self) -> str:
+        return f"summary of user {self.user_id} for {self.day}"

@@ -19,6 +19,7 @@ from orders.queue import (
     queue_pair_rebalance,
     queue_pass_defer,
     queue_pass_finish,
+    queue_trouble_defer,
     queue_work_load,
 )
 from orders.reconcile import EXCHANGE_FAILURES, ReconcileReport, orders_reconcile
@@ -43,14 +44,22 @@ def rebalance_order_queue() -> JobResult:
     if work is None:
         return JobResult(summary="nothing dirty", noop=True)
     tally = QueueTally()
+    express_skipped: set = set()
     for pending in work.express:
+        if work.in_trouble(pending.account_id):
+            express_skipped.add((pending.account_id, pending.market_type, pending.symbol))
+            continue
         try:
             tally.add(queue_express_place(work=work, pending=pending))
         except (GatewayError, UnknownExchangeError) as exc:
             tally.errors.append(f"express {pending.order_key}: {type(exc).__name__}")
             logger.warning("queue: express order %s failed: %s: %s", pending.order_key, type(exc).__name__, exc)
     deferred = 0
+    troubled: list = []
     for index, pair in enumerate(work.pairs):
+        if work.in_trouble(pair[0]):
+            troubled.append(pair)
+            continue
         if work.over_budget():
             deferred = queue_pass_defer(work=work, pairs=work.pairs[index:])
             tally.errors.append(f"out of time: {len(work.pairs) - index} pairs left for the next tick")
@@ -62,6 +71,9 @@ def rebalance_order_queue() -> JobResult:
             tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
             logger.warning("queue: pair %s failed: %s: %s", pair, type(exc).__name__, exc)
         tally.pairs += 1
+    if troubled or express_skipped:
+        skipped = queue_trouble_defer(work=work, pairs=troubled, express=express_skipped)
+        tally.errors.append(f"{', '.join(sorted(work.troubled))} failing: {skipped} pairs deferred")
     queue_pass_finish(work=work, tally=tally)
     if deferred:
         logger.info("queue: %d swept pairs deferred to the next tick", deferred)

@@ -243,3 +243,42 @@ class CircuitState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope}: {self.failures} failures"
+
+
+class WebhookDelivery(models.Model):
+    """One accepted webhook delivery (SPEC §6) and the reply it got; written in the transaction of its orders.
+
+    Deduplication: a delivery with an `id` is unique per strategy for good (partial unique index on
+    delivery_id). One without is identified by `payload_hash` (sha256 of the canonical payload,
+    token removed) for 60 s: the row whose window is open (`hash_window_open`) is unique per
+    strategy and hash; the first identical delivery after the window closes it and takes its place.
+    A concurrent identical insert waits on the unique index and then replays this row's `reply`.
+    """
+
+    strategy = models.ForeignKey("accounts.Strategy", on_delete=models.CASCADE, related_name="+")
+    delivery_id = models.CharField(max_length=100, blank=True, help_text="the sender's `id`; empty when none")
+    payload_hash = models.CharField(max_length=64)
+    hash_window_open = models.BooleanField(
+        default=False, help_text="without an id: this row dedupes its payload (for 60 s from received_at)"
+    )
+    received_at = models.DateTimeField()
+    reply = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["strategy", "delivery_id"],
+                condition=~models.Q(delivery_id=""),
+                name="webhookdelivery_unique_id",
+            ),
+            models.UniqueConstraint(
+                fields=["strategy", "payload_hash"],
+                condition=models.Q(delivery_id="", hash_window_open=True),
+                name="webhookdelivery_unique_open_hash",
+            ),
+        ]
+        indexes = [models.Index(fields=["received_at"], name="webhookdelivery_received_idx")]
+        verbose_name_plural = "webhook deliveries"
+
+    def __str__(self) -> str:
+        return f"webhook {self.delivery_id or self.payload_hash[:12]} of strategy {self.strategy_id}"

@@ -74,6 +74,12 @@ PASS_BUDGET_SECONDS = 0.6  # stop starting new pairs after this; the rest stay d
 UNKNOWN, TEMPORARY, PERMANENT = "unknown", "temporary", "permanent"
 # Cancels are safe to repeat, so only an explicit refusal returns a demoted order to its slot.
 CANCEL_REFUSALS = (Rejected, InsufficientFunds)
+# Failures that say the exchange (or the way to it) is in trouble rather than the order. After one,
+# the pass sends nothing more to that exchange and its pairs are due again TROUBLE_RETRY later: a
+# timing-out exchange costs one timeout per pass, not one per order, and never holds up the other
+# exchanges' orders (express MARKET orders included) for the length of many timeouts.
+TRANSPORT_FAILURES = (Network, RateLimited, Maintenance)
+TROUBLE_RETRY = timedelta(seconds=2)  # as LOOKUP_DELAY: an unknown create is looked up no later
 
 
 def create_error_kind(exc: GatewayError) -> str:
@@ -122,13 +128,15 @@ class DirtyTracker:
             self.known_at = now
 
     def finish(self, next_due: datetime | None) -> None:
-        account_id, market_type, symbol = self.pair
-        rows = QueueDirty.objects.filter(account_id=account_id, market_type=market_type, symbol=symbol)
         if self.known_at is None:
             if next_due is not None:
                 queue_mark_dirty_by(pairs=[self.pair], due_at=next_due)
             return
-        rows = rows.filter(marked_at=self.known_at)
+        # Built only here: a swept pair with nothing to do (most of a sweep) costs no ORM work.
+        account_id, market_type, symbol = self.pair
+        rows = QueueDirty.objects.filter(
+            account_id=account_id, market_type=market_type, symbol=symbol, marked_at=self.known_at
+        )
         if next_due is None:
             rows.delete()
         elif next_due != self.known_at:
@@ -653,9 +661,11 @@ class QueueTally:
 class _CountingGateway:
     """Counts exchange calls and errors of one pass (written once per pass as per-minute counters)."""
 
-    def __init__(self, inner: ExchangeGateway, counts: Counter):
+    def __init__(self, inner: ExchangeGateway, counts: Counter, troubled: set[str] | None = None, key: str = ""):
         self._inner = inner
         self._counts = counts
+        self._troubled = troubled if troubled is not None else set()
+        self._key = key or inner.exchange
         self.exchange = inner.exchange
 
     def __getattr__(self, name: str) -> Any:
@@ -667,8 +677,10 @@ class _CountingGateway:
             self._counts[("exchange_calls", self.exchange)] += 1
             try:
                 return attr(*args, **kwargs)
-            except GatewayError:
+            except GatewayError as exc:
                 self._counts[("exchange_errors", self.exchange)] += 1
+                if isinstance(exc, TRANSPORT_FAILURES):
+                    self._troubled.add(self._key)
                 raise
 
         return call
@@ -704,12 +716,21 @@ class QueueWork:
     swept: bool
     started: float = field(default_factory=time.monotonic)
     counts: Counter = field(default_factory=Counter)
+    troubled: set[str] = field(default_factory=set)  # exchanges that failed in transport this pass
     _gateways: dict[int, ExchangeGateway] = field(default_factory=dict)
 
     def gateway(self, account_id: int) -> ExchangeGateway:
         if account_id not in self._gateways:
-            self._gateways[account_id] = _CountingGateway(gateway_for(self.accounts[account_id]), self.counts)
+            account = self.accounts[account_id]
+            self._gateways[account_id] = _CountingGateway(
+                gateway_for(account), self.counts, self.troubled, key=str(account.exchange)
+            )
         return self._gateways[account_id]
+
+    def in_trouble(self, account_id: int) -> bool:
+        """Whether the account's exchange failed in transport (timeout, rate limit, maintenance) this pass."""
+        account = self.accounts.get(account_id)
+        return account is not None and str(account.exchange) in self.troubled
 
     def over_budget(self) -> bool:
         return time.monotonic() - self.started > PASS_BUDGET_SECONDS
@@ -839,8 +860,11 @@ def _plan(work: QueueWork, pair: Pair, rows: PairRows) -> tuple[PairPlan, dict[s
     return plan, pending_ids, open_ids
 
 
-def _next_due(work: QueueWork, pair: Pair, rows: PairRows) -> datetime | None:
-    """When the pair next needs a pass: now if its plan is not empty, else its earliest backoff or lookup."""
+def _next_due(work: QueueWork, pair: Pair, rows: PairRows, plan: PairPlan | None = None) -> datetime | None:
+    """When the pair next needs a pass: now if its plan is not empty, else its earliest backoff or lookup.
+
+    `plan`: the pair's plan of these same rows, when the caller has it already (saves planning twice).
+    """
     now = work.now
     due: list[datetime] = []
     for p in rows.pending:
@@ -855,7 +879,9 @@ def _next_due(work: QueueWork, pair: Pair, rows: PairRows) -> datetime | None:
             due.append(max(o["next_cancel_at"] or now, now))
         elif o["next_cancel_at"] and o["next_cancel_at"] > now:
             due.append(o["next_cancel_at"])
-    if not _plan(work, pair, rows)[0].empty:
+    if plan is None:
+        plan = _plan(work, pair, rows)[0]
+    if not plan.empty:
         due.append(now)
     return min(due) if due else None
 
@@ -879,6 +905,8 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
         return tally
     acted = False
     for p in rows.pending:
+        if work.in_trouble(pair[0]):
+            break
         due = _lookup_due_at(submitting_at=p["submitting_at"], next_attempt_at=p["next_attempt_at"], now=now)
         if p["status"] == PendingOrder.Status.SUBMITTING and due <= now:
             pending = PendingOrder.objects.filter(pk=p["id"]).first()
@@ -886,6 +914,8 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
                 tally.add(submitting_resolve(pending=pending, gateway=work.gateway(pair[0]), now=now, dirty=dirty))
                 acted = True
     for o in rows.open:
+        if work.in_trouble(pair[0]):
+            break
         if o["status"] == OpenOrder.Status.CANCELLING and (o["next_cancel_at"] is None or o["next_cancel_at"] <= now):
             order = OpenOrder.objects.filter(pk=o["id"], status=OpenOrder.Status.CANCELLING).first()
             if order is not None:
@@ -895,13 +925,22 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
         rows = selectors.queue_rows_for_pairs(pairs=[pair]).get(pair) or PairRows()
     plan, pending_ids, open_ids = _plan(work, pair, rows)
     for key in plan.demote:
+        if work.in_trouble(pair[0]):
+            break  # and promote nothing either: the plan's promotions counted on these demotions
         tally.add("demoted")
         tally.add(order_demote(open_id=open_ids[key], gateway=work.gateway(pair[0]), now=now, dirty=dirty))
     for key in plan.promote:
+        if work.in_trouble(pair[0]):
+            break
         tally.add(order_promote(pending_id=pending_ids[key], gateway=work.gateway(pair[0]), now=now, dirty=dirty))
     if acted or not plan.empty:
         rows = selectors.queue_rows_for_pairs(pairs=[pair]).get(pair) or PairRows()
-    dirty.finish(_next_due(work, pair, rows))
+        due = _next_due(work, pair, rows)
+    else:
+        due = _next_due(work, pair, rows, plan)  # rows as planned: nothing changed them
+    if due is not None and work.in_trouble(pair[0]):
+        due = max(due, now + TROUBLE_RETRY)
+    dirty.finish(due)
     return tally
 
 
@@ -915,6 +954,32 @@ def queue_pass_defer(*, work: QueueWork, pairs: Iterable[Pair]) -> int:
     todo = [p for p in pairs if p not in work.dirty and p in work.accounts and _next_due(work, p, work.rows[p])]
     if todo:
         queue_mark_dirty(pairs=todo, now=work.now)
+    return len(todo)
+
+
+def queue_trouble_defer(*, work: QueueWork, pairs: Iterable[Pair], express: Iterable[Pair] = ()) -> int:
+    """Pairs of an exchange in trouble this pass (`QueueWork.in_trouble`), skipped: due TROUBLE_RETRY later.
+
+    Their marks move to then, this pass's own (a failed create marks its pair) and concurrent ones
+    alike: nothing is lost, a change made meanwhile just waits out the retry with the rest. Swept
+    pairs with work, and the pairs of skipped `express` orders, get a mark (a later pass must see them).
+    """
+    until = work.now + TROUBLE_RETRY
+    express = set(express)
+    todo = sorted(
+        {
+            p
+            for p in pairs
+            if p in work.dirty or (p in work.accounts and _next_due(work, p, work.rows.get(p) or PairRows()))
+        }
+        | express
+    )
+    with transaction.atomic():
+        for account_id, market_type, symbol in todo:
+            QueueDirty.objects.filter(
+                account_id=account_id, market_type=market_type, symbol=symbol, marked_at__lt=until
+            ).update(marked_at=until)
+        queue_mark_dirty_by(pairs=todo, due_at=until)
     return len(todo)
 
 

@@ -186,6 +186,17 @@ def market_rule_any(*, exchange: str, market_type: str, symbol: str) -> MarketRu
     )
 
 
+def market_rule_active(*, exchange: str, market_type: str, symbol: str) -> tuple[MarketRule | None, Errors]:
+    """The rules of a tradable symbol, or None with the `symbol` error saying why (unknown or delisted)."""
+    rule = market_rule_any(exchange=exchange, market_type=market_type, symbol=symbol)
+    where = f"{exchange} {market_type}"
+    if rule is None:
+        return None, {"symbol": [f"unknown symbol {symbol} on {where}"]}
+    if not rule.active:
+        return None, {"symbol": [f"symbol {symbol} is not active (delisted) on {where}"]}
+    return rule, {}
+
+
 def sell_exposure(*, strategy_account_id: int, symbol: str) -> tuple[Decimal, Decimal]:
     """(position quantity, remaining quantity of queued and live SELL orders) of one strategy account."""
     held = (
@@ -281,13 +292,12 @@ def order_intake(
     check = MarketCheck()
     # Market rules need the exchange (from the account) and the market type (from the strategy).
     if account is not None and strategy is not None and request.symbol is not None:
-        rule = market_rule_any(exchange=account.exchange, market_type=strategy.market_type, symbol=request.symbol)
-        where = f"{account.exchange} {strategy.market_type}"
-        if rule is None:
-            _add(errors, "symbol", f"unknown symbol {request.symbol} on {where}")
-        elif not rule.active:
-            _add(errors, "symbol", f"symbol {request.symbol} is not active (delisted) on {where}")
-        elif request.order_type is not None:
+        rule, rule_errors = market_rule_active(
+            exchange=account.exchange, market_type=strategy.market_type, symbol=request.symbol
+        )
+        for name, messages in rule_errors.items():
+            errors.setdefault(name, []).extend(messages)
+        if rule is not None and request.order_type is not None:
             market_price = None
             if request.order_type not in LIMIT_PRICED:
                 market_price = price_for_trading(

@@ -96,6 +96,14 @@ REGISTRY: tuple[JobSpec, ...] = (
         budget=60,
     ),
     JobSpec(
+        id="check_websocket_health",
+        name="Check Websocket Health",
+        func="exchanges.jobs:check_websocket_health",
+        trigger=interval(seconds=60),
+        grace=60,
+        budget=20,
+    ),
+    JobSpec(
         id="securities_token_refresh",
         name="Securities Token Refresh",
         func="accounts.jobs:securities_token_refresh",
@@ -117,6 +125,14 @@ REGISTRY: tuple[JobSpec, ...] = (
         func="exchanges.jobs:symbol_validator_refresh",
         trigger=cron(minute=15),
         grace=600,
+        budget=300,
+    ),
+    JobSpec(
+        id="send_daily_summary",
+        name="Send Daily Summary",
+        func="notifications.jobs:send_daily_summary",
+        trigger=cron(hour=21, minute=3),
+        grace=3600,
         budget=300,
     ),
     JobSpec(

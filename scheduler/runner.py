@@ -40,11 +40,16 @@ RESTART_WINDOW = timedelta(minutes=10)
 
 # Leader-only threads (SPEC §2.4), started on every term and stopped when leadership is lost.
 # Each is "module:Class" taking the host; domains append theirs (outbox sender, user streams).
-LEADER_THREADS: list[str] = ["scheduler.poller:CommandPoller", "notifications.sender:OutboxSender"]
+LEADER_THREADS: list[str] = [
+    "scheduler.poller:CommandPoller",
+    "notifications.sender:OutboxSender",
+    "exchanges.streams:UserStreamManager",
+]
 # Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
 LEADER_HOOKS: list[str] = [
     "exchanges.services:leader_warmup",
     "positions.services:performance_catch_up",
+    "notifications.summary:summary_catch_up",
     "notifications.services:leader_announce",
 ]
 

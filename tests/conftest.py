@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
     )
     is_pg = connection.vendor == "postgresql"
     for item in items:
-        if "postgres" in item.keywords and not is_pg:
+        if ("postgres" in item.keywords or "drill" in item.keywords) and not is_pg:
             item.add_marker(skip_pg)
         if "browser" in item.keywords:
             if not is_pg:

@@ -8,7 +8,7 @@ from io import StringIO
 import pytest
 from django.contrib import admin
 from django.contrib.auth import authenticate, get_user_model
-from django.contrib.auth.hashers import check_password
+from django.contrib.auth.hashers import make_password
 from django.core.cache import cache
 from django.core.management import call_command
 from django.db import connection
@@ -134,7 +134,8 @@ def test_strategy_webhook_token_is_hashed_on_save(admin_client, secret_account):
     assert response.status_code == 302, response.content.decode()[:2000]
     strategy = Strategy.objects.get(group_name="trend-1")
     assert strategy.webhook_token_hash != "hook-token-abc-123"
-    assert check_password("hook-token-abc-123", strategy.webhook_token_hash)
+    assert strategy_webhook_token_check(strategy=strategy, token="hook-token-abc-123")
+    assert not strategy_webhook_token_check(strategy=strategy, token="hook-token-abc-124")
     strategy_account = StrategyAccount.objects.get(strategy=strategy)
     assert StrategyCapital.objects.filter(strategy_account=strategy_account).exists()
 
@@ -219,7 +220,11 @@ def test_circuit_close_action(admin_client):  # noqa: ANN001
 
 def test_strategy_create_service_hashes_the_token():
     strategy = strategy_create(name="S", group_name="s-1", market_type="FUTURES", webhook_token="tok-1")
-    assert strategy.webhook_token_hash.startswith(("pbkdf2_", "argon2", "bcrypt", "scrypt", "md5"))
+    assert strategy.webhook_token_hash.startswith("sha256$") and "tok-1" not in strategy.webhook_token_hash
+    assert strategy_webhook_token_check(strategy=strategy, token="tok-1")
+    assert not strategy_webhook_token_check(strategy=strategy, token="tok-2")
+    # A token stored by the earlier password hasher still checks.
+    strategy.webhook_token_hash = make_password("tok-1")
     assert strategy_webhook_token_check(strategy=strategy, token="tok-1")
 
 

@@ -19,23 +19,11 @@ from accounts.models import StrategyAccount
 from exchanges.gateway import GatewayError, MarketType
 from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
-from orders.models import OpenOrder, OrderEvent, PendingOrder
+from orders.invariants import order_invariant_problems
+from orders.models import OpenOrder, PendingOrder
 from orders.services import OrderSpec, orders_enqueue
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
-TERMINAL = {"filled", "cancelled", "rejected", "lost"}
-# Which events may follow which (the history of one logical order).
-NEXT: dict[str, set[str]] = {
-    "queued": {"submitting", "cancelled", "rejected"},
-    "submitting": {"placed", "requeued", "rejected", "cancelled"},
-    "placed": {"demoted", "partially_filled", "filled", "triggered", "cancelled", "lost", "rejected"},
-    "demoted": {"requeued", "partially_filled", "filled", "cancelled", "failed", "triggered", "lost"},
-    "requeued": {"submitting", "cancelled", "rejected"},
-    "partially_filled": {"partially_filled", "filled", "cancelled", "requeued", "triggered", "lost", "demoted"},
-    "failed": {"demoted", "partially_filled", "filled", "cancelled", "triggered", "lost"},
-    "triggered": {"partially_filled", "filled", "cancelled", "lost"},
-}
-PENDING_LAST = {"queued": "QUEUED", "requeued": "QUEUED", "submitting": "SUBMITTING"}
 
 
 @dataclass
@@ -151,33 +139,7 @@ def exchange_live_ids(account_ids: list[int], market_type: str = "SPOT") -> set[
 
 def invariant_problems(account_ids: list[int], market_type: str = "SPOT") -> list[str]:
     """Every logical order in exactly one place with a consistent history; exchange live == OpenOrder rows."""
-    problems = []
-    events: dict[Any, list[str]] = {}
-    for key, kind in OrderEvent.objects.order_by("id").values_list("order_key", "kind"):
-        events.setdefault(key, []).append(kind)
-    pending = dict(PendingOrder.objects.values_list("order_key", "status"))
-    live = dict(OpenOrder.objects.values_list("order_key", "status"))
-    for key in set(pending) & set(live):
-        problems.append(f"{key}: both queued and live")
-    for key in (set(pending) | set(live)) - set(events):
-        problems.append(f"{key}: a row without events")
-    for key, kinds in events.items():
-        if kinds[0] != "queued":
-            problems.append(f"{key}: first event {kinds[0]}")
-        for before, after in zip(kinds, kinds[1:], strict=False):
-            if before in TERMINAL or after not in NEXT.get(before, set()):
-                problems.append(f"{key}: {before} → {after} in {kinds}")
-        last = kinds[-1]
-        rows = (key in pending) + (key in live)
-        if last in TERMINAL:
-            if rows:
-                problems.append(f"{key}: ended ({last}) but still has a row")
-        elif rows != 1:
-            problems.append(f"{key}: last event {last} but {rows} rows")
-        elif last in PENDING_LAST and pending.get(key) != PENDING_LAST[last]:
-            problems.append(f"{key}: last event {last} but row {pending.get(key) or live.get(key)}")
-        elif last not in PENDING_LAST and key not in live:
-            problems.append(f"{key}: last event {last} but not live")
+    problems = order_invariant_problems()
     db_ids = set(OpenOrder.objects.filter(account_id__in=account_ids).values_list("exchange_order_id", flat=True))
     on_exchange = exchange_live_ids(account_ids, market_type)
     if db_ids != on_exchange:

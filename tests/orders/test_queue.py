@@ -283,6 +283,28 @@ def test_an_unknown_create_outcome_is_resolved_by_lookup_and_never_sent_again(sa
     assert invariant_problems([sa.account_id]) == []
 
 
+def test_an_exchange_that_times_out_gets_one_call_per_pass_not_one_per_order(sa, clock, spy):  # noqa: ANN001
+    # Found by the drill: with every call timing out (3 s each), one pass went on to the next order of
+    # the same exchange after each timeout and ran for 12 s, blocking every MARKET order meanwhile.
+    for price in ("2000", "2010"):
+        enqueue(sa, "BUY", price)
+    enqueue(sa, "BUY", "100", symbol="SOL/USDT", quantity="0.1")
+    market = enqueue(sa, "BUY", None, order_type="MARKET", quantity="0.01")
+    spy.inject("create_order", lambda: Network("read timed out"), after=True)  # it reached the exchange
+    first = run(clock)
+    assert spy.count() == 1  # the express MARKET order's create; nothing else was sent to that exchange
+    assert "PAPER failing: 2 pairs deferred" in first.summary
+    due = set(QueueDirty.objects.values_list("symbol", "marked_at"))
+    assert due == {("ETH/USDT", T0 + timedelta(seconds=3)), ("SOL/USDT", T0 + timedelta(seconds=3))}
+    run(clock)  # within TROUBLE_RETRY: the exchange is left alone
+    assert spy.count() == 1
+    run(clock, seconds=1.5)  # then the lookup finds the MARKET order, and the others are placed
+    assert spy.count("create_order") == 4 and spy.count("fetch_order") == 1
+    assert events(market.order_key) == ["queued", "submitting", "placed", "filled"]
+    assert OpenOrder.objects.filter(order_type="LIMIT").count() == 3
+    assert invariant_problems([sa.account_id]) == []
+
+
 def test_two_not_found_lookups_30_s_apart_requeue_then_it_is_placed_again(sa, clock, spy):  # noqa: ANN001
     order = enqueue(sa, "BUY", "2000")
     spy.inject("create_order", lambda: Network("connection reset"))  # never reached the exchange

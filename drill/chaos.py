@@ -1,0 +1,273 @@
+"""The drill's chaos: leader SIGKILLs (with a replacement standby), pg_terminate_backend, exchange faults.
+
+A `LeaderMonitor` thread watches the Leadership row every 0.1 s so takeovers are timed from the
+database's own `since`. The `Chaos` thread plays a schedule fixed at the start (a function of the
+run length and the seed) and stops at its deadline; every fault row it adds is bounded by a count
+or switched off at the end of its window, and `faults_off` disarms whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from drill.procs import Child, DrillDatabase, Sql, Supervisor
+
+logger = logging.getLogger("drill")
+
+LEADER_LOCK_APP = "tradingsite-leader-lock"
+FAULT_EVERY = (3.0, 6.0)  # seconds between two fault injections
+FAULT_WINDOW = (3.0, 8.0)  # how long a probability fault stays armed
+MIN_EVENT_GAP = 8.0  # seconds between two process or connection events
+
+
+@dataclass
+class Transition:
+    term: int
+    pid: int | None
+    since: float  # epoch seconds (Leadership.since)
+    seen_at: float
+
+
+@dataclass
+class ChaosEvent:
+    at: float  # epoch seconds
+    kind: str  # "sigkill" | "terminate_lock" | "terminate_all"
+    term_before: int | None
+    detail: str
+
+
+@dataclass
+class ChaosStats:
+    events: list[ChaosEvent] = field(default_factory=list)
+    faults: Counter = field(default_factory=Counter)  # "kind endpoint phase" → rules added
+    errors: list[str] = field(default_factory=list)
+
+
+class LeaderMonitor(threading.Thread):
+    """Records every change of Leadership.term with its holder and start time."""
+
+    def __init__(self, db: DrillDatabase, *, deadline: float):
+        super().__init__(name="drill-leader-monitor", daemon=True)
+        self.sql = Sql(db)
+        self.deadline = deadline
+        self.stop_event = threading.Event()
+        self.transitions: list[Transition] = []
+        self.lock = threading.Lock()
+
+    def current(self) -> Transition | None:
+        with self.lock:
+            return self.transitions[-1] if self.transitions else None
+
+    def run(self) -> None:
+        last_term = None
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            try:
+                row = self.sql.rows(
+                    "SELECT term, pid, EXTRACT(EPOCH FROM since) FROM scheduler_leadership WHERE id = 1"
+                )
+            except Exception as exc:  # the database may be briefly unreachable; keep watching
+                logger.debug("leader monitor: %s", exc)
+                row = []
+            if row and row[0][0] != last_term and row[0][2] is not None:
+                term, pid, since = row[0]
+                last_term = term
+                with self.lock:
+                    self.transitions.append(Transition(int(term), pid, float(since), time.time()))
+                logger.info("leadership term %s: pid %s", term, pid)
+            self.stop_event.wait(0.1)
+        self.sql.close()
+
+
+def _schedule(seconds: float, rng: random.Random) -> list[tuple[float, str]]:
+    """(offset, kind) of process and connection events: ~one SIGKILL per 40 s (at least 2), ~one
+    connection kill per 60 s (at least 1), at least MIN_EVENT_GAP apart, none in the last 8 s."""
+    kills = max(2, int(seconds // 40))
+    terminations = max(1, int(seconds // 60))
+    events = [(seconds * (i + 0.5) / kills, "sigkill") for i in range(kills)]
+    kinds = ("terminate_all", "terminate_lock")
+    events += [(seconds * (i + 1) / (terminations + 1), kinds[i % 2]) for i in range(terminations)]
+    events = [(at + rng.uniform(-2, 2), kind) for at, kind in sorted(events)]
+    spaced: list[tuple[float, str]] = []
+    for at, kind in events:
+        at = max(at, 5.0, spaced[-1][0] + MIN_EVENT_GAP if spaced else 0.0)
+        if at <= seconds - 8:
+            spaced.append((at, kind))
+    return spaced
+
+
+# (kind, endpoint, phase, latency_ms) the fault loop draws from; endpoint "" is every endpoint.
+FAULT_MENU = (
+    ("timeout", "create_order", "before", 3500),
+    ("timeout", "create_order", "after", 3500),
+    ("timeout", "cancel_order", "before", 3500),
+    ("timeout", "cancel_order", "after", 3500),
+    ("timeout", "fetch_open_orders", "before", 3500),
+    ("timeout", "fetch_order", "before", 3500),
+    ("http_5xx", "create_order", "before", 0),
+    ("http_5xx", "create_order", "after", 0),
+    ("http_5xx", "cancel_order", "after", 0),
+    ("http_5xx", "fetch_open_orders", "before", 0),
+    ("http_429", "create_order", "before", 0),
+    ("http_429", "cancel_order", "before", 0),
+    ("http_429", "fetch_open_orders", "before", 0),
+    ("http_429", "fetch_order", "before", 0),
+    ("maintenance", "", "before", 0),
+    ("maintenance", "create_order", "before", 0),
+    ("maintenance", "cancel_order", "before", 0),
+    ("latency", "fetch_open_orders", "before", 800),
+    ("latency", "create_order", "before", 600),
+)
+WS_MENU = (("ws_drop", "ws", "before", 0), ("ws_silent", "ws", "before", 0))
+
+
+class Chaos(threading.Thread):
+    """Plays the SIGKILL / pg_terminate_backend schedule and the fault loop until `seconds` have passed."""
+
+    def __init__(
+        self,
+        *,
+        db: DrillDatabase,
+        supervisor: Supervisor,
+        monitor: LeaderMonitor,
+        spawn_scheduler: Callable[[], Child],
+        seconds: float,
+        seed: int,
+        streams: bool,
+    ):
+        super().__init__(name="drill-chaos", daemon=True)
+        self.db = db
+        self.sql = Sql(db)
+        self.supervisor = supervisor
+        self.monitor = monitor
+        self.spawn_scheduler = spawn_scheduler
+        self.seconds = seconds
+        self.rng = random.Random(seed)  # noqa: S311 - chaos shape, not security
+        self.menu = FAULT_MENU + (WS_MENU if streams else ())
+        self.stop_event = threading.Event()
+        self.stats = ChaosStats()
+        self._armed: list[tuple[float, int]] = []  # (disarm at, fault id) of probability faults
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        from exchanges.simulator.engine import default_engine
+
+        start = time.monotonic()
+        events = _schedule(self.seconds, self.rng)
+        next_fault = start + self.rng.uniform(*FAULT_EVERY)
+        try:
+            while not self.stop_event.is_set() and time.monotonic() - start < self.seconds:
+                now = time.monotonic()
+                if events and now - start >= events[0][0]:
+                    _, kind = events.pop(0)
+                    self._event(kind)
+                if now >= next_fault:
+                    self._fault(default_engine)
+                    next_fault = now + self.rng.uniform(*FAULT_EVERY)
+                self._disarm(now, force=False)
+                self.stop_event.wait(0.1)
+        except Exception as exc:
+            logger.exception("chaos thread failed")
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._disarm(time.monotonic(), force=True)
+            self.sql.close()
+            _close_thread_connections()
+
+    # --- process and connection events ------------------------------------------------------------
+
+    def _leader_child(self) -> Child | None:
+        current = self.monitor.current()
+        if current is None or current.pid is None:
+            return None
+        child = self.supervisor.by_pid(current.pid)
+        return child if child is not None and child.alive() else None
+
+    def _event(self, kind: str) -> None:
+        current = self.monitor.current()
+        term = current.term if current else None
+        if kind == "sigkill":
+            leader = self._leader_child()
+            if leader is None:
+                logger.warning("chaos: no live leader of ours to kill (term %s); skipped", term)
+                self.stats.errors.append(f"sigkill skipped: no live leader (term {term})")
+                return
+            at = time.time()
+            self.supervisor.kill(leader)
+            self.stats.events.append(ChaosEvent(at, kind, term, f"pid {leader.pid}"))
+            logger.info("chaos: SIGKILL leader pid %s (term %s)", leader.pid, term)
+            replacement = self.spawn_scheduler()
+            logger.info("chaos: replacement scheduler pid %s", replacement.pid)
+            return
+        schedulers = [c.pid for c in self.supervisor.living("scheduler")]
+        ports = self.supervisor.ports_of(schedulers)
+        rows = self.sql.rows(
+            "SELECT pid, client_port, application_name FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        )
+        if kind == "terminate_lock":
+            targets = [pid for pid, port, app in rows if app == LEADER_LOCK_APP and port in ports]
+        else:
+            targets = [pid for pid, port, _ in rows if port in ports]
+        at = time.time()
+        for pid in targets:
+            self.sql.rows("SELECT pg_terminate_backend(%s)", (pid,))
+        self.stats.events.append(ChaosEvent(at, kind, term, f"{len(targets)} backends"))
+        logger.info("chaos: %s terminated %d backends (term %s)", kind, len(targets), term)
+
+    # --- exchange faults --------------------------------------------------------------------------
+
+    def _fault(self, engine) -> None:  # noqa: ANN001
+        kind, endpoint, phase, latency_ms = self.rng.choice(self.menu)
+        exchange = self.rng.choice(("BINANCE", "BYBIT", ""))
+        if (kind == "maintenance" and not endpoint) or self.rng.random() < 0.3:
+            # A window: every matching call fails with this probability until it is disarmed.
+            probability = Decimal("1") if kind == "maintenance" and not endpoint else Decimal("0.4")
+            fault_id = engine.fault_add(
+                kind,
+                exchange=exchange,
+                endpoint=endpoint,
+                phase=phase,
+                remaining=None,
+                probability=probability,
+                latency_ms=latency_ms,
+            )
+            self._armed.append((time.monotonic() + self.rng.uniform(*FAULT_WINDOW), fault_id))
+        else:
+            engine.fault_add(
+                kind,
+                exchange=exchange,
+                endpoint=endpoint,
+                phase=phase,
+                remaining=self.rng.randint(1, 4),
+                latency_ms=latency_ms,
+            )
+        self.stats.faults[f"{kind} {endpoint or '*'} {phase}"] += 1
+        logger.info("chaos: fault %s on %s %s (%s)", kind, exchange or "*", endpoint or "*", phase)
+
+    def _disarm(self, now: float, *, force: bool) -> None:
+        due = [fault_id for until, fault_id in self._armed if force or until <= now]
+        if due:
+            # remaining = 0 keeps the row (and its `fired` count) for the report.
+            self.sql.rows("UPDATE exchanges_simfault SET remaining = 0 WHERE id = ANY(%s)", (due,))
+            self._armed = [(until, fault_id) for until, fault_id in self._armed if fault_id not in due]
+
+
+def faults_off(sql: Sql) -> int:
+    """Disarm every fault row (kept for the report); returns how many were still armed."""
+    rows = sql.rows("UPDATE exchanges_simfault SET remaining = 0 WHERE remaining IS NULL OR remaining > 0 RETURNING id")
+    return len(rows)
+
+
+def _close_thread_connections() -> None:
+    from django.db import connections
+
+    connections.close_all()

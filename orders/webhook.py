@@ -1,0 +1,455 @@
+"""Webhook intake (SPEC §6): authenticate a strategy's signal, fan it out to its active accounts, dedupe deliveries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from accounts.models import Account, MarketType, Strategy, StrategyAccount
+from accounts.services import strategy_webhook_token_check, webhook_token_hash, webhook_token_matches
+from exchanges.rounding import floor_to_step
+from exchanges.selectors import price_for_trading
+from orders.models import OpenOrder, OrderType, PendingOrder, Side, WebhookDelivery
+from orders.queue import order_cancel_by_user
+from orders.services import OrderSpec, orders_enqueue, pair_lock
+from orders.validation import (
+    LIMIT_PRICED,
+    Errors,
+    market_rule_active,
+    order_market_check,
+    order_shape_check,
+    sell_exposure,
+    spot_sell_check,
+)
+from positions.models import Position
+
+logger = logging.getLogger(__name__)
+
+CANCEL = "CANCEL"
+CANCEL_ALL = "CANCEL_ALL"
+WEBHOOK_ORDER_TYPES = (*OrderType.values, CANCEL, CANCEL_ALL)
+CLOSE_POSITION = Decimal(-100)
+HASH_WINDOW = timedelta(seconds=60)
+HUNDRED = Decimal(100)
+CLAIM_ATTEMPTS = 5
+
+
+class WebhookRejectedError(Exception):
+    """The signal breaks a rule; nothing was written for any account.
+
+    `errors` names bad payload fields; `account_errors` names, per account id, the fields that
+    fail for that account (its market rules, capital, position).
+    """
+
+    def __init__(self, errors: Errors | None = None, account_errors: dict[int, Errors] | None = None):
+        self.errors = errors or {}
+        self.account_errors = account_errors or {}
+        parts = [f"{name}: {' '.join(msgs)}" for name, msgs in sorted(self.errors.items())]
+        parts += [
+            f"account {account_id} {name}: {' '.join(msgs)}"
+            for account_id, fields in sorted(self.account_errors.items())
+            for name, msgs in sorted(fields.items())
+        ]
+        super().__init__("; ".join(parts))
+
+
+@dataclass(frozen=True)
+class WebhookSignal:
+    """One parsed delivery; None where a field was missing or failed parsing."""
+
+    delivery_id: str = ""
+    symbol: str | None = None
+    side: str | None = None
+    order_type: str | None = None
+    price: Decimal | None = None
+    stop_price: Decimal | None = None
+    qty_per: Decimal | None = None
+
+    @property
+    def cancels(self) -> bool:
+        return self.order_type in (CANCEL, CANCEL_ALL)
+
+    @property
+    def closes(self) -> bool:
+        return self.qty_per == CLOSE_POSITION and not self.cancels
+
+
+@dataclass(frozen=True)
+class WebhookReply:
+    """The 202 body (`orders` and `cancelled` per account id) and whether it replays an earlier delivery."""
+
+    body: dict[str, Any]
+    duplicate: bool = False
+
+
+@dataclass
+class _Plan:
+    specs: list[OrderSpec] = field(default_factory=list)
+    accounts: list[int] = field(default_factory=list)  # every fanned-out account, in order
+    spot_sells: list[tuple[int, str, int]] = field(default_factory=list)  # (account_id, symbol, spec index)
+
+
+# --- Pure pieces ---------------------------------------------------------------------------------
+
+
+def webhook_payload_hash(payload: Mapping[str, Any]) -> str:
+    """sha256 of the canonical payload: the JSON object with `token` removed, keys sorted, no spaces.
+
+    Numbers keep their spelling as sent (10 and 10.0 differ), which is what a repeated alert repeats.
+    """
+    canonical = {k: v for k, v in payload.items() if k != "token"}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def webhook_quantity(*, capital: Decimal, qty_per: Decimal, price: Decimal, leverage: Decimal) -> Decimal:
+    """allocated capital × qty_per / 100 / price × leverage (before flooring to the step)."""
+    return capital * qty_per / HUNDRED / price * leverage
+
+
+def webhook_signal_check(*, signal: WebhookSignal) -> Errors:
+    """Rules of the payload itself, before any account is looked at: which fields each order type needs."""
+    errors: Errors = {}
+    if signal.order_type is None:
+        return errors
+    if signal.order_type == CANCEL and signal.symbol is None:
+        errors["symbol"] = ["symbol is required for CANCEL"]
+    if signal.cancels:
+        return errors
+    if signal.symbol is None:
+        errors["symbol"] = ["symbol is required"]
+    if signal.side is None:
+        errors["side"] = ["side is required"]
+    if signal.qty_per is None:
+        errors["qty_per"] = ["qty_per is required"]
+    elif signal.qty_per <= 0 and signal.qty_per != CLOSE_POSITION:
+        errors["qty_per"] = ["qty_per must be greater than 0, or -100 to close the position"]
+    if not signal.closes:
+        # A close is always a MARKET order on the opposite side: price fields do not apply to it.
+        for name, messages in order_shape_check(
+            order_type=signal.order_type, price=signal.price, stop_price=signal.stop_price
+        ).items():
+            errors.setdefault(name, []).extend(messages)
+    return errors
+
+
+def _fmt(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+# --- Authentication ------------------------------------------------------------------------------
+
+
+_DECOY_HASH = webhook_token_hash("webhook decoy token")
+
+
+def webhook_strategy_authenticate(*, group_name: Any, token: Any) -> Strategy | None:
+    """The strategy whose hashed webhook token matches `token`, else None.
+
+    An unknown group, a strategy without a token and a wrong token all cost one password-hash
+    check (a decoy where there is nothing to compare), so neither the answer nor its timing tells
+    which group names exist. Inactive strategies authenticate; the caller rejects them with 400.
+    """
+    token = token if isinstance(token, str) else ""
+    strategy = None
+    if isinstance(group_name, str) and 0 < len(group_name) <= 100:
+        strategy = Strategy.objects.filter(group_name=group_name).first()
+    if strategy is None or not strategy.webhook_token_hash or not token:
+        webhook_token_matches(token=token or "-", stored=_DECOY_HASH)
+        return None
+    return strategy if strategy_webhook_token_check(strategy=strategy, token=token) else None
+
+
+# --- Deliveries ----------------------------------------------------------------------------------
+
+
+def _delivery_find(*, strategy: Strategy, delivery_id: str, payload_hash: str) -> WebhookDelivery | None:
+    rows = WebhookDelivery.objects.filter(strategy=strategy)
+    if delivery_id:
+        return rows.filter(delivery_id=delivery_id).first()
+    return rows.filter(delivery_id="", payload_hash=payload_hash, hash_window_open=True).first()
+
+
+def _replay_of(row: WebhookDelivery | None, *, now: datetime) -> dict[str, Any] | None:
+    """The stored reply when `row` makes this delivery a duplicate (an id: always; a hash: within 60 s)."""
+    if row is None:
+        return None
+    if row.delivery_id or now - row.received_at < HASH_WINDOW:
+        return row.reply
+    return None
+
+
+def _delivery_claim(
+    *, strategy: Strategy, delivery_id: str, payload_hash: str, now: datetime
+) -> tuple[WebhookDelivery | None, dict[str, Any] | None]:
+    """Insert this delivery's row (inside the caller's transaction): (row, None), or (None, first reply).
+
+    The unique indexes are the lock: a concurrent identical insert waits until the first
+    transaction ends, then fails (it committed: replay its reply) or goes through (it rolled
+    back). A hash row whose 60 s are over is closed, and this delivery takes its place.
+    """
+    for _ in range(CLAIM_ATTEMPTS):
+        try:
+            with transaction.atomic():  # a savepoint: a conflict leaves the outer transaction usable
+                row = WebhookDelivery.objects.create(
+                    strategy=strategy,
+                    delivery_id=delivery_id,
+                    payload_hash=payload_hash,
+                    hash_window_open=not delivery_id,
+                    received_at=now,
+                    reply={},
+                )
+            return row, None
+        except IntegrityError:
+            existing = _delivery_find(strategy=strategy, delivery_id=delivery_id, payload_hash=payload_hash)
+            replay = _replay_of(existing, now=now)
+            if replay is not None:
+                return None, replay
+            if existing is not None:
+                # The window is over. Conditional, so of two late twins only one closes it; the
+                # other then conflicts with the newcomer's row and replays it.
+                WebhookDelivery.objects.filter(pk=existing.pk, hash_window_open=True).update(hash_window_open=False)
+    raise RuntimeError(f"webhook delivery of strategy {strategy.pk} could not be claimed")
+
+
+# --- Orders --------------------------------------------------------------------------------------
+
+
+def _fan_out(strategy: Strategy) -> list[StrategyAccount]:
+    """The strategy's active StrategyAccounts on active crypto accounts, by account id."""
+    return list(
+        StrategyAccount.objects.filter(
+            strategy=strategy,
+            is_active=True,
+            account__is_active=True,
+            account__account_type=Account.AccountType.CRYPTO,
+        )
+        .select_related("account", "capital")
+        .order_by("account_id")
+    )
+
+
+def _capital_of(strategy_account: StrategyAccount) -> Decimal:
+    try:
+        return strategy_account.capital.allocated_capital
+    except StrategyAccount.capital.RelatedObjectDoesNotExist:
+        return Decimal(0)
+
+
+def _account_order(
+    *, strategy_account: StrategyAccount, market_type: str, signal: WebhookSignal, now: datetime
+) -> tuple[OrderSpec | None, Errors]:
+    """The one order of this account for `signal` (None: nothing to do), or the errors naming why not."""
+    account = strategy_account.account
+    assert signal.symbol is not None and signal.order_type is not None and signal.side is not None
+    rule, errors = market_rule_active(exchange=account.exchange, market_type=market_type, symbol=signal.symbol)
+    if rule is None:
+        return None, errors
+    if signal.closes:
+        held = (
+            Position.objects.filter(strategy_account=strategy_account, symbol=signal.symbol)
+            .values_list("quantity", flat=True)
+            .first()
+        ) or Decimal(0)
+        if held == 0:
+            return None, {}
+        order_type, side, price, stop_price = OrderType.MARKET, Side.SELL if held > 0 else Side.BUY, None, None
+        quantity: Decimal | None = abs(held)
+        sizing = f"closing the position {_fmt(held)}"
+    else:
+        order_type, side, price, stop_price = signal.order_type, signal.side, signal.price, signal.stop_price
+        quantity, sizing = None, ""
+    market_price = None
+    if order_type not in LIMIT_PRICED:
+        market_price = price_for_trading(
+            exchange=account.exchange, market_type=market_type, symbol=signal.symbol, now=now
+        )
+    if not signal.closes:
+        assert signal.qty_per is not None
+        sizing_price = floor_to_step(price, rule.tick_size) if price is not None else market_price
+        capital = _capital_of(strategy_account)
+        if capital <= 0:
+            errors["quantity"] = [f"no capital allocated to {signal.symbol} trading on account {account.pk}"]
+        elif sizing_price is not None and sizing_price > 0:
+            quantity = webhook_quantity(
+                capital=capital, qty_per=signal.qty_per, price=sizing_price, leverage=strategy_account.leverage
+            )
+            sizing = (
+                f"sized {_fmt(capital)} × {_fmt(signal.qty_per)} % ÷ {_fmt(sizing_price)} "
+                f"× leverage {_fmt(strategy_account.leverage)}"
+            )
+    check = order_market_check(
+        rule=rule,
+        order_type=order_type,
+        quantity=quantity,
+        price=price,
+        stop_price=stop_price,
+        market_price=market_price,
+    )
+    for name, messages in check.errors.items():
+        errors.setdefault(name, []).extend(messages)
+    if "quantity" in check.errors and sizing:
+        errors["quantity"].append(f"({sizing})")
+    if errors:
+        return None, errors
+    assert check.quantity is not None
+    spec = OrderSpec(
+        strategy_account_id=strategy_account.pk,
+        account_id=account.pk,
+        symbol=signal.symbol,
+        market_type=market_type,
+        side=side,
+        order_type=order_type,
+        quantity=check.quantity,
+        price=check.price,
+        stop_price=check.stop_price,
+    )
+    if market_type == MarketType.SPOT and side == Side.SELL:
+        held, in_orders = sell_exposure(strategy_account_id=strategy_account.pk, symbol=signal.symbol)
+        errors = spot_sell_check(quantity=spec.quantity, held=held, in_sell_orders=in_orders, symbol=signal.symbol)
+        if errors:
+            return None, errors
+    return spec, {}
+
+
+def _orders_plan(*, strategy: Strategy, signal: WebhookSignal, now: datetime) -> _Plan:
+    """Validate the fan-out: one order (or none) per active account; any account's error rejects all."""
+    accounts = _fan_out(strategy)
+    if not accounts:
+        raise WebhookRejectedError({"group_name": [f"strategy {strategy.group_name!r} has no active accounts"]})
+    plan = _Plan()
+    account_errors: dict[int, Errors] = {}
+    for strategy_account in accounts:
+        plan.accounts.append(strategy_account.account_id)
+        spec, errors = _account_order(
+            strategy_account=strategy_account, market_type=strategy.market_type, signal=signal, now=now
+        )
+        if errors:
+            account_errors[strategy_account.account_id] = errors
+        elif spec is not None:
+            if spec.market_type == MarketType.SPOT and spec.side == Side.SELL:
+                plan.spot_sells.append((spec.account_id, spec.symbol, len(plan.specs)))
+            plan.specs.append(spec)
+    if account_errors:
+        raise WebhookRejectedError(account_errors=account_errors)
+    return plan
+
+
+def _orders_place(*, plan: _Plan, now: datetime) -> dict[str, list[str]]:
+    """Enqueue the plan's orders (caller's transaction); spot sells re-checked under their pair locks."""
+    with ExitStack() as locks:
+        # Sorted, so two deliveries locking overlapping pairs never wait on each other in a cycle.
+        for account_id, symbol, index in sorted(plan.spot_sells):
+            locks.enter_context(pair_lock(account_id=account_id, symbol=symbol))
+            spec = plan.specs[index]
+            held, in_orders = sell_exposure(strategy_account_id=spec.strategy_account_id, symbol=symbol)
+            errors = spot_sell_check(quantity=spec.quantity, held=held, in_sell_orders=in_orders, symbol=symbol)
+            if errors:
+                raise WebhookRejectedError(account_errors={account_id: errors})
+        orders = orders_enqueue(specs=plan.specs, signal_at=now, now=now) if plan.specs else []
+    keys: dict[str, list[str]] = {str(account_id): [] for account_id in plan.accounts}
+    for order in orders:
+        keys[str(order.account_id)].append(str(order.order_key))
+    return keys
+
+
+def _cancel(*, strategy: Strategy, symbol: str | None, now: datetime) -> dict[str, dict[str, str]]:
+    """Cancel every queued, then every live, order of the strategy (on `symbol`, or all symbols).
+
+    Runs in the caller's transaction. All affected (account, symbol) pairs are locked first, in
+    sorted order, so the queue job cannot move an order between the two lists meanwhile and two
+    cancels never deadlock. Each order goes through order_cancel_by_user (queued: removed;
+    placing or live: marked, cancelled by the queue job and never re-queued). Returns
+    {account_id: {order_key: "cancelled" | "cancelling" | "ended"}}.
+    """
+    scope: dict[str, Any] = {"strategy_account__strategy": strategy}
+    if symbol is not None:
+        scope["symbol"] = symbol
+    pairs: set[tuple[int, str]] = set()
+    for model in (PendingOrder, OpenOrder):
+        pairs.update(model.objects.filter(**scope).values_list("account_id", "symbol").distinct())
+    result: dict[str, dict[str, str]] = {}
+    with ExitStack() as locks:
+        for account_id, pair_symbol in sorted(pairs):
+            locks.enter_context(pair_lock(account_id=account_id, symbol=pair_symbol))
+        # Queued first: nothing queued can be promoted into a slot the live cancels free.
+        for model in (PendingOrder, OpenOrder):
+            rows = model.objects.filter(**scope).order_by("account_id", "symbol", "queue_seq")
+            for order_key, account_id, pair_symbol in rows.values_list("order_key", "account_id", "symbol"):
+                if (account_id, pair_symbol) not in pairs:
+                    continue  # a pair that got its first order after the listing: that order came later
+                state = order_cancel_by_user(order_key=order_key, now=now)
+                result.setdefault(str(account_id), {})[str(order_key)] = state
+    return result
+
+
+# --- The entry point -----------------------------------------------------------------------------
+
+
+def webhook_receive(
+    *,
+    strategy: Strategy,
+    signal: WebhookSignal,
+    payload_hash: str,
+    now: datetime,
+    known_errors: Mapping[str, list[str]] | None = None,
+) -> WebhookReply:
+    """Accept an authenticated signal: enqueue its fan-out, or cancel, in one transaction with its delivery row.
+
+    All-or-nothing: any payload or account error raises WebhookRejectedError and nothing is
+    written (no order, no event, no delivery row). A duplicate (same `id`; or, without one, the
+    same payload within 60 s) returns the first delivery's reply and writes nothing. No exchange
+    call: orders are queued (MARKET ones express) for the leader's queue job.
+    """
+    errors: Errors = {name: list(messages) for name, messages in (known_errors or {}).items()}
+    if not strategy.is_active:
+        errors.setdefault("group_name", []).append(f"strategy {strategy.group_name!r} is inactive")
+    for name, messages in webhook_signal_check(signal=signal).items():
+        errors.setdefault(name, []).extend(messages)
+    if errors:
+        raise WebhookRejectedError(errors)
+
+    # A duplicate replays the first reply even if the market moved since (validation could differ now).
+    replay = _replay_of(
+        _delivery_find(strategy=strategy, delivery_id=signal.delivery_id, payload_hash=payload_hash), now=now
+    )
+    if replay is not None:
+        logger.info("webhook %s of %s: duplicate delivery, replayed", signal.delivery_id or payload_hash[:12], strategy)
+        return WebhookReply(body=replay, duplicate=True)
+
+    # Validation reads (rules, prices, positions) run before the transaction, which stays short.
+    plan = None if signal.cancels else _orders_plan(strategy=strategy, signal=signal, now=now)
+    with transaction.atomic():
+        delivery, replay = _delivery_claim(
+            strategy=strategy, delivery_id=signal.delivery_id, payload_hash=payload_hash, now=now
+        )
+        if delivery is None:
+            assert replay is not None
+            logger.info("webhook of %s: concurrent duplicate delivery, replayed", strategy)
+            return WebhookReply(body=replay, duplicate=True)
+        if plan is not None:
+            body: dict[str, Any] = {"orders": _orders_place(plan=plan, now=now), "cancelled": {}}
+        else:
+            symbol = signal.symbol if signal.order_type == CANCEL else None
+            body = {"orders": {}, "cancelled": _cancel(strategy=strategy, symbol=symbol, now=now)}
+        delivery.reply = body
+        delivery.save(update_fields=["reply"])
+    logger.info(
+        "webhook %s of %s: %s %s, %d orders queued, %d cancels",
+        delivery.pk,
+        strategy,
+        signal.order_type,
+        signal.symbol or "*",
+        sum(len(keys) for keys in body["orders"].values()),
+        sum(len(keys) for keys in body["cancelled"].values()),
+    )
+    return WebhookReply(body=body)

@@ -1,0 +1,198 @@
+"""Webhook HTTP API (SPEC §6): `POST /api/webhook/`, authenticated by the strategy's token in the body."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import BaseParser
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orders.apis import PositiveDecimalField, SymbolField, errors_response, fields_parse
+from orders.models import Side
+from orders.validation import COLUMN_LIMIT
+from orders.webhook import (
+    WEBHOOK_ORDER_TYPES,
+    WebhookRejectedError,
+    WebhookSignal,
+    webhook_payload_hash,
+    webhook_receive,
+    webhook_strategy_authenticate,
+)
+
+logger = logging.getLogger(__name__)
+
+FORBIDDEN = {"detail": "invalid group_name or token"}
+
+
+class WebhookJSONParser(BaseParser):
+    """JSON with numbers read as Decimal (no float rounding of prices or qty_per)."""
+
+    media_type = "application/json"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
+        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        try:
+            return json.loads(stream.read().decode(encoding), parse_float=Decimal)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ParseError(f"JSON parse error - {exc}") from None
+
+
+class WebhookTextParser(WebhookJSONParser):
+    """TradingView sends its alert message as text/plain when it does not recognise it as JSON."""
+
+    media_type = "text/plain"
+
+
+class UpperChoiceField(serializers.ChoiceField):
+    """A choice matched case-insensitively (TradingView's {{strategy.order.action}} says "buy")."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str):
+            data = data.strip().upper()
+        return super().to_internal_value(data)
+
+
+class QtyPerField(serializers.DecimalField):
+    """A percentage of the allocated capital: any decimal, sign included (-100 closes); no booleans."""
+
+    default_error_messages = {"too_large": "must be between -10^16 and 10^16"}
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(max_digits=None, decimal_places=None, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Decimal:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if abs(value) >= COLUMN_LIMIT:
+            self.fail("too_large")
+        return value
+
+
+class WebhookErrorsSerializer(serializers.Serializer):
+    """A 400 body: bad payload fields, and per account id the fields that fail for that account."""
+
+    class Meta:
+        ref_name = "WebhookErrors"
+
+    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))
+    account_errors = serializers.DictField(
+        child=serializers.DictField(child=serializers.ListField(child=serializers.CharField())),
+        help_text="account id → field → messages",
+    )
+
+
+class WebhookForbiddenSerializer(serializers.Serializer):
+    class Meta:
+        ref_name = "WebhookForbidden"
+
+    detail = serializers.CharField()
+
+
+class WebhookApi(APIView):
+    """POST /api/webhook/: a strategy's signal (e.g. a TradingView alert), fanned out to its active accounts.
+
+    No Django authentication: the body's `token` is checked, in constant time, against the hashed
+    token of the strategy named by `group_name`. An unknown group, a strategy without a token and
+    a wrong token all get the same 403. Orders are sized per account as allocated capital ×
+    qty_per / 100 / price × leverage, floored to the step (price: the order's own for LIMIT and
+    STOP_LIMIT, else a fresh market price); qty_per = -100 closes each account's position with a
+    MARKET order on the opposite side. CANCEL cancels the strategy's orders on `symbol`,
+    CANCEL_ALL on every symbol. All-or-nothing: a 400 names the payload fields and, per account,
+    the fields that fail, and nothing is written. A repeated delivery (same `id`, or without one
+    the same payload within 60 s) gets the first reply again (header `X-Webhook-Duplicate: true`).
+    """
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    parser_classes = [WebhookJSONParser, WebhookTextParser]
+
+    class InputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "WebhookInput"
+
+        id = serializers.CharField(
+            required=False,
+            allow_blank=True,
+            max_length=100,
+            help_text="delivery id, unique per strategy; without it the payload is deduped for 60 s",
+        )
+        group_name = serializers.CharField(max_length=100, help_text="the strategy's group_name")
+        token = serializers.CharField(help_text="the strategy's webhook token")
+        symbol = SymbolField(required=False, help_text="canonical BASE/QUOTE; not needed for CANCEL_ALL")
+        side = UpperChoiceField(choices=Side.choices, required=False, help_text="not needed for CANCEL(_ALL)")
+        order_type = UpperChoiceField(choices=[(t, t) for t in WEBHOOK_ORDER_TYPES])
+        price = PositiveDecimalField(required=False, allow_null=True, help_text="LIMIT and STOP_LIMIT only")
+        stop_price = PositiveDecimalField(required=False, allow_null=True, help_text="STOP_LIMIT and STOP_MARKET only")
+        qty_per = QtyPerField(
+            required=False, help_text="% of allocated capital (> 0), or -100 to close; not needed for CANCEL(_ALL)"
+        )
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "WebhookOutput"
+
+        orders = serializers.DictField(
+            child=serializers.ListField(child=serializers.UUIDField()),
+            help_text="account id → order_keys queued (an empty list: nothing to do on that account)",
+        )
+        cancelled = serializers.DictField(
+            child=serializers.DictField(child=serializers.ChoiceField(choices=["cancelled", "cancelling", "ended"])),
+            help_text="account id → order_key → cancelled (queued, removed), cancelling (live: the queue "
+            "job cancels it) or ended (it ended meanwhile)",
+        )
+
+    @extend_schema(
+        operation_id="webhook_receive",
+        request=InputSerializer,
+        responses={202: OutputSerializer, 400: WebhookErrorsSerializer, 403: WebhookForbiddenSerializer},
+        auth=[],
+    )
+    def post(self, request: Request) -> Response:
+        data = request.data
+        if not isinstance(data, dict):
+            return errors_response({"non_field_errors": ["expected a JSON object"]})
+        strategy = webhook_strategy_authenticate(group_name=data.get("group_name"), token=data.get("token"))
+        if strategy is None:
+            logger.warning("webhook refused: bad group_name or token")
+            return Response(FORBIDDEN, status=status.HTTP_403_FORBIDDEN)
+        values, parse_errors = fields_parse(WebhookApi.InputSerializer, data)
+        signal = WebhookSignal(
+            delivery_id=values.get("id") or "",
+            symbol=values.get("symbol"),
+            side=values.get("side"),
+            order_type=values.get("order_type"),
+            price=values.get("price"),
+            stop_price=values.get("stop_price"),
+            qty_per=values.get("qty_per"),
+        )
+        try:
+            reply = webhook_receive(
+                strategy=strategy,
+                signal=signal,
+                payload_hash=webhook_payload_hash(data),
+                now=timezone.now(),
+                known_errors=parse_errors,
+            )
+        except WebhookRejectedError as exc:
+            logger.info("webhook of %s rejected: %s", strategy, exc)
+            body = {
+                "errors": exc.errors,
+                "account_errors": {str(account_id): fields for account_id, fields in exc.account_errors.items()},
+            }
+            return Response(body, status=status.HTTP_400_BAD_REQUEST)
+        response = Response(reply.body, status=status.HTTP_202_ACCEPTED)
+        if reply.duplicate:
+            response["X-Webhook-Duplicate"] = "true"
+        return response
