@@ -27,7 +27,7 @@ from scheduler.models import SchedulerInstance
 from scheduler.reconcile import reconcile
 from scheduler.registry import JobSpec
 from scheduler.runs import HOST
-from scheduler.services import instance_heartbeat, leadership_begin_term
+from scheduler.services import instance_heartbeat, jobrun_close_abandoned, leadership_begin_term
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ RESTART_WINDOW = timedelta(minutes=10)
 LEADER_THREADS: list[str] = [
     "scheduler.poller:CommandPoller",
     "notifications.sender:OutboxSender",
-    "exchanges.streams:UserStreamManager",
+    # "exchanges.streams:UserStreamManager",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
 LEADER_HOOKS: list[str] = [
@@ -160,6 +160,7 @@ class SchedulerHost:
         self.role = SchedulerInstance.Role.LEADER
         self.leader_since = timezone.now()
         self._standby_logged = False
+        jobrun_close_abandoned(term=self.term, now=self.leader_since)
         self._start_scheduler(reconcile_jobs=True)
         logger.info("scheduler started as leader (term %s)", self.term)
         self._heartbeat(force=True)

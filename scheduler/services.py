@@ -8,7 +8,7 @@ from datetime import datetime
 from django.db import connection, transaction
 from django.utils import timezone
 
-from scheduler.models import JobCommand, JobControl, Leadership, SchedulerInstance
+from scheduler.models import JobCommand, JobControl, JobRun, Leadership, SchedulerInstance
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,24 @@ def leadership_begin_term(*, instance_id: str, host: str, pid: int, backend_pid:
         leadership.since = now
         leadership.save()
     return leadership.term
+
+
+def jobrun_close_abandoned(*, term: int, now: datetime) -> int:
+    """Close runs of earlier terms still marked running: their leader died mid-run (SIGKILL, host loss).
+
+    Scheduled and catch-up runs only; a manual `--run` may legitimately outlive a takeover.
+    Returns how many rows were closed. Called by a new leader once per term.
+    """
+    closed = JobRun.objects.filter(
+        outcome=JobRun.Outcome.RUNNING, term__lt=term, kind__in=[JobRun.Kind.SCHEDULED, JobRun.Kind.CATCHUP]
+    ).update(
+        outcome=JobRun.Outcome.ERROR,
+        finished_at=now,
+        summary=f"abandoned: its leader stopped before the run finished (closed by term {term})",
+    )
+    if closed:
+        logger.warning("closed %d job run(s) abandoned by an earlier leader", closed)
+    return closed
 
 
 def leadership_current_term() -> int:

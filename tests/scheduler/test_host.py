@@ -115,6 +115,31 @@ def test_watchdog_rebuilds_a_dead_scheduler_thread(host):
     assert JobRun.objects.values("term").distinct().count() == 1  # same term: the lock was still held
 
 
+def test_new_leader_closes_runs_abandoned_by_a_dead_leader(host):
+    now = timezone.now()
+
+    def running(kind, term):
+        return JobRun.objects.create(
+            job_id="scheduler_probe",
+            scheduled_at=now - timedelta(seconds=10 if kind == JobRun.Kind.MANUAL else 20),
+            term=term,
+            host="dead",
+            pid=1,
+            kind=kind,
+            started_at=now,
+            outcome=JobRun.Outcome.RUNNING,
+        )
+
+    abandoned = running(JobRun.Kind.SCHEDULED, 0)
+    manual = running(JobRun.Kind.MANUAL, 0)
+    host._standby_tick()
+    abandoned.refresh_from_db()
+    manual.refresh_from_db()
+    assert abandoned.outcome == JobRun.Outcome.ERROR and abandoned.summary.startswith("abandoned")
+    assert abandoned.finished_at is not None
+    assert manual.outcome == JobRun.Outcome.RUNNING  # a CLI --run may outlive a takeover
+
+
 def test_watchdog_exits_after_three_restarts(host):
     from scheduler.runner import WatchdogExit
 
