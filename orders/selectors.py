@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import CharField, Count, F, Q, QuerySet, Value
+from django.db.models import CharField, Count, F, Max, Min, Q, QuerySet, Value
 
 from accounts.models import Account
 from exchanges.models import MarketInfo
@@ -134,6 +134,56 @@ def queue_rows_for_pairs(*, pairs: Iterable[Pair], everything: bool = False) -> 
         if everything or pair in wanted:
             result[pair].open.append(row)
     return result
+
+
+def queue_sweep_groups(*, now: datetime) -> tuple[list[tuple], list[tuple]]:
+    """The sweep's detector input: per-group aggregates of queued and live orders, two GROUP BY queries.
+
+    PendingOrder rows grouped by (account_id, market_type, symbol, order_type, side, priority):
+    `other` counts the rows that are not plain eligible QUEUED limit/stop orders (SUBMITTING, a
+    backoff still running, express or MARKET, a user cancel); the rest give their count and the
+    extremes of price and stop_price. OpenOrder rows grouped by the same plus status and
+    status_before_cancel: `other` counts CANCELLING rows, a refused cancel's backoff still running
+    and user cancels. Plain (filtered) aggregates only: the same on SQLite and PostgreSQL.
+    """
+    ready = (
+        Q(status=PendingOrder.Status.QUEUED, express=False)
+        & ~Q(order_type="MARKET")
+        & ~Q(cancel_requested_by="USER")
+        & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    )
+    pending = list(
+        PendingOrder.objects.order_by()
+        .values_list("account_id", "market_type", "symbol", "order_type", "side", "priority")
+        .annotate(
+            other=Count("id", filter=~ready),
+            n=Count("id", filter=ready),
+            n_price=Count("price", filter=ready),
+            price_min=Min("price", filter=ready),
+            price_max=Max("price", filter=ready),
+            n_stop=Count("stop_price", filter=ready),
+            stop_min=Min("stop_price", filter=ready),
+            stop_max=Max("stop_price", filter=ready),
+        )
+    )
+    busy = Q(status=OpenOrder.Status.CANCELLING) | Q(next_cancel_at__gt=now) | Q(cancel_requested_by="USER")
+    live = list(
+        OpenOrder.objects.order_by()
+        .values_list(
+            "account_id", "market_type", "symbol", "order_type", "side", "priority", "status", "status_before_cancel"
+        )
+        .annotate(
+            other=Count("id", filter=busy),
+            n=Count("id"),
+            n_price=Count("price"),
+            price_min=Min("price"),
+            price_max=Max("price"),
+            n_stop=Count("stop_price"),
+            stop_min=Min("stop_price"),
+            stop_max=Max("stop_price"),
+        )
+    )
+    return pending, live
 
 
 def account_exchanges(*, account_ids: Iterable[int]) -> dict[int, str]:
