@@ -201,6 +201,13 @@ SIMULATOR_SEED = env.int("SIMULATOR_SEED", default=0)
 SIMULATOR_SYNTHETIC_SYMBOLS = env.int("SIMULATOR_SYNTHETIC_SYMBOLS", default=0)
 # ccxt: per-request timeout, and retries (with exponential backoff from EXCHANGE_RETRY_BACKOFF seconds)
 # for reads that failed with a network error or a rate limit; create_order is never retried.
+# User-data streams: timings by name (ping_interval, listen_key_keepalive, backoff_base, backoff_max, ...).
+try:
+    USER_STREAMS = json.loads(env.str("USER_STREAMS", default="{}") or "{}")
+except json.JSONDecodeError as exc:
+    raise ImproperlyConfigured(f"USER_STREAMS is not valid JSON: {exc}") from None
+# The currency account capital is counted and allocated in (SPEC §4.11).
+CAPITAL_QUOTE_CURRENCY = env.str("CAPITAL_QUOTE_CURRENCY", default="USDT")
 EXCHANGE_HTTP_TIMEOUT_MS = env.int("EXCHANGE_HTTP_TIMEOUT_MS", default=10_000)
 EXCHANGE_RETRIES = env.int("EXCHANGE_RETRIES", default=2)
 EXCHANGE_RETRY_BACKOFF = env.float("EXCHANGE_RETRY_BACKOFF", default=0.5)

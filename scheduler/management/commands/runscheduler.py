@@ -127,6 +127,10 @@ class Command(BaseCommand):
     def _host(self, specs: list[JobSpec]) -> None:
         from scheduler.runner import SchedulerHost
 
+        # With DEBUG on (the development default), Django keeps the last 9,000 queries of every
+        # connection in memory; a long-lived process with 20 job threads would grow by that much
+        # per thread. The scheduler never serves debug pages, so it never needs the log.
+        settings.DEBUG = False
         secret_register_from_settings()
         host = SchedulerHost(specs=specs)
         host.install_signal_handlers()
