@@ -77,5 +77,7 @@ def test_probe_job_registered_only_when_enabled():
     assert "scheduler_probe" in {s.id for s in registry_specs(probe=True, overrides={})}
 
 
-def test_registered_ids_are_all_in_the_spec_table():
-    assert {s.id for s in REGISTRY} <= set(SPEC_TABLE)
+def test_registry_equals_the_spec_table_exactly():
+    # Every SPEC §2.1 row is registered (business jobs and system jobs), and nothing else.
+    assert sorted(s.id for s in REGISTRY) == sorted(set(SPEC_TABLE) - {PROBE_JOB.id})
+    assert len({s.id for s in REGISTRY}) == len(REGISTRY)
