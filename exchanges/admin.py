@@ -14,6 +14,7 @@ from exchanges.models import (
     SimOrder,
     SimPosition,
     SimPricePath,
+    StreamState,
 )
 
 
@@ -91,3 +92,22 @@ class SimFaultAdmin(admin.ModelAdmin):
 @admin.register(SimPricePath)
 class SimPricePathAdmin(admin.ModelAdmin):
     list_display = ("exchange", "symbol", "start_at", "step_seconds")
+
+
+@admin.register(StreamState)
+class StreamStateAdmin(ReadOnlyAdmin):
+    """Written only by the leader's stream manager; check_websocket_health reports from it."""
+
+    list_display = (
+        "account",
+        "exchange",
+        "state",
+        "last_message_at",
+        "last_pong_at",
+        "consecutive_failures",
+        "reconnects",
+        "next_reconnect_at",
+        "updated_at",
+    )
+    list_filter = ("exchange", "state")
+    list_select_related = ("account",)

@@ -43,7 +43,7 @@ RESTART_WINDOW = timedelta(minutes=10)
 LEADER_THREADS: list[str] = [
     "scheduler.poller:CommandPoller",
     "notifications.sender:OutboxSender",
-    # "exchanges.streams:UserStreamManager",
+    "exchanges.streams:UserStreamManager",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
 LEADER_HOOKS: list[str] = [

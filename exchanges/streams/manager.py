@@ -471,8 +471,8 @@ class AccountStream:
 
     async def _write(self, **fields: Any) -> None:
         async with self._write_lock:
-            try:
-                await self.manager.db(
+            write = asyncio.ensure_future(
+                self.manager.db(
                     services.stream_state_write,
                     account_id=self.account.account_id,
                     exchange=self.account.exchange,
@@ -480,7 +480,14 @@ class AccountStream:
                     ping_interval=self.config.ping_interval,
                     **fields,
                 )
+            )
+            try:
+                await asyncio.shield(write)
             except asyncio.CancelledError:
+                # Stopping: let the row write in its thread finish first, so the manager's final
+                # "stopped" write is never overtaken by an older state.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(write, 2.0)
                 raise
             except Exception as exc:
                 # The stream serves without its health row; the next write tries again.

@@ -448,3 +448,17 @@ def test_ten_failures_in_a_row_alert_once(start_manager, monkeypatch):
     assert clock.sleeps[:9] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     row = state_of(sa.account)
     assert row.consecutive_failures >= 13 and row.state in ("dead", "connecting")
+
+
+def test_binance_listen_key_kept_alive_and_a_failed_keepalive_replaces_the_stream(start_manager, sim_urls):
+    sa = futures_account("BINANCE")
+    clock = RecordingClock()
+    manager = start_manager(clock=clock, listen_key_keepalive=0.4)
+    wait_for(lambda: is_open(manager, sa.account), what="stream open")
+    first = wait_for(lambda: state_of(sa.account).listen_key_refreshed_at, what="listen key refreshed")
+    wait_for(lambda: state_of(sa.account).listen_key_refreshed_at > first, what="a keepalive PUT")
+    assert manager.stream(sa.account_id).sessions == 1 and clock.sleeps == []
+    sim_urls.config.listen_keys.clear()  # the exchange forgot the key: the next PUT fails with -1125
+    wait_for(lambda: manager.stream(sa.account_id).sessions == 2 and is_open(manager, sa.account), what="new key")
+    assert "listen key keepalive failed" in manager.stream(sa.account_id).last_error
+    assert clock.sleeps == [1.0] and state_of(sa.account).reconnects == 1

@@ -137,7 +137,9 @@ def test_sigterm_lets_the_running_job_finish_and_exits_zero(proc_sqlite_db):
     db = proc_sqlite_db
     proc = spawn(db, SCHEDULER_PROBE_SLEEP="3", **PROBE)
     wait_for(
-        lambda: db.scalar("SELECT count(*) FROM scheduler_jobrun WHERE outcome = 'running'"),
+        lambda: db.scalar(
+            "SELECT count(*) FROM scheduler_jobrun WHERE job_id = 'scheduler_probe' AND outcome = 'running'"
+        ),
         timeout=30,
         what="a probe run in flight",
     )
