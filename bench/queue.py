@@ -167,7 +167,8 @@ class FakeGateway:
         return {}
 
     def fetch_balance(self, market_type: Any) -> Any:
-        raise NotImplementedError("the queue pass never asks for a balance")
+        # The queue pass never asks for a balance; if it ever does, the benchmark must say so loudly.
+        raise AssertionError("the queue benchmark's fake exchange has no balances")
 
 
 # --- seed -----------------------------------------------------------------------------------------

@@ -16,10 +16,8 @@ from django.db.models import F, Sum
 
 from accounts.models import Account, MarketType, Strategy, StrategyAccount
 from exchanges.gateway import MarketRule
-from exchanges.gateway import MarketType as GatewayMarketType
-from exchanges.models import MarketInfo
 from exchanges.rounding import floor_to_step
-from exchanges.selectors import price_for_trading
+from exchanges.selectors import market_rule_any, price_for_trading
 from orders.models import OpenOrder, OrderType, PendingOrder, Side
 from orders.services import OrderSpec, orders_enqueue, pair_lock
 from positions.models import Position
@@ -162,28 +160,6 @@ def spot_sell_check(*, quantity: Decimal, held: Decimal, in_sell_orders: Decimal
 
 
 # --- Reads around the checks -------------------------------------------------------------------
-
-
-def market_rule_any(*, exchange: str, market_type: str, symbol: str) -> MarketRule | None:
-    """The stored rules of a symbol, active or delisted (`active` tells which); None when unknown."""
-    row = MarketInfo.objects.filter(exchange=exchange, market_type=market_type, symbol=symbol).first()
-    if row is None:
-        return None
-    base, _, quote = symbol.partition("/")
-    return MarketRule(
-        symbol=row.symbol,
-        market_type=GatewayMarketType(row.market_type),
-        base=base,
-        quote=quote,
-        tick_size=row.tick_size,
-        step_size=row.step_size,
-        min_qty=row.min_qty,
-        max_qty=row.max_qty,
-        min_notional=row.min_notional,
-        price_precision=row.price_precision,
-        amount_precision=row.amount_precision,
-        active=row.active,
-    )
 
 
 def market_rule_active(*, exchange: str, market_type: str, symbol: str) -> tuple[MarketRule | None, Errors]:
