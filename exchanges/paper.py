@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from decimal import Decimal
+from typing import Any, TypeVar
 
 from exchanges.gateway import Balance, MarketRule, MarketType, OrderRequest, OrderState
 from exchanges.simulator.engine import SimEngine, default_engine
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class PaperGateway:
@@ -20,36 +24,25 @@ class PaperGateway:
         self.exchange = exchange
         self.engine = engine or default_engine
 
-    def _before(self, endpoint: str) -> None:
+    def _call(self, endpoint: str, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one engine operation between the endpoint's "before" and "after" fault checks."""
         self.engine.fault_check(self.exchange, endpoint, self.account_key, phase="before")
-
-    def _after(self, endpoint: str) -> None:
+        result = operation(*args, **kwargs)
         self.engine.fault_check(self.exchange, endpoint, self.account_key, phase="after")
+        return result
 
     def load_markets(self, market_type: MarketType) -> list[MarketRule]:
-        self._before("load_markets")
-        markets = self.engine.market_list(self.exchange, market_type)
-        self._after("load_markets")
-        return markets
+        return self._call("load_markets", self.engine.market_list, self.exchange, market_type)
 
     def fetch_last_prices(self, market_type: MarketType, symbols: list[str] | None = None) -> dict[str, Decimal]:
-        self._before("fetch_last_prices")
-        prices = self.engine.prices_last(self.exchange, market_type, symbols)
-        self._after("fetch_last_prices")
-        return prices
+        return self._call("fetch_last_prices", self.engine.prices_last, self.exchange, market_type, symbols)
 
     def fetch_balance(self, market_type: MarketType) -> Balance:
-        self._before("fetch_balance")
-        balance = self.engine.balance_get(self.exchange, self.account_key, market_type)
-        self._after("fetch_balance")
-        return balance
+        return self._call("fetch_balance", self.engine.balance_get, self.exchange, self.account_key, market_type)
 
     def create_order(self, request: OrderRequest) -> OrderState:
         """Place an order; a Network error may come after it was stored: look it up by client id."""
-        self._before("create_order")
-        state = self.engine.order_create(self.exchange, self.account_key, request)
-        self._after("create_order")
-        return state
+        return self._call("create_order", self.engine.order_create, self.exchange, self.account_key, request)
 
     def cancel_order(
         self,
@@ -60,8 +53,9 @@ class PaperGateway:
         client_order_id: str | None = None,
         conditional: bool = False,
     ) -> OrderState:
-        self._before("cancel_order")
-        state = self.engine.order_cancel(
+        return self._call(
+            "cancel_order",
+            self.engine.order_cancel,
             self.exchange,
             self.account_key,
             symbol=symbol,
@@ -70,8 +64,6 @@ class PaperGateway:
             client_order_id=client_order_id,
             conditional=conditional,
         )
-        self._after("cancel_order")
-        return state
 
     def fetch_order(
         self,
@@ -82,8 +74,9 @@ class PaperGateway:
         client_order_id: str | None = None,
         conditional: bool = False,
     ) -> OrderState:
-        self._before("fetch_order")
-        state = self.engine.order_get(
+        return self._call(
+            "fetch_order",
+            self.engine.order_get,
             self.exchange,
             self.account_key,
             symbol=symbol,
@@ -92,15 +85,16 @@ class PaperGateway:
             client_order_id=client_order_id,
             conditional=conditional,
         )
-        self._after("fetch_order")
-        return state
 
     def fetch_open_orders(
         self, market_type: MarketType, *, conditional: bool = False, symbol: str | None = None
     ) -> list[OrderState]:
-        self._before("fetch_open_orders")
-        orders = self.engine.order_list_open(
-            self.exchange, self.account_key, market_type, conditional=conditional, symbol=symbol
+        return self._call(
+            "fetch_open_orders",
+            self.engine.order_list_open,
+            self.exchange,
+            self.account_key,
+            market_type,
+            conditional=conditional,
+            symbol=symbol,
         )
-        self._after("fetch_open_orders")
-        return orders
