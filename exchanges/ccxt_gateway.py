@@ -28,6 +28,8 @@ from exchanges.gateway import (
     OrderStatus,
     OrderType,
     Side,
+    call_policy,
+    call_policy_current,
 )
 from scheduler.scrub import scrub, secret_register
 
@@ -179,8 +181,34 @@ def _apply_override(exchange: Any, family: str, market_type: MarketType) -> None
     logger.info("exchange %s %s aimed at %s", exchange.id, market_type, base)
 
 
+_policed: dict[type, type] = {}
+
+
+def _policed_class(cls: type) -> type:
+    """`cls` whose `timeout` (read by ccxt at every request) yields to the calling thread's CallPolicy.
+
+    One instance serves every thread of the process (its markets, nonce and rate limiter are
+    shared), so a job that needs short timeouts cannot set the attribute; it sets a context
+    variable instead, and only its own requests see the shorter value.
+    """
+    policed = _policed.get(cls)
+    if policed is None:
+
+        def timeout_get(self: Any) -> int:
+            own = self.__dict__.get("_own_timeout", cls.timeout)
+            short = call_policy_current().timeout_ms
+            return min(own, short) if short is not None else own
+
+        def timeout_set(self: Any, value: int) -> None:
+            self.__dict__["_own_timeout"] = value
+
+        policed = type(cls.__name__, (cls,), {"timeout": property(timeout_get, timeout_set)})
+        _policed[cls] = policed
+    return policed
+
+
 def _make_exchange(family: str, market_type: MarketType, api_key: str, api_secret: str, testnet: bool) -> Any:
-    cls = getattr(ccxt, _CLASSES[(family, market_type)])
+    cls = _policed_class(getattr(ccxt, _CLASSES[(family, market_type)]))
     exchange = cls(
         {
             "apiKey": api_key,
@@ -353,19 +381,22 @@ class CcxtGateway:
             if markets is None:
                 # A separate, key-less instance loads the public market list once for every account.
                 loader = _make_exchange(self.family, market_type, "", "", self.testnet)
-                markets = self._call(lambda: loader.load_markets(), retry=True)
+                with call_policy():  # a one-off load for the process, not the caller's call: own timeout, retries
+                    markets = self._call(lambda: loader.load_markets(), retry=True)
                 _markets[key] = markets
                 logger.info("loaded %d %s %s markets", len(markets), self.exchange, market_type)
             return markets
 
     def _call(self, fn: Callable[[], T], *, retry: bool) -> T:
+        retries = call_policy_current().retries
+        retries = self.retries if retries is None else min(retries, self.retries)
         attempt = 0
         while True:
             try:
                 return fn()
             except ccxt.BaseError as exc:
                 error = map_ccxt_error(exc, exchange=self.exchange)
-                if retry and isinstance(error, gw.Network | gw.RateLimited) and attempt < self.retries:
+                if retry and isinstance(error, gw.Network | gw.RateLimited) and attempt < retries:
                     delay = self.backoff_seconds * (2**attempt)
                     attempt += 1
                     logger.warning(

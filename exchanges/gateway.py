@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -224,6 +226,44 @@ class Rejected(GatewayError):
 
 class ExchangeError(GatewayError):
     """Any other exchange-side error."""
+
+
+# --- Call policy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """How the calling thread's exchange calls may behave: a shorter per-request timeout, fewer retries.
+
+    None leaves the gateway's own setting. A job with a tight cadence (the 1 s order queue) bounds
+    its calls this way; the gateway's instances stay shared with every other thread, which keep theirs.
+    """
+
+    timeout_ms: int | None = None
+    retries: int | None = None
+
+
+_NO_POLICY = CallPolicy()  # frozen: safe to share as the default
+_call_policy: ContextVar[CallPolicy] = ContextVar("exchange_call_policy", default=_NO_POLICY)
+
+
+def call_policy_current() -> CallPolicy:
+    return _call_policy.get()
+
+
+@contextmanager
+def call_policy(*, timeout_ms: int | None = None, retries: int | None = None) -> Iterator[CallPolicy]:
+    """Within the block, this thread's exchange calls use `timeout_ms` (if shorter) and `retries`."""
+    if timeout_ms is not None and timeout_ms <= 0:
+        raise ValueError(f"call_policy timeout_ms must be positive, not {timeout_ms}")
+    if retries is not None and retries < 0:
+        raise ValueError(f"call_policy retries must be 0 or more, not {retries}")
+    policy = CallPolicy(timeout_ms=timeout_ms, retries=retries)
+    token = _call_policy.set(policy)
+    try:
+        yield policy
+    finally:
+        _call_policy.reset(token)
 
 
 # --- Protocol ---------------------------------------------------------------------------

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import Account
-from exchanges.gateway import Auth, GatewayError
+from exchanges.gateway import Auth, GatewayError, call_policy
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
 from orders.circuit import account_scope, circuit_record, circuit_states, exchange_scope
 from orders.models import OpenOrder, PendingOrder
 from orders.queue import (
     QueueTally,
+    QueueWork,
+    queue_express_defer,
     queue_express_place,
     queue_pair_defer,
     queue_pair_rebalance,
@@ -43,17 +46,34 @@ def rebalance_order_queue() -> JobResult:
     work = queue_work_load(now=now, term=run.term if run else None)
     if work is None:
         return JobResult(summary="nothing dirty", noop=True)
+    # The pass's own exchange calls get a short timeout and no in-call retries: a slow or silent
+    # exchange costs one short timeout (its pairs then wait TROUBLE_RETRY), not the next ticks.
+    # Unknown outcomes are settled by lookup, so nothing is lost by giving up early.
+    with call_policy(timeout_ms=settings.EXCHANGE_QUEUE_TIMEOUT_MS, retries=0):
+        tally = _queue_pass(work)
+    return JobResult(summary=tally.summary(), noop=tally.noop)
+
+
+def _queue_pass(work: QueueWork) -> QueueTally:
     tally = QueueTally()
     express_skipped: set = set()
+    express_late: set = set()
     for pending in work.express:
+        pair = (pending.account_id, pending.market_type, pending.symbol)
         if work.in_trouble(pending.account_id):
-            express_skipped.add((pending.account_id, pending.market_type, pending.symbol))
+            express_skipped.add(pair)
+            continue
+        if work.out_of_time():
+            express_late.add(pair)
             continue
         try:
             tally.add(queue_express_place(work=work, pending=pending))
         except (GatewayError, UnknownExchangeError) as exc:
             tally.errors.append(f"express {pending.order_key}: {type(exc).__name__}")
             logger.warning("queue: express order %s failed: %s: %s", pending.order_key, type(exc).__name__, exc)
+    if express_late:
+        queue_express_defer(work=work, pairs=express_late)
+        tally.errors.append(f"out of time: {len(express_late)} express pairs left for the next tick")
     deferred = 0
     troubled: list = []
     for index, pair in enumerate(work.pairs):
@@ -67,7 +87,7 @@ def rebalance_order_queue() -> JobResult:
         try:
             tally.merge(queue_pair_rebalance(work=work, pair=pair))
         except (GatewayError, UnknownExchangeError) as exc:
-            queue_pair_defer(work=work, pair=pair, until=now + QUEUE_PAIR_RETRY)
+            queue_pair_defer(work=work, pair=pair, until=work.now + QUEUE_PAIR_RETRY)
             tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
             logger.warning("queue: pair %s failed: %s: %s", pair, type(exc).__name__, exc)
         tally.pairs += 1
@@ -77,7 +97,7 @@ def rebalance_order_queue() -> JobResult:
     queue_pass_finish(work=work, tally=tally)
     if deferred:
         logger.info("queue: %d swept pairs deferred to the next tick", deferred)
-    return JobResult(summary=tally.summary(), noop=tally.noop)
+    return tally
 
 
 @scheduler_job("update_open_orders")

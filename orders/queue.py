@@ -65,6 +65,9 @@ CONGESTION_QUEUED = 20  # queued orders that make a pair congested
 CONGESTION_PAIRS = 10  # congested pairs that raise the alert
 MAX_DIRTY_PER_PASS = 2000
 PASS_BUDGET_SECONDS = 0.6  # stop starting new pairs after this; the rest stay dirty for the next tick
+# A pass ends before the tick after next (the 1 s job's longest gap stays ≤ 2 s): no exchange call
+# starts that could, at the queue's own timeout (EXCHANGE_QUEUE_TIMEOUT_MS), still run past this.
+PASS_LIMIT_SECONDS = 1.8
 SWEEP_LOAD_ALL = 2000  # a sweep that finds more pairs to look at than this loads every row at once
 
 # How a failed create is resolved. "unknown": the order may be on the exchange (a timeout, a
@@ -715,7 +718,7 @@ class QueueWork:
     ticks: dict[tuple[str, str, str], tuple[Decimal, Decimal]]
     breakers: dict[str, Breaker]
     swept: bool
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())  # looked up per pass (tests fake it)
     counts: Counter = field(default_factory=Counter)
     troubled: set[str] = field(default_factory=set)  # exchanges that failed in transport this pass
     _gateways: dict[int, ExchangeGateway] = field(default_factory=dict)
@@ -735,6 +738,15 @@ class QueueWork:
 
     def over_budget(self) -> bool:
         return time.monotonic() - self.started > PASS_BUDGET_SECONDS
+
+    def out_of_time(self) -> bool:
+        """Whether an exchange call started now could outlast PASS_LIMIT_SECONDS (never before the budget)."""
+        cutoff = max(PASS_BUDGET_SECONDS, PASS_LIMIT_SECONDS - settings.EXCHANGE_QUEUE_TIMEOUT_MS / 1000)
+        return time.monotonic() - self.started > cutoff
+
+    def may_call(self, account_id: int) -> bool:
+        """Whether the pass may still send a call to the account's exchange (not in trouble, not out of time)."""
+        return not self.in_trouble(account_id) and not self.out_of_time()
 
     def blocked_until(self, pair: Pair) -> datetime | None:
         """When an open circuit breaker of the pair's exchange market or account closes (None: not blocked)."""
@@ -1020,6 +1032,7 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
     ranking's target (demotions first; no promotion into a bucket with a demotion pending).
 
     Expected gateway errors are outcomes here; the unexpected propagate (the pair stays dirty).
+    A pass out of time stops between moves; the rest of the plan keeps the pair due now.
     """
     tally = QueueTally(pairs=1)
     now = work.now
@@ -1034,7 +1047,7 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
         return tally
     acted = False
     for p in rows.pending:
-        if work.in_trouble(pair[0]):
+        if not work.may_call(pair[0]):
             break
         due = _lookup_due_at(submitting_at=p["submitting_at"], next_attempt_at=p["next_attempt_at"], now=now)
         if p["status"] == PendingOrder.Status.SUBMITTING and due <= now:
@@ -1043,7 +1056,7 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
                 tally.add(submitting_resolve(pending=pending, gateway=work.gateway(pair[0]), now=now, dirty=dirty))
                 acted = True
     for o in rows.open:
-        if work.in_trouble(pair[0]):
+        if not work.may_call(pair[0]):
             break
         if o["status"] == OpenOrder.Status.CANCELLING and (o["next_cancel_at"] is None or o["next_cancel_at"] <= now):
             order = OpenOrder.objects.filter(pk=o["id"], status=OpenOrder.Status.CANCELLING).first()
@@ -1054,12 +1067,12 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
         rows = selectors.queue_rows_for_pairs(pairs=[pair]).get(pair) or PairRows()
     plan, pending_ids, open_ids = _plan(work, pair, rows)
     for key in plan.demote:
-        if work.in_trouble(pair[0]):
+        if not work.may_call(pair[0]):
             break  # and promote nothing either: the plan's promotions counted on these demotions
         tally.add("demoted")
         tally.add(order_demote(open_id=open_ids[key], gateway=work.gateway(pair[0]), now=now, dirty=dirty))
     for key in plan.promote:
-        if work.in_trouble(pair[0]):
+        if not work.may_call(pair[0]):
             break
         tally.add(order_promote(pending_id=pending_ids[key], gateway=work.gateway(pair[0]), now=now, dirty=dirty))
     if acted or not plan.empty:
@@ -1083,6 +1096,15 @@ def queue_pass_defer(*, work: QueueWork, pairs: Iterable[Pair]) -> int:
     todo = [p for p in pairs if p not in work.dirty and p in work.accounts and _next_due(work, p, work.rows[p])]
     if todo:
         queue_mark_dirty(pairs=todo, now=work.now)
+    return len(todo)
+
+
+def queue_express_defer(*, work: QueueWork, pairs: Iterable[Pair]) -> int:
+    """Pairs of express orders the pass had no time for: due now (an earlier mark is kept), first next tick."""
+    todo = sorted(set(pairs))
+    if todo:
+        with transaction.atomic():
+            queue_mark_dirty_by(pairs=todo, due_at=work.now)
     return len(todo)
 
 

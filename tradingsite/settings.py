@@ -211,6 +211,10 @@ CAPITAL_QUOTE_CURRENCY = env.str("CAPITAL_QUOTE_CURRENCY", default="USDT")
 EXCHANGE_HTTP_TIMEOUT_MS = env.int("EXCHANGE_HTTP_TIMEOUT_MS", default=10_000)
 EXCHANGE_RETRIES = env.int("EXCHANGE_RETRIES", default=2)
 EXCHANGE_RETRY_BACKOFF = env.float("EXCHANGE_RETRY_BACKOFF", default=0.5)
+# The 1 s order queue's own per-request timeout (its calls are not retried; outcomes are looked up).
+EXCHANGE_QUEUE_TIMEOUT_MS = env.int("EXCHANGE_QUEUE_TIMEOUT_MS", default=1000)
+if EXCHANGE_QUEUE_TIMEOUT_MS <= 0:
+    raise ImproperlyConfigured(f"EXCHANGE_QUEUE_TIMEOUT_MS must be positive (ms), not {EXCHANGE_QUEUE_TIMEOUT_MS}")
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {

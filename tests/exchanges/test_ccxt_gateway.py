@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from decimal import Decimal
 
@@ -11,7 +12,7 @@ import pytest
 from exchanges import ccxt_gateway
 from exchanges import gateway as gw
 from exchanges.ccxt_gateway import _rewrite_urls, map_ccxt_error
-from exchanges.gateway import MarketType, OrderRequest, OrderStatus, OrderType, Side
+from exchanges.gateway import CallPolicy, MarketType, OrderRequest, OrderStatus, OrderType, Side, call_policy
 from exchanges.models import SimFault, SimOrder
 from exchanges.simulator.engine import default_engine
 from scheduler.scrub import scrub
@@ -284,6 +285,42 @@ def test_create_timeout_is_not_retried_and_found_by_client_id(make_gateway, exch
     assert SimOrder.objects.filter(client_order_id=request.client_order_id).count() == 1  # sent once
     found = gateway.fetch_order(symbol="BTC/USDT", market_type=market_type, client_order_id=request.client_order_id)
     assert found.status == OrderStatus.NEW and found.client_order_id == request.client_order_id
+
+
+def test_a_call_policy_shortens_only_its_own_threads_timeout_and_drops_retries(make_gateway):
+    # The 1 s queue bounds its calls this way while reconcile, prices etc. share the same ccxt instance.
+    gateway = make_gateway("binance", MarketType.SPOT, retries=3)
+    gateway.load_markets(MarketType.SPOT)
+    client = gateway._client(MarketType.SPOT)
+    assert client.timeout == 1500  # sim_urls' EXCHANGE_HTTP_TIMEOUT_MS
+    default_engine.fault_add(SimFault.Kind.TIMEOUT, exchange="BINANCE", endpoint="fetch_order", remaining=5)
+    seen_elsewhere: list[int] = []
+    with call_policy(timeout_ms=300, retries=0) as policy:
+        assert policy == CallPolicy(timeout_ms=300, retries=0) and client.timeout == 300
+        other = threading.Thread(target=lambda: seen_elsewhere.append(client.timeout))
+        other.start()
+        other.join()
+        started = time.monotonic()
+        with pytest.raises(gw.Network):
+            gateway.fetch_order(symbol="BTC/USDT", market_type=MarketType.SPOT, client_order_id="held-reply")
+        took = time.monotonic() - started
+    print(f"fetch_order under a 300 ms policy against a held reply: {took:.2f} s")
+    assert seen_elsewhere == [1500]  # another thread, same instance, inside the block: its own timeout
+    assert took < 1.2  # the reply is held 3 s and the instance's own timeout is 1.5 s
+    assert SimFault.objects.get().fired == 1  # not retried, although the gateway retries reads 3 times
+    assert client.timeout == 1500
+
+
+def test_a_call_policy_never_lengthens_the_timeout_and_rejects_nonsense(make_gateway):
+    client = make_gateway("bybit", MarketType.SPOT)._client(MarketType.SPOT)
+    with call_policy(timeout_ms=60_000):
+        assert client.timeout == 1500
+    with pytest.raises(ValueError, match="timeout_ms must be positive"):
+        with call_policy(timeout_ms=0):
+            pass
+    with pytest.raises(ValueError, match="retries must be 0 or more"):
+        with call_policy(retries=-1):
+            pass
 
 
 def _stop_request(gateway, market_type, cid, order_type=OrderType.STOP_LIMIT):

@@ -16,7 +16,7 @@ from django.db import connection
 from django.utils import timezone
 
 from accounts.models import StrategyAccount
-from exchanges.gateway import GatewayError, MarketType
+from exchanges.gateway import CallPolicy, GatewayError, MarketType, call_policy_current
 from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
 from orders.invariants import order_invariant_problems
@@ -43,6 +43,8 @@ class SpyGateway:
     inner: Any
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     injections: list[Injection] = field(default_factory=list)
+    policies: list[CallPolicy] = field(default_factory=list)  # the caller's CallPolicy at each call
+    on_call: Callable[[str], None] | None = None  # e.g. a fake clock that each call moves on
 
     @property
     def exchange(self) -> str:
@@ -55,6 +57,9 @@ class SpyGateway:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls.append((name, {**kwargs, **({"request": args[0]} if args else {})}))
+            self.policies.append(call_policy_current())
+            if self.on_call is not None:
+                self.on_call(name)
             hit = next((i for i in self.injections if i.method == name and i.remaining > 0), None)
             if hit is not None:
                 hit.remaining -= 1
@@ -77,10 +82,13 @@ class SpyFactory:
     def __init__(self) -> None:
         self.spies: dict[int, SpyGateway] = {}
         self.injections: list[Injection] = []
+        self.on_call: Callable[[str], None] | None = None
 
     def __call__(self, account: Any) -> SpyGateway:
         if account.pk not in self.spies:
-            self.spies[account.pk] = SpyGateway(PaperGateway(f"account-{account.pk}"), injections=self.injections)
+            self.spies[account.pk] = SpyGateway(
+                PaperGateway(f"account-{account.pk}"), injections=self.injections, on_call=self.on_call
+            )
         return self.spies[account.pk]
 
     def inject(self, method: str, error: Callable[[], GatewayError], *, after: bool = False, times: int = 1) -> None:
@@ -88,6 +96,9 @@ class SpyFactory:
 
     def count(self, name: str | None = None) -> int:
         return sum(spy.count(name) for spy in self.spies.values())
+
+    def policies(self) -> list[CallPolicy]:
+        return [p for spy in self.spies.values() for p in spy.policies]
 
     def counts(self) -> Counter:
         return Counter(n for spy in self.spies.values() for n, _ in spy.calls)

@@ -12,7 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from exchanges.gateway import InsufficientFunds, MarketType, Network, Rejected
+from exchanges.gateway import CallPolicy, InsufficientFunds, MarketType, Network, Rejected, call_policy_current
 from exchanges.models import SimFault, SimOrder
 from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
@@ -302,6 +302,76 @@ def test_an_exchange_that_times_out_gets_one_call_per_pass_not_one_per_order(sa,
     assert spy.count("create_order") == 4 and spy.count("fetch_order") == 1
     assert events(market.order_key) == ["queued", "submitting", "placed", "filled"]
     assert OpenOrder.objects.filter(order_type="LIMIT").count() == 3
+    assert invariant_problems([sa.account_id]) == []
+
+
+class FakeMonotonic:
+    """Stands in for orders.queue's `time`: a pass's elapsed time moves only when the spy says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def each_call_takes(self, seconds: float):  # noqa: ANN201
+        def advance(name: str) -> None:
+            self.now += seconds
+
+        return advance
+
+
+def test_the_pass_calls_the_exchange_under_the_queue_timeout_and_never_retries(sa, clock, spy, settings):  # noqa: ANN001
+    settings.EXCHANGE_QUEUE_TIMEOUT_MS = 700
+    enqueue(sa, "BUY", "2000")
+    enqueue(sa, "BUY", None, order_type="MARKET", quantity="0.01")
+    spy.inject("create_order", lambda: Network("read timed out"), after=True)
+    run(clock)
+    run(clock, seconds=3)  # the lookup of the timed-out create, then the other create
+    assert spy.counts() == {"create_order": 2, "fetch_order": 1}
+    assert set(spy.policies()) == {CallPolicy(timeout_ms=700, retries=0)}
+    assert call_policy_current() == CallPolicy()  # the job's policy ends with the pass
+
+
+@pytest.mark.parametrize(("timeout_ms", "creates"), [(1000, 2), (500, 3)])
+def test_no_exchange_call_starts_that_could_outlast_the_pass_limit(
+    sa, clock, spy, settings, monkeypatch, timeout_ms, creates
+):  # noqa: ANN001, E501
+    # Found by the drill: a pass that went on calling a slow exchange ran past the next tick, so the
+    # 1 s job's gap grew to 4 s. A call starts only if it would end, at the queue's own timeout,
+    # within PASS_LIMIT_SECONDS (1.8 s): with 1000 ms no call starts after 0.8 s, with 500 ms after 1.3 s.
+    settings.ORDER_QUEUE_SLOTS = {"default": 3}
+    settings.EXCHANGE_QUEUE_TIMEOUT_MS = timeout_ms
+    fake = FakeMonotonic()
+    monkeypatch.setattr("orders.queue.time", fake)
+    spy.on_call = fake.each_call_takes(0.45)  # creates start at 0, 0.45, 0.9 s into the pass
+    for price in ("2000", "2010", "2020"):
+        enqueue(sa, "BUY", price)
+    first = run(clock)
+    assert spy.count("create_order") == creates
+    assert OpenOrder.objects.count() == creates
+    due = QueueDirty.objects.filter(symbol="ETH/USDT").values_list("marked_at", flat=True)
+    assert list(due) == ([] if creates == 3 else [T0 + timedelta(seconds=1)])  # the rest: next tick
+    assert first.outcome == JobRun.Outcome.OK
+    run(clock)
+    assert spy.count("create_order") == 3 and OpenOrder.objects.count() == 3
+    assert invariant_problems([sa.account_id]) == []
+
+
+def test_express_orders_the_pass_has_no_time_for_go_first_next_tick(sa, clock, spy, settings, monkeypatch):  # noqa: ANN001
+    settings.EXCHANGE_QUEUE_TIMEOUT_MS = 1000
+    fake = FakeMonotonic()
+    monkeypatch.setattr("orders.queue.time", fake)
+    spy.on_call = fake.each_call_takes(1.0)  # a slow (not failing) exchange
+    eth = enqueue(sa, "BUY", None, order_type="MARKET", quantity="0.01")
+    sol = enqueue(sa, "BUY", None, order_type="MARKET", quantity="0.1", symbol="SOL/USDT")
+    first = run(clock)
+    assert spy.count("create_order") == 1
+    assert "out of time: 1 express pairs left for the next tick" in first.summary
+    assert QueueDirty.objects.filter(symbol="SOL/USDT", marked_at__lte=T0 + timedelta(seconds=1)).exists()
+    run(clock)
+    assert spy.count("create_order") == 2
+    assert events(eth.order_key) == events(sol.order_key) == ["queued", "submitting", "placed", "filled"]
     assert invariant_problems([sa.account_id]) == []
 
 
