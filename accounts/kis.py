@@ -69,7 +69,7 @@ def expires_at_parse(reply: dict[str, Any], *, now: datetime) -> datetime:
             return datetime.strptime(text, EXPIRED_FORMAT).replace(tzinfo=KST).astimezone(UTC)
         except ValueError:
             logger.warning("KIS access_token_token_expired %r unparsable; using expires_in", text[:40])
-    seconds = reply.get("expires_in")
+    seconds: Any = reply.get("expires_in")  # int() below turns None and junk alike away
     try:
         seconds = int(seconds)
     except (TypeError, ValueError):

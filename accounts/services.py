@@ -8,7 +8,7 @@ import logging
 from decimal import Decimal
 
 from django.contrib.auth.hashers import check_password
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from accounts.models import Account, Exchange, Strategy, StrategyAccount, StrategyCapital
@@ -43,7 +43,7 @@ def account_credentials_clear(*, account: Account) -> None:
 
 def account_create(
     *,
-    user: AbstractBaseUser,
+    user: User,
     name: str,
     exchange: str = Exchange.PAPER,
     account_type: str = Account.AccountType.CRYPTO,

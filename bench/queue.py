@@ -43,7 +43,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench.support import bench_env, django_start, header, line, median_seconds, migrate, pg_recreate, statements
 
@@ -80,8 +80,8 @@ class FakeExchange:
         self.book: dict[str, Any] = {}  # exchange_order_id → OrderState of live orders
         self._ids = itertools.count(1)
 
-    def gateway(self, account: Any) -> FakeGateway:
-        return FakeGateway(self, f"account-{account.pk}")
+    def gateway(self, account_like: Any) -> FakeGateway:  # stands in for exchanges.services.gateway_for
+        return FakeGateway(self, f"account-{account_like.pk}")
 
     @property
     def total(self) -> int:
@@ -212,10 +212,12 @@ def seed(n_accounts: int, n_symbols: int, fake: FakeExchange) -> list[tuple[int,
     live: list[OpenOrder] = []
 
     def flush(force: bool = False) -> None:
-        for rows, model in ((pending, PendingOrder), (live, OpenOrder)):
-            if rows and (force or len(rows) >= CHUNK):
-                model.objects.bulk_create(rows, batch_size=CHUNK)
-                rows.clear()
+        if pending and (force or len(pending) >= CHUNK):
+            PendingOrder.objects.bulk_create(pending, batch_size=CHUNK)
+            pending.clear()
+        if live and (force or len(live) >= CHUNK):
+            OpenOrder.objects.bulk_create(live, batch_size=CHUNK)
+            live.clear()
 
     pairs = []
     with transaction.atomic():
@@ -351,7 +353,7 @@ def churn_start(pairs: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]
                 .values_list("pk", flat=True)
                 .first()
             )
-            PendingOrder.objects.filter(pk=worst).update(priority=-1)
+            PendingOrder.objects.filter(pk=cast(int, worst)).update(priority=-1)  # each pair has LIMIT BUYs
         queue_mark_dirty(pairs=chosen, now=timezone.now())
     return chosen
 

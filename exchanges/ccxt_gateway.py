@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, cast
 from urllib.parse import urlsplit
 
 import ccxt
@@ -60,6 +60,11 @@ def _error_code(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+class _ErrorKwargs(TypedDict):
+    code: str | None
+    exchange: str
+
+
 def map_ccxt_error(exc: BaseException, *, exchange: str = "") -> gw.GatewayError:
     """Translate a ccxt exception into the typed gateway error, most specific first; text scrubbed.
 
@@ -70,7 +75,7 @@ def map_ccxt_error(exc: BaseException, *, exchange: str = "") -> gw.GatewayError
     """
     text = scrub(str(exc))
     code = _error_code(text)
-    kwargs = {"code": code, "exchange": exchange}
+    kwargs: _ErrorKwargs = {"code": code, "exchange": exchange}
     if isinstance(exc, ccxt.OrderNotFound):
         return gw.NotFound(text, **kwargs)
     if isinstance(exc, ccxt.DuplicateOrderId):
@@ -184,7 +189,7 @@ def _apply_override(exchange: Any, family: str, market_type: MarketType) -> None
 _policed: dict[type, type] = {}
 
 
-def _policed_class(cls: type) -> type:
+def _policed_class(cls: type[Any]) -> type[Any]:
     """`cls` whose `timeout` (read by ccxt at every request) yields to the calling thread's CallPolicy.
 
     One instance serves every thread of the process (its markets, nonce and rate limiter are
@@ -261,7 +266,7 @@ def _decimal(value: Any) -> Decimal | None:
 def _decimals_of(step: Decimal | None) -> int:
     if step is None or step <= 0:
         return 8
-    return max(0, -step.normalize().as_tuple().exponent)
+    return max(0, -cast(int, step.normalize().as_tuple().exponent))  # a finite step: int exponent
 
 
 def _ms_to_datetime(ms: Any) -> datetime:
@@ -609,7 +614,11 @@ class CcxtGateway:
         else:
             filter_params["orderLinkId"] = client_order_id
         for fetch in (client.fetch_open_orders, client.fetch_canceled_and_closed_orders):
-            found = self._call(lambda fetch=fetch: fetch(ccxt_symbol, None, None, dict(filter_params)), retry=True)
+
+            def fetch_orders(fetch: Callable[..., Any] = fetch) -> Any:
+                return fetch(ccxt_symbol, None, None, dict(filter_params))
+
+            found = self._call(fetch_orders, retry=True)
             for raw in found:
                 if (exchange_order_id and str(raw.get("id")) == str(exchange_order_id)) or (
                     client_order_id and raw.get("clientOrderId") == client_order_id
@@ -627,6 +636,7 @@ class CcxtGateway:
         market_type = MarketType(market_type)
         client = self._client(market_type)
         ccxt_symbol = self._ccxt_symbol(symbol, market_type) if symbol else None
+        params: dict[str, Any]
         if self.family == "binance":
             params = {"trigger": True} if conditional and market_type == MarketType.FUTURES else {}
         else:
@@ -762,6 +772,7 @@ class CcxtGateway:
         is_conditional: bool,
     ) -> tuple[OrderStatus, str | None]:
         """The order's status; for a conditional order TRIGGERED (never FILLED) once its stop fired."""
+        status: OrderStatus | None
         if self.family == "binance" and "algoStatus" in info:
             status = _ALGO_STATUS.get(str(info["algoStatus"]).upper(), OrderStatus.NEW)
             spawned = str(info.get("actualOrderId") or "") or None

@@ -88,9 +88,10 @@ class SimExchange(models.Model):
 class SimOrder(models.Model):
     """An order on the simulated exchange; conditional orders spawn a regular child when triggered."""
 
-    Status = models.TextChoices("Status", [(s.value, s.value) for s in OrderStatus])
-    Type = models.TextChoices("Type", [(t.value, t.value) for t in OrderType])
-    SideChoices = models.TextChoices("SideChoices", [(s.value, s.value) for s in Side])
+    # The ignores: django-stubs types only the class syntax of TextChoices, not this functional API.
+    Status = models.TextChoices("Status", [(s.value, s.value) for s in OrderStatus])  # type: ignore[call-overload]
+    Type = models.TextChoices("Type", [(t.value, t.value) for t in OrderType])  # type: ignore[call-overload]
+    SideChoices = models.TextChoices("SideChoices", [(s.value, s.value) for s in Side])  # type: ignore[call-overload]
 
     exchange = models.CharField(max_length=32)
     account = models.CharField(max_length=128)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import ROUND_FLOOR, Decimal
+from typing import cast
 
 from exchanges.gateway import MarketRule
 
@@ -20,7 +21,7 @@ def floor_to_step(value: Decimal, step: Decimal) -> Decimal:
     # Division rounds at the context precision: never hand back more than was asked for.
     if result > value:
         result -= step
-    exponent = min(step.normalize().as_tuple().exponent, 0)
+    exponent = min(cast(int, step.normalize().as_tuple().exponent), 0)  # a finite step: int exponent
     return result.quantize(Decimal(1).scaleb(exponent))
 
 

@@ -6,8 +6,9 @@ import logging
 import re
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
+from django.contrib.auth.models import User
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -41,7 +42,8 @@ class PlainDecimalField(serializers.DecimalField):
         kwargs.setdefault("decimal_places", 12)
         super().__init__(**kwargs)
 
-    def to_representation(self, value: Any) -> str | None:
+    # The ignore: DRF's stubs promise a str, and a None value stays None here.
+    def to_representation(self, value: Any) -> str | None:  # type: ignore[override]
         if value is None:
             return None
         return format(Decimal(value).normalize(), "f")
@@ -92,7 +94,8 @@ class ErrorsSerializer(serializers.Serializer):
     class Meta:
         ref_name = "ValidationErrors"
 
-    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))
+    # A declared field, popped from the class by SerializerMetaclass: Serializer.errors is not shadowed.
+    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))  # type: ignore[assignment]
 
 
 def errors_response(errors: dict[str, list[str]]) -> Response:
@@ -156,6 +159,11 @@ class UserApi(APIView):
     # TokenAuthentication first: an anonymous request gets 401 with WWW-Authenticate.
     authentication_classes = [TokenAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
+
+
+def request_user(request: Request) -> User:
+    """The user of a UserApi request: IsAuthenticated has turned anonymous requests away already."""
+    return cast(User, request.user)
 
 
 # --- Orders ---------------------------------------------------------------------------------------
@@ -231,7 +239,9 @@ class OrderCreateApi(UserApi):
             priority=values.get("priority") or 0,
         )
         try:
-            orders = order_intake(user=request.user, request=intake, now=timezone.now(), known_errors=parse_errors)
+            orders = order_intake(
+                user=request_user(request), request=intake, now=timezone.now(), known_errors=parse_errors
+            )
         except OrderRejectedError as exc:
             return errors_response(exc.errors)
         body = OrderCreateApi.OutputSerializer({"order_keys": [o.order_key for o in orders], "orders": orders}).data
@@ -282,12 +292,13 @@ class OrderListApi(UserApi):
         if errors:
             return errors_response(errors)
         orders = order_list_for_user(
-            user=request.user, account_id=values["account"], symbol=values["symbol"], status=values["status"]
+            user=request_user(request), account_id=values["account"], symbol=values["symbol"], status=values["status"]
         )
         return paginated_response(request=request, view=self, queryset=orders, serializer=OrderListApi.OutputSerializer)
 
 
-class OrderCollectionApi(OrderCreateApi, OrderListApi):
+# The ignore: both bases name a nested OutputSerializer; each handler refers to its own class's by name.
+class OrderCollectionApi(OrderCreateApi, OrderListApi):  # type: ignore[misc]
     """/api/orders/ serves two operations on one path; each keeps its own class and serializers,
     and this class only routes GET and POST to them."""
 
@@ -315,7 +326,7 @@ class OrderCancelApi(UserApi):
         responses={202: OutputSerializer, 404: None, 409: OutputSerializer},
     )
     def delete(self, request: Request, order_key: uuid.UUID) -> Response:
-        if not order_key_owned_by(user=request.user, order_key=order_key):
+        if not order_key_owned_by(user=request_user(request), order_key=order_key):
             raise NotFound(f"no order {order_key}")
         state = order_cancel_by_user(order_key=order_key, now=timezone.now())
         logger.info("user %s cancel of order %s: %s", request.user.pk, order_key, state)

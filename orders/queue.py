@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from django.conf import settings
 from django.db import transaction
@@ -404,10 +404,12 @@ def _submitting_not_found(*, pending: PendingOrder, now: datetime, dirty: DirtyT
             if row.not_found_count == 0:
                 row.not_found_count = 1
                 row.last_lookup_at = now
-            row.next_attempt_at = row.last_lookup_at + NOT_FOUND_GAP
+            # Set with the first not-found (not_found_count >= 1 from then on).
+            next_attempt_at = cast(datetime, row.last_lookup_at) + NOT_FOUND_GAP
+            row.next_attempt_at = next_attempt_at
             row.save(update_fields=["not_found_count", "last_lookup_at", "next_attempt_at", "updated_at"])
             if dirty is None:
-                queue_mark_dirty_by(pairs=[_pair_of(row)], due_at=row.next_attempt_at)
+                queue_mark_dirty_by(pairs=[_pair_of(row)], due_at=next_attempt_at)
             return "not_found"
         details = {
             "placement_no": row.placement_no,
@@ -480,6 +482,15 @@ def order_demote(*, open_id: int, gateway: ExchangeGateway, now: datetime, dirty
     return order_cancel_send(order=row, gateway=gateway, now=now, dirty=dirty)
 
 
+class _OrderTarget(TypedDict):
+    """The keyword arguments of cancel_order and fetch_order that name one live order."""
+
+    symbol: str
+    market_type: MarketType
+    exchange_order_id: str
+    conditional: bool
+
+
 def order_cancel_send(
     *, order: OpenOrder, gateway: ExchangeGateway, now: datetime, dirty: DirtyTracker | None = None
 ) -> str:
@@ -491,7 +502,7 @@ def order_cancel_send(
     An explicit refusal returns a demoted order to its previous status (event `failed`).
     Returns "requeued", "cancelled", "filled", "triggered", "cancel_unknown", "cancel_refused" or "skipped".
     """
-    target = {
+    target: _OrderTarget = {
         "symbol": order.symbol,
         "market_type": MarketType(order.market_type),
         "exchange_order_id": order.exchange_order_id,
@@ -754,7 +765,7 @@ class QueueWork:
         if account is None:
             return None
         until = [
-            b.opened_until
+            cast(datetime, b.opened_until)  # an open breaker has one
             for scope in (
                 exchange_scope(exchange=account.exchange, market_type=pair[1]),
                 account_scope(account_id=pair[0]),
@@ -1049,8 +1060,8 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
     for p in rows.pending:
         if not work.may_call(pair[0]):
             break
-        due = _lookup_due_at(submitting_at=p["submitting_at"], next_attempt_at=p["next_attempt_at"], now=now)
-        if p["status"] == PendingOrder.Status.SUBMITTING and due <= now:
+        lookup_due = _lookup_due_at(submitting_at=p["submitting_at"], next_attempt_at=p["next_attempt_at"], now=now)
+        if p["status"] == PendingOrder.Status.SUBMITTING and lookup_due <= now:
             pending = PendingOrder.objects.filter(pk=p["id"]).first()
             if pending is not None:
                 tally.add(submitting_resolve(pending=pending, gateway=work.gateway(pair[0]), now=now, dirty=dirty))

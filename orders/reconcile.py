@@ -85,8 +85,8 @@ def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGat
         listed: dict[tuple[bool, str], OrderState] = {}
         for conditional in (False, True):
             if any(row.conditional == conditional for row in rows):
-                for state in gateway.fetch_open_orders(mt, conditional=conditional):
-                    listed[(conditional, state.exchange_order_id)] = state
+                for open_state in gateway.fetch_open_orders(mt, conditional=conditional):
+                    listed[(conditional, open_state.exchange_order_id)] = open_state
         seen = []
         for row in rows:
             state = listed.get((row.conditional, row.exchange_order_id))

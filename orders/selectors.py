@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import CharField, Count, F, Max, Min, Q, QuerySet, Value
 
 from accounts.models import Account
@@ -253,7 +253,7 @@ ORDER_LIST_FIELDS = (
 
 def order_list_for_user(
     *,
-    user: AbstractBaseUser,
+    user: User,
     account_id: int | None = None,
     symbol: str | None = None,
     status: str | None = None,
@@ -289,7 +289,7 @@ def order_list_for_user(
     return halves[0].union(halves[1], all=True).order_by("-queue_seq", "order_key")
 
 
-def order_key_owned_by(*, user: AbstractBaseUser, order_key: uuid.UUID) -> bool:
+def order_key_owned_by(*, user: User, order_key: uuid.UUID) -> bool:
     """Whether the logical order exists (queued, live or ended) on one of the user's accounts."""
     return (
         PendingOrder.objects.filter(order_key=order_key, account__user=user).exists()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import F, Sum
 
@@ -207,7 +207,7 @@ class IntakeRequest:
     priority: int = 0
 
 
-def _resolve_account(*, user: AbstractBaseUser, account_id: int | None, errors: Errors) -> Account | None:
+def _resolve_account(*, user: User, account_id: int | None, errors: Errors) -> Account | None:
     if account_id is None:
         return None
     # A foreign account reads exactly like an unknown one: ids of other users' accounts do not leak.
@@ -239,7 +239,7 @@ def _resolve_strategy(*, group_name: str | None, errors: Errors) -> Strategy | N
 
 def order_intake(
     *,
-    user: AbstractBaseUser,
+    user: User,
     request: IntakeRequest,
     now: datetime,
     known_errors: Mapping[str, list[str]] | None = None,
@@ -292,7 +292,14 @@ def order_intake(
                 errors.setdefault(name, []).extend(messages)
 
     spot_sell = strategy is not None and strategy.market_type == MarketType.SPOT and request.side == Side.SELL
-    if spot_sell and strategy_account is not None and check.quantity is not None and "quantity" not in errors:
+    # check.quantity is set only once the market rules were checked, which needs the symbol.
+    if (
+        spot_sell
+        and strategy_account is not None
+        and request.symbol is not None
+        and check.quantity is not None
+        and "quantity" not in errors
+    ):
         # A first look without the lock, so this rule is reported with all the others;
         # it is checked again under the pair lock before enqueueing.
         held, in_orders = sell_exposure(strategy_account_id=strategy_account.pk, symbol=request.symbol)

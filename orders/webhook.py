@@ -254,6 +254,8 @@ def _account_order(
     rule, errors = market_rule_active(exchange=account.exchange, market_type=market_type, symbol=signal.symbol)
     if rule is None:
         return None, errors
+    order_type: str
+    side: str
     if signal.closes:
         held = (
             Position.objects.filter(strategy_account=strategy_account, symbol=signal.symbol)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -40,7 +41,7 @@ class WebhookJSONParser(BaseParser):
 
     media_type = "application/json"
 
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: dict | None = None) -> Any:
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
         encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
         try:
             return json.loads(stream.read().decode(encoding), parse_float=Decimal)
@@ -86,7 +87,8 @@ class WebhookErrorsSerializer(serializers.Serializer):
     class Meta:
         ref_name = "WebhookErrors"
 
-    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))
+    # A declared field, popped from the class by SerializerMetaclass: Serializer.errors is not shadowed.
+    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))  # type: ignore[assignment]
     account_errors = serializers.DictField(
         child=serializers.DictField(child=serializers.ListField(child=serializers.CharField())),
         help_text="account id → field → messages",

@@ -17,6 +17,7 @@ from orders.apis import (
     fields_parse,
     page_serializer,
     paginated_response,
+    request_user,
 )
 from positions.selectors import position_list_for_user
 
@@ -55,7 +56,7 @@ class PositionListApi(UserApi):
         if errors:
             return errors_response(errors)
         positions = position_list_for_user(
-            user=request.user,
+            user=request_user(request),
             account_id=values["account"],
             symbol=values["symbol"],
             include_flat=bool(values["include_flat"]),

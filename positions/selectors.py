@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
 from positions.models import Position
@@ -10,7 +10,7 @@ from positions.models import Position
 
 def position_list_for_user(
     *,
-    user: AbstractBaseUser,
+    user: User,
     account_id: int | None = None,
     symbol: str | None = None,
     include_flat: bool = False,

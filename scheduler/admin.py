@@ -62,8 +62,15 @@ class SchedulerJobAdmin(StaffReadOnlyAdmin):
     action_form = JobCommandActionForm
     actions = ["run_now", "pause", "resume"]
     list_display = ["id", "job_name", "job_trigger", "next_run_time", "is_paused", "pause_reason", "last_outcome"]
-    fields = ["id", "job_name", "job_trigger", "next_run_time", "is_paused", "pause_reason", "last_outcome"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "id",
+        "job_name",
+        "job_trigger",
+        "next_run_time",
+        "is_paused",
+        "pause_reason",
+        "last_outcome",
+    )
     exclude = ["job_state"]
     search_fields = ["id"]
     ordering = ["id"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import connection
@@ -33,7 +33,7 @@ class PostgresLeaderLock:
     """
 
     def __init__(self) -> None:
-        self._conn = None
+        self._conn: Any = None  # a psycopg2 connection (psycopg2 has no type stubs here)
         self.backend_pid: int | None = None
 
     def _connect(self):  # noqa: ANN202
@@ -107,7 +107,7 @@ class PostgresLeaderLock:
 class FileLeaderLock:
     """An exclusive OS file lock beside the SQLite database file (single-host guard)."""
 
-    backend_pid = None
+    backend_pid: int | None = None
 
     def __init__(self) -> None:
         self._lock = FileLock(leader_lock_path())

@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import cast
 
 from django.conf import settings
 from django.db.models import Count, Q, Sum
@@ -101,7 +102,7 @@ class SchedulerCollector:
         for host, pid, role, rss_bytes in SchedulerInstance.objects.filter(
             last_heartbeat__gte=self.now - STANDBY_HEARTBEAT_MAX_AGE, rss_bytes__isnull=False
         ).values_list("host", "pid", "role", "rss_bytes"):
-            rss.add_metric([host, str(pid), role], rss_bytes)
+            rss.add_metric([host, str(pid), role], cast(int, rss_bytes))  # rss_bytes__isnull=False
         yield rss
 
     def _recent_runs(self):  # noqa: ANN202
@@ -133,8 +134,8 @@ class SchedulerCollector:
             .order_by("job_id")
         )
         for row in rows:
-            buckets = [[floatToGoString(bound), row[f"le_{i}"]] for i, bound in enumerate(BUCKETS_SECONDS)]
-            buckets.append(["+Inf", row["total"]])
+            buckets = [(floatToGoString(bound), row[f"le_{i}"]) for i, bound in enumerate(BUCKETS_SECONDS)]
+            buckets.append(("+Inf", row["total"]))
             histogram.add_metric([row["job_id"]], buckets, (row["sum_ms"] or 0) / 1000)
         return histogram
 
@@ -158,14 +159,14 @@ class SchedulerCollector:
             PREFIX + CONGESTION, "Pairs with 20 or more queued orders, as of the latest minute recorded", "gauge"
         )
         # At most 15 minutes x label sets rows; the latest minute is picked here rather than in a second query.
-        rows = list(
+        congestion_rows = list(
             MetricCounter.objects.filter(minute__gte=self.since, name=CONGESTION)
             .order_by("-minute")
             .values_list("minute", "labels", "value")
         )
-        if rows:
-            latest = rows[0][0]
-            for minute, labels, value in rows:
+        if congestion_rows:
+            latest = congestion_rows[0][0]
+            for minute, labels, value in congestion_rows:
                 if minute == latest:
                     congestion.add_sample(congestion.name, parse_labels(labels), value)
         yield congestion

@@ -72,7 +72,7 @@ class CommandPoller:
 
     def handle(self, command: JobCommand) -> None:
         spec = self._spec(command.job_id)
-        by = command.requested_by.get_username() if command.requested_by_id else ""
+        by = command.requested_by.get_username() if command.requested_by is not None else ""
         if spec is None:
             jobcommand_finish(command_id=command.pk, ok=False, result=f"unknown job {command.job_id!r}")
             return

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, cast
 
 from django.db import close_old_connections as _close_old_connections
 from django.db import connection
@@ -186,16 +186,26 @@ def run_wrapped(job_id: str, fn: Callable[..., Any], args: tuple, kwargs: dict) 
         close_old_connections()
 
 
-def scheduler_job(job_id: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+class ScheduledJob(Protocol):
+    """A job function wrapped by `scheduler_job`: `__wrapped__` is the body without the JobRun bookkeeping."""
+
+    scheduler_job_id: str
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def scheduler_job(job_id: str) -> Callable[[Callable[..., Any]], ScheduledJob]:
     """Wrap a job function at module level so APScheduler's text reference resolves to the wrapper."""
 
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(fn: Callable[..., Any]) -> ScheduledJob:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return run_wrapped(job_id, fn, args, kwargs)
 
-        wrapper.scheduler_job_id = job_id  # type: ignore[attr-defined]
-        return wrapper
+        job = cast(ScheduledJob, wrapper)  # functools.wraps set __wrapped__; the job id is set here
+        job.scheduler_job_id = job_id
+        return job
 
     return decorate
 

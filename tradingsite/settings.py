@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import environ
@@ -20,7 +21,7 @@ env = environ.Env()
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 
 
-def _development_secret(name: str, make: callable) -> str:  # type: ignore[valid-type]
+def _development_secret(name: str, make: Callable[[], str]) -> str:
     """A development default generated once into var/ and reused; production refuses it."""
     value = env.str(name, default="")
     if value:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
+from typing import cast
 
 from django.conf import settings
 
@@ -54,7 +55,7 @@ def _m(symbol: str, *numbers: str) -> CatalogMarket:
 
 
 def _decimals(step: Decimal) -> int:
-    return max(0, -step.normalize().as_tuple().exponent)
+    return max(0, -cast(int, step.normalize().as_tuple().exponent))  # a finite step: int exponent
 
 
 # Steps written the way Binance reports them ("0.00100000"), on purpose: rounding must not

@@ -65,6 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from typing import cast
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -562,15 +563,16 @@ class SimEngine:
                 exchange=exchange, account=account, market_type=market_type, client_order_id=cid
             ).exists():
                 raise DuplicateClientId(f"Duplicate order sent: client order id {cid}", code="-4116", exchange=exchange)
+            # OrderRequest.__post_init__ holds: LIMIT and STOP_LIMIT have a price, conditional orders a stop price.
             if request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
-                ref_price = request.price
+                ref_price = cast(Decimal, request.price)
             elif request.order_type == OrderType.STOP_MARKET:
-                ref_price = request.stop_price
+                ref_price = cast(Decimal, request.stop_price)
             else:
                 ref_price = last
             self._check_rules(row, market, request, ref_price)
             if request.conditional:
-                stop = request.stop_price
+                stop = cast(Decimal, request.stop_price)
                 if (request.side == Side.BUY and last >= stop) or (request.side == Side.SELL and last <= stop):
                     raise Rejected("Order would immediately trigger.", code="-2021", exchange=exchange)
             open_same = SimOrder.objects.filter(

@@ -303,8 +303,8 @@ class AccountStream:
             for task in done:
                 if task.cancelled():
                     continue
-                exc = task.exception()
-                reason = _describe(exc) if exc is not None else str(task.result())
+                failure = task.exception()
+                reason = _describe(failure) if failure is not None else str(task.result())
                 break
             return reason
         finally:

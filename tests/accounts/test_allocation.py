@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import cast
 
 import pytest
 import time_machine
@@ -15,7 +16,7 @@ from accounts.allocation import allocate, should_rebalance
 from accounts.allocation_services import capital_pair_update, capital_pairs_active
 from accounts.jobs import auto_rebalance_accounts
 from accounts.models import Account, CapitalSnapshot, StrategyCapital
-from exchanges.gateway import Network
+from exchanges.gateway import ExchangeGateway, MarketType, Network
 from exchanges.models import SimFault
 from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
@@ -97,7 +98,7 @@ def sim_key(account: Account) -> str:
 
 
 def set_usdt(account: Account, free: str, used: str = "0", market_type: str = "SPOT") -> None:
-    default_engine.balance_set("PAPER", sim_key(account), market_type, "USDT", free=D(free), used=D(used))
+    default_engine.balance_set("PAPER", sim_key(account), MarketType(market_type), "USDT", free=D(free), used=D(used))
 
 
 def capitals(account: Account) -> dict[str, StrategyCapital]:
@@ -258,7 +259,7 @@ def test_fallback_allocation_watermarks_at_the_live_reading(account):  # noqa: A
         def fetch_balance(self, market_type):  # noqa: ANN001, ANN201
             raise Network("PAPER fetch_balance: connection reset")
 
-    allocation_services.gateway_for = lambda account: Down()
+    allocation_services.gateway_for = lambda account: cast(ExchangeGateway, Down())  # fetch_balance is all it needs
     try:
         outcome = update(account, T0 + timedelta(hours=3))
     finally:

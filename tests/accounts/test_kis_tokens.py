@@ -66,7 +66,7 @@ class FakeKis:
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
-        self.scripts: dict[str, deque] = {}
+        self.scripts: dict[str | None, deque] = {}
         self.default: deque = deque()
         self.delay = 0.0
         self.lock = threading.Lock()

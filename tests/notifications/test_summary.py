@@ -49,8 +49,8 @@ KST = ZoneInfo("Asia/Seoul")
 DAY = date(2026, 3, 10)
 
 
-def kst(*args: int) -> datetime:
-    return datetime(*args, tzinfo=KST)
+def kst(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, us, tzinfo=KST)
 
 
 GOLDEN = """📊 <b>Daily summary</b> · 2026-03-10 (KST)
@@ -159,7 +159,7 @@ def alice() -> dict:
     return {"user": user, "bob": bob}
 
 
-def run_job(*when: int) -> JobRun:
+def run_job(*when: int) -> JobRun | None:
     with time_machine.travel(kst(*when), tick=False):
         send_daily_summary()
     return JobRun.objects.filter(job_id="send_daily_summary").order_by("-id").first()

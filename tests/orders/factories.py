@@ -124,9 +124,11 @@ class PositionFactory(factory.django.DjangoModelFactory):
 
 def paper_market_info(*, market_type: str = "SPOT", symbol: str = "ETH/USDT") -> MarketInfo:
     """A MarketInfo row with the PAPER simulator catalog's rules for the symbol."""
+    from exchanges.gateway import MarketType
     from exchanges.simulator.catalog import catalog_market
 
-    market = catalog_market(market_type, symbol)
+    market = catalog_market(MarketType(market_type), symbol)
+    assert market is not None, f"{symbol} is not in the PAPER {market_type} catalog"
     return MarketInfoFactory(
         exchange="PAPER",
         market_type=market_type,

@@ -458,7 +458,7 @@ def test_schema_lists_the_order_and_position_paths(staff_client):  # noqa: ANN00
 
 
 def _rule(**overrides: Any) -> MarketRule:
-    fields = {
+    fields: dict[str, Any] = {
         "symbol": "1000PEPE/USDT",
         "market_type": MarketType.FUTURES,
         "base": "1000PEPE",

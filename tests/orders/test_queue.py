@@ -537,7 +537,7 @@ def test_no_row_or_pair_lock_is_held_across_the_create_call(sa, clock, spy):  # 
     order = enqueue(sa, "BUY", "2000")
     outcome: dict[str, str] = {}
 
-    def cancel_meanwhile() -> None:
+    def cancel_meanwhile() -> Network:
         def worker() -> None:
             try:
                 with connections["default"].cursor() as cursor:

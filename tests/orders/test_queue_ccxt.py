@@ -43,7 +43,7 @@ def binance_spot(sim_urls):  # noqa: ANN001, ANN201
     queue_sweep_reset()
 
 
-def _run() -> tuple[JobRun, float]:
+def _run() -> tuple[JobRun | None, float]:
     started = time.monotonic()
     rebalance_order_queue()
     took = time.monotonic() - started

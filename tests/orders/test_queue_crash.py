@@ -47,7 +47,7 @@ def _clean(settings):  # noqa: ANN001
     queue_sweep_reset()
 
 
-def tick(clock, seconds: float = 1, *, reconcile: bool = False) -> JobRun:  # noqa: ANN001
+def tick(clock, seconds: float = 1, *, reconcile: bool = False) -> JobRun | None:  # noqa: ANN001
     clock.shift(timedelta(seconds=seconds))
     with contextlib.suppress(JobFailedError):  # a crash point fired: the run records the error
         rebalance_order_queue()

@@ -10,7 +10,7 @@ import pytest
 import time_machine
 
 from exchanges import services as exchange_services
-from exchanges.gateway import Auth, MarketType, OrderRequest, OrderState, OrderType, Side
+from exchanges.gateway import Auth, ExchangeGateway, MarketType, OrderRequest, OrderState, OrderType, Side
 from exchanges.models import SimFault
 from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
@@ -46,7 +46,7 @@ def clock():
 class SpyGateway:
     """A PaperGateway that counts its calls by method name (one Counter per test)."""
 
-    def __init__(self, inner: PaperGateway, calls: Counter):
+    def __init__(self, inner: ExchangeGateway, calls: Counter):
         self._inner, self.calls = inner, calls
         self.exchange = inner.exchange
 

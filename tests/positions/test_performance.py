@@ -34,8 +34,8 @@ KST = ZoneInfo("Asia/Seoul")
 SQRT_365 = 19.1049731745428
 
 
-def kst(*args: int) -> datetime:
-    return datetime(*args, tzinfo=KST)
+def kst(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, us, tzinfo=KST)
 
 
 def close(value: Decimal | None, expected: float, tol: float = 1e-9) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
@@ -23,7 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--api-secret", default="sim-api-secret")
         parser.add_argument("--seed", type=int, default=None, help="price-walk seed of both simulated exchanges")
 
-    def handle(self, *args: object, **options: object) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         config = ServerConfig(api_key=str(options["api_key"]), api_secret=str(options["api_secret"]))
         secret_register(config.api_key)
         secret_register(config.api_secret)
