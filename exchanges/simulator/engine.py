@@ -90,6 +90,7 @@ from exchanges.gateway import (
     RateLimited,
     Rejected,
     Side,
+    call_policy_current,
 )
 from exchanges.models import SimBalance, SimExchange, SimFault, SimFill, SimOrder, SimPosition, SimPricePath
 from exchanges.rounding import floor_to_step
@@ -962,6 +963,18 @@ class SimEngine:
         hit = self._fault_consume(self._fault_candidates(exchange, "ws", account, Q(kind__in=WS_FAULTS)))
         return hit.kind if hit else None
 
+    def _caller_wait(self, latency_ms: int, exchange: str, endpoint: str) -> None:
+        """Wait out a slow reply as the calling thread would: a CallPolicy timeout (the order queue's)
+        shorter than the latency fires first, with the Network error a real client raises. In the
+        dialect server the handler thread has no policy; the client's own timeout does this there."""
+        limit_ms = call_policy_current().timeout_ms
+        if limit_ms is not None and latency_ms > limit_ms:
+            self.sleep(limit_ms / 1000)
+            raise Network(
+                f"{exchange} {endpoint}: request timed out after {limit_ms} ms (simulated)", exchange=exchange
+            )
+        self.sleep(latency_ms / 1000)
+
     def fault_check(self, exchange: str, endpoint: str, account: str, *, phase: str = "before") -> None:
         """Apply a matching fault: sleep for latency, or raise the typed error the real gateway would."""
         hit = self.fault_take(exchange, endpoint, account, phase=phase)
@@ -969,10 +982,10 @@ class SimEngine:
             return
         logger.info("sim fault %s on %s/%s %s (%s)", hit.kind, exchange, endpoint, phase, hit.fault_id)
         if hit.kind == SimFault.Kind.LATENCY:
-            self.sleep(hit.latency_ms / 1000)
+            self._caller_wait(hit.latency_ms, exchange, endpoint)
         elif hit.kind == SimFault.Kind.TIMEOUT:
             if hit.latency_ms:
-                self.sleep(hit.latency_ms / 1000)
+                self._caller_wait(hit.latency_ms, exchange, endpoint)
             raise Network(f"{exchange} {endpoint}: request timed out (simulated)", exchange=exchange)
         elif hit.kind == SimFault.Kind.HTTP_5XX:
             raise ExchangeError(

@@ -20,6 +20,7 @@ from exchanges.gateway import (
     OrderType,
     RateLimited,
     Rejected,
+    call_policy,
 )
 from exchanges.models import SimFault, SimFill, SimOrder
 from exchanges.paper import PaperGateway
@@ -335,6 +336,19 @@ def test_latency_fault_sleeps_and_succeeds(gateway, engine, sleeps):
     gateway.fetch_balance(MarketType.SPOT)
     gateway.fetch_balance(MarketType.SPOT)
     assert sleeps == [1.5, 1.5]
+
+
+def test_a_callers_call_policy_cuts_a_slow_reply_short_like_a_real_client(gateway, engine, sleeps):
+    # PAPER runs in the caller's thread, so the queue's short timeout applies here as it does to ccxt.
+    engine.fault_add(SimFault.Kind.LATENCY, endpoint="create_order", phase="after", latency_ms=3000)
+    with call_policy(timeout_ms=500), pytest.raises(Network, match="timed out after 500 ms"):
+        gateway.create_order(order("ETH/USDT", "BUY", "LIMIT", "1", price="2900", client_order_id="slow1"))
+    assert sleeps == [0.5]
+    assert SimOrder.objects.filter(client_order_id="slow1").count() == 1  # it was placed; the reply was lost
+    engine.fault_add(SimFault.Kind.LATENCY, endpoint="fetch_balance", latency_ms=300)
+    with call_policy(timeout_ms=500):
+        gateway.fetch_balance(MarketType.SPOT)  # within the limit: slow, and fine
+    assert sleeps == [0.5, 0.3]
 
 
 def test_probability_fault(engine):
