@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from accounts.models import (
@@ -16,7 +19,7 @@ from accounts.models import (
     StrategyAccount,
     StrategyCapital,
 )
-from accounts.services import account_credentials_set, strategy_webhook_token_set
+from accounts.services import account_credentials_set, api_token_issue, strategy_webhook_token_set
 
 CREDENTIAL_LABELS = {
     "api_key": "API key",
@@ -214,3 +217,37 @@ class CapitalSnapshotAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+# --- Users: API tokens ------------------------------------------------------------------------------
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class TradingUserAdmin(UserAdmin):
+    """Django's user admin plus actions that issue or rotate a user's API token and show it once."""
+
+    actions = ["issue_api_token", "rotate_api_token"]
+
+    def has_issue_token_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("authtoken.add_token")
+
+    def _tokens(self, request: HttpRequest, queryset: QuerySet, *, rotate: bool) -> None:
+        for user in queryset.order_by("username"):
+            key, created = api_token_issue(user=user, rotate=rotate)
+            verb = "new" if created else "existing"
+            self.message_user(
+                request,
+                f"API token of {user.get_username()} ({verb}): {key} — send it as `Authorization: Token <key>`",
+                messages.SUCCESS,
+            )
+
+    @admin.action(description="Issue API token (show the existing one, or create it)", permissions=["issue_token"])
+    def issue_api_token(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._tokens(request, queryset, rotate=False)
+
+    @admin.action(description="Rotate API token (the old one stops working)", permissions=["issue_token"])
+    def rotate_api_token(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._tokens(request, queryset, rotate=True)

@@ -129,3 +129,16 @@ def strategy_account_create(
     )
     StrategyCapital.objects.create(strategy_account=strategy_account, allocated_capital=allocated_capital)
     return strategy_account
+
+
+def api_token_issue(*, user: User, rotate: bool = False) -> tuple[str, bool]:
+    """The user's DRF API token, created when missing; `rotate` replaces an existing one (the old key
+    stops working at once). Returns (key, created). One short transaction; the key is never logged."""
+    from rest_framework.authtoken.models import Token
+
+    with transaction.atomic():
+        if rotate:
+            Token.objects.filter(user=user).delete()
+        token, created = Token.objects.get_or_create(user=user)
+    logger.info("API token of user %s %s", user.pk, "issued" if created else "shown again")
+    return token.key, created

@@ -35,6 +35,20 @@ def _fmt(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
+def decimal_text(value: Decimal | None, places: int | None = None) -> str:
+    """A Decimal for people (UI, logs): exactly `places` decimals (a market's price or amount precision)
+    when given, else without trailing zeros; never exponent notation; "—" for None.
+
+    Quantities and prices are floored to the step and tick at intake, so without `places` they already
+    show no more decimals than the market has (0.001000000000 → "0.001").
+    """
+    if value is None:
+        return "—"
+    if places is None:
+        return _fmt(Decimal(value))
+    return format(Decimal(value).quantize(Decimal(1).scaleb(-places)), "f")
+
+
 def check_order_rules(quantity: Decimal, price: Decimal | None, rules: MarketRule) -> list[str]:
     """Messages for every rule the order breaks (empty when it passes); `price` None skips notional."""
     problems: list[str] = []

@@ -173,3 +173,16 @@ def market_rule_any(*, exchange: str, market_type: str, symbol: str) -> MarketRu
         amount_precision=row.amount_precision,
         active=row.active,
     )
+
+
+def price_quote_list(*, exchange: str, market_type: str | None = None, symbol: str | None = None) -> list[PriceQuote]:
+    """Stored last prices of one exchange (optionally one market type and symbol), by market and symbol.
+
+    Read from the PriceQuote table, which every process shares (the per-process cache may lag). One query.
+    """
+    quotes = PriceQuote.objects.filter(exchange=exchange)
+    if market_type is not None:
+        quotes = quotes.filter(market_type=market_type)
+    if symbol is not None:
+        quotes = quotes.filter(symbol=symbol)
+    return list(quotes.order_by("market_type", "symbol"))

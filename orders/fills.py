@@ -12,6 +12,7 @@ from django.db.models import Sum
 
 from exchanges.gateway import OrderState, OrderStatus
 from exchanges.models import MarketInfo
+from exchanges.rounding import decimal_text
 from notifications.services import alert_raise
 from orders.faults import crash_point
 from orders.models import Fill, OpenOrder, OrderEvent, Trade
@@ -110,13 +111,15 @@ def fill_apply(*, order: OpenOrder, state: OrderState, source: str, now: datetim
         _order_record_fill(order=order, state=state, increment=increment.delta, price=price, source=source)
         queue_mark_dirty(pairs=[(order.account_id, order.market_type, order.symbol)], now=now)
     logger.info(
-        "fill %s %s %s %s @ %s (cum %s, %s)",
+        "fill %s %s %s %s @ %s (order %s, filled %s of %s, %s)",
         order.order_key,
-        order.symbol,
         state.side,
-        increment.delta,
-        price,
-        state.filled_quantity,
+        decimal_text(increment.delta),
+        order.symbol,
+        decimal_text(price),
+        order.describe(),
+        decimal_text(state.filled_quantity),
+        decimal_text(order.quantity),
         source,
     )
     return increment.delta

@@ -7,6 +7,7 @@ import uuid
 from django.db import models
 
 from accounts.models import Account, MarketType, StrategyAccount, money
+from exchanges.rounding import decimal_text
 
 
 class Side(models.TextChoices):
@@ -64,8 +65,17 @@ class OrderIdentity(models.Model):
     def conditional(self) -> bool:
         return self.order_type in (OrderType.STOP_LIMIT, OrderType.STOP_MARKET)
 
+    def describe(self) -> str:
+        """Side, quantity, symbol, type and prices for log lines: "BUY 0.001 BTC/USDT LIMIT @ 32500.5"."""
+        text = f"{self.side} {decimal_text(self.quantity)} {self.symbol} {self.market_type} {self.order_type}"
+        if self.stop_price is not None:
+            text += f" stop {decimal_text(self.stop_price)}"
+        if self.price is not None:
+            text += f" @ {decimal_text(self.price)}"
+        return text
+
     def __str__(self) -> str:
-        return f"{self.order_key} {self.side} {self.order_type} {self.quantity} {self.symbol}"
+        return f"{self.order_key} {self.describe()}"
 
 
 class PendingOrder(OrderIdentity):
@@ -154,6 +164,10 @@ class OrderEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.order_key} {self.kind}"
+
+
+# An importable path for drf-spectacular's ENUM_NAME_OVERRIDES (one schema enum for every event-kind field).
+OrderEventKind = OrderEvent.Kind
 
 
 class QueueDirty(models.Model):

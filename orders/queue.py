@@ -325,7 +325,13 @@ def placement_record(
             },
         )
         _touch(dirty, live, now)
-    logger.info("queue: placed %s %s as %s (%s)", live.order_key, live.symbol, state.exchange_order_id, via)
+    logger.info(
+        "queue: placed %s %s on the exchange as order %s (%s)",
+        live.order_key,
+        live.describe(),
+        state.exchange_order_id,
+        via,
+    )
     if state.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED) and state.filled_quantity <= 0:
         return "placed"
     if state.conditional and state.status == OrderStatus.TRIGGERED:

@@ -23,6 +23,7 @@ from exchanges.gateway import (
     OrderStatus,
     RateLimited,
 )
+from exchanges.rounding import decimal_text
 from notifications.services import alert_raise
 from orders.fills import fill_apply
 from orders.models import CancelRequestedBy, Fill, OpenOrder, OrderEvent, OrderType, PendingOrder
@@ -279,10 +280,42 @@ def cancel_complete(*, order: OpenOrder, state: OrderState, now: datetime, sourc
         order_event_add(order=row, kind=kind, details=details)
         row.delete()
         queue_mark_dirty(pairs=[(row.account_id, row.market_type, row.symbol)], now=now)
-    logger.info("order %s ended on the exchange as %s: %s", order.order_key, state.status, kind)
+    _log_closed(order=row, state=state, kind=kind)
     if alert:
         alert_raise(key=f"order_rejected:{order.account_id}", text=alert)
     return StateOutcome(applied=applied, ended=kind)
+
+
+def _log_closed(*, order: OpenOrder, state: OrderState, kind: str) -> None:
+    """One line per closed order that says what happened in words: a demotion is routine, not an error."""
+    filled = decimal_text(state.filled_quantity)
+    if kind == OrderEvent.Kind.REQUEUED:
+        logger.info(
+            "order %s %s demoted: cancelled on the exchange, re-queued (%s filled)",
+            order.order_key,
+            order.describe(),
+            filled,
+        )
+    elif kind == OrderEvent.Kind.REJECTED:
+        logger.warning(
+            "order %s %s rejected by the exchange (%s)", order.order_key, order.describe(), state.status.value
+        )
+    elif order.cancel_requested_by == CancelRequestedBy.USER:
+        logger.info(
+            "order %s %s cancelled at the user's request (%s filled)", order.order_key, order.describe(), filled
+        )
+    elif order.cancel_requested_by == CancelRequestedBy.DEMOTION:
+        logger.info(
+            "order %s %s demoted with nothing left to re-queue (%s filled)", order.order_key, order.describe(), filled
+        )
+    else:
+        logger.warning(
+            "order %s %s closed by the exchange as %s (%s filled)",
+            order.order_key,
+            order.describe(),
+            state.status.value,
+            filled,
+        )
 
 
 def order_trigger_record(*, order: OpenOrder, state: OrderState, now: datetime) -> OpenOrder | None:

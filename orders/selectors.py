@@ -11,11 +11,11 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.models import User
-from django.db.models import CharField, Count, F, Max, Min, Q, QuerySet, Value
+from django.db.models import CharField, Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Value
 
-from accounts.models import Account
+from accounts.models import Account, StrategyAccount
 from exchanges.models import MarketInfo
-from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty
+from orders.models import Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
 
 Pair = tuple[int, str, str]  # (account_id, market_type, symbol)
 
@@ -296,3 +296,150 @@ def order_key_owned_by(*, user: User, order_key: uuid.UUID) -> bool:
         or OpenOrder.objects.filter(order_key=order_key, account__user=user).exists()
         or OrderEvent.objects.filter(order_key=order_key, account__user=user).exists()
     )
+
+
+# --- Order and fill history: every logical order, whatever became of it -------------------------
+
+
+def order_history_latest(
+    *,
+    user: User | None,
+    account_id: int | None = None,
+    symbol: str | None = None,
+    state: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    order_key: uuid.UUID | None = None,
+) -> QuerySet[OrderEvent]:
+    """One row per logical order: its latest OrderEvent (whose kind says where it is), newest first.
+
+    `user` None: every account (callers decide who may see that). `since`/`until` bound the order's
+    latest activity. One query; an order's other events, live row and trades come from
+    `order_history_rows` for just the page being shown.
+    """
+    later = OrderEvent.objects.filter(order_key=OuterRef("order_key"), id__gt=OuterRef("id"))
+    latest = OrderEvent.objects.filter(~Exists(later))
+    if user is not None:
+        latest = latest.filter(account__user=user)
+    if account_id is not None:
+        latest = latest.filter(account_id=account_id)
+    if symbol is not None:
+        latest = latest.filter(symbol=symbol)
+    if state is not None:
+        latest = latest.filter(kind=state)
+    if since is not None:
+        latest = latest.filter(created_at__gte=since)
+    if until is not None:
+        latest = latest.filter(created_at__lt=until)
+    if order_key is not None:
+        latest = latest.filter(order_key=order_key)
+    return latest.order_by("-id")
+
+
+def _order_field(*, row: Any, arrived: dict[str, Any], name: str, detail: str) -> Any:
+    """A field of a logical order: from its queued or live row while it exists, else as it arrived."""
+    return getattr(row, name) if row is not None else arrived.get(detail)
+
+
+def order_history_rows(latest: Iterable[OrderEvent]) -> list[dict[str, Any]]:
+    """The orders of a page of `order_history_latest` with their fields, fills summary and full event list.
+
+    Four queries for any page size: events, queued rows, live rows, trades. Fields come from the live
+    or queued row while the order exists, else from its `queued` event (what arrived).
+    """
+    latest = list(latest)
+    keys = [event.order_key for event in latest]
+    events: dict[uuid.UUID, list[OrderEvent]] = defaultdict(list)
+    for event in OrderEvent.objects.filter(order_key__in=keys).order_by("id"):
+        events[event.order_key].append(event)
+    current: dict[uuid.UUID, tuple[str, Any]] = {}
+    for location, model in (("queued", PendingOrder), ("live", OpenOrder)):
+        for row in model.objects.filter(order_key__in=keys).select_related("strategy_account__strategy"):
+            current[row.order_key] = (location, row)
+    trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
+    for trade in Trade.objects.filter(order_key__in=keys).select_related("strategy_account__strategy"):
+        trades[trade.order_key].append(trade)
+    strategy_names = dict(
+        StrategyAccount.objects.filter(
+            pk__in={
+                e.details.get("strategy_account")
+                for key in keys
+                for e in events[key][:1]
+                if isinstance(e.details.get("strategy_account"), int)
+            }
+        ).values_list("pk", "strategy__group_name")
+    )
+    rows = []
+    for last in latest:
+        history = events[last.order_key]
+        arrived = history[0].details if history and history[0].kind == OrderEvent.Kind.QUEUED else {}
+        location, row = current.get(last.order_key, ("ended", None))
+        filled = sum((t.cumulative_filled for t in trades[last.order_key]), Decimal(0))
+        cost = sum((t.cumulative_filled * t.average_price for t in trades[last.order_key]), Decimal(0))
+        first_trade = trades[last.order_key][0] if trades[last.order_key] else None
+
+        def field_of(name: str, detail: str) -> Any:
+            return _order_field(row=row, arrived=arrived, name=name, detail=detail)  # noqa: B023 (used at once)
+
+        strategy = (
+            row.strategy_account.strategy.group_name
+            if row is not None
+            else first_trade.strategy_account.strategy.group_name
+            if first_trade is not None
+            else strategy_names.get(arrived.get("strategy_account"))
+        )
+        rows.append(
+            {
+                "order_key": last.order_key,
+                "account_id": last.account_id,
+                "strategy": strategy,
+                "symbol": last.symbol,
+                "market_type": field_of("market_type", "market_type")
+                or (first_trade.market_type if first_trade else None),
+                "side": field_of("side", "side"),
+                "order_type": field_of("order_type", "type"),
+                "price": field_of("price", "price"),
+                "stop_price": field_of("stop_price", "stop_price"),
+                "quantity": arrived.get("quantity") if arrived else (row.quantity if row is not None else None),
+                "filled_quantity": filled,
+                "average_price": (cost / filled) if filled else None,
+                "realized_pnl": sum((t.realized_pnl for t in trades[last.order_key]), Decimal(0)),
+                "fees": sum((t.fees for t in trades[last.order_key]), Decimal(0)),
+                "state": last.kind,
+                "location": location,
+                "status": row.status if row is not None else None,
+                "created_at": history[0].created_at if history else last.created_at,
+                "updated_at": last.created_at,
+                "events": [{"kind": e.kind, "at": e.created_at, "details": e.details} for e in history],
+            }
+        )
+    return rows
+
+
+def fill_list_for_user(
+    *,
+    user: User,
+    account_id: int | None = None,
+    symbol: str | None = None,
+    strategy: str | None = None,
+    order_key: uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> QuerySet[Fill]:
+    """The user's fills (the append-only ledger), newest first, with trade, strategy and account loaded."""
+    fills = Fill.objects.filter(strategy_account__account__user=user).select_related(
+        "trade", "strategy_account__strategy", "strategy_account__account"
+    )
+    if account_id is not None:
+        fills = fills.filter(strategy_account__account_id=account_id)
+    if symbol is not None:
+        fills = fills.filter(symbol=symbol)
+    if strategy is not None:
+        fills = fills.filter(strategy_account__strategy__group_name=strategy)
+    if order_key is not None:
+        fills = fills.filter(trade__order_key=order_key)
+    if since is not None:
+        fills = fills.filter(filled_at__gte=since)
+    if until is not None:
+        fills = fills.filter(filled_at__lt=until)
+    return fills.order_by("-filled_at", "-id")

@@ -119,7 +119,19 @@ def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime
                     kind=OrderEvent.Kind.QUEUED,
                     account_id=o.account_id,
                     symbol=o.symbol,
-                    details=_jsonable({"side": o.side, "type": o.order_type, "quantity": o.quantity, "price": o.price}),
+                    # The order as it arrived: the order history reads it back once the order has ended.
+                    details=_jsonable(
+                        {
+                            "side": o.side,
+                            "type": o.order_type,
+                            "quantity": o.quantity,
+                            "price": o.price,
+                            "stop_price": o.stop_price,
+                            "market_type": o.market_type,
+                            "strategy_account": o.strategy_account_id,
+                            "signal_at": o.signal_at,
+                        }
+                    ),
                 )
                 for o in orders
             ]

@@ -21,10 +21,10 @@ logger = logging.getLogger(__name__)
 
 
 class SchedulerDateTimeField(serializers.DateTimeField):
-    """ISO-8601 in SCHEDULER_TIMEZONE (e.g. 2026-11-24T08:34:30+09:00)."""
+    """ISO-8601 in DISPLAY_TIMEZONE (by default SCHEDULER_TIMEZONE; e.g. 2026-11-24T08:34:30+09:00)."""
 
     def __init__(self, **kwargs):  # noqa: ANN003
-        kwargs.setdefault("default_timezone", ZoneInfo(settings.SCHEDULER_TIMEZONE))
+        kwargs.setdefault("default_timezone", ZoneInfo(settings.DISPLAY_TIMEZONE))
         super().__init__(**kwargs)
 
 

@@ -29,7 +29,8 @@ LAST_RUN_FIELDS = ("outcome", "scheduled_at", "duration_ms", "lateness_ms", "sum
 
 
 def _scheduler_tz() -> ZoneInfo:
-    return ZoneInfo(settings.SCHEDULER_TIMEZONE)
+    """The zone datetimes are shown in: DISPLAY_TIMEZONE (by default the scheduler's own)."""
+    return ZoneInfo(settings.DISPLAY_TIMEZONE)
 
 
 def _local(value: datetime | None) -> datetime | None:
@@ -234,9 +235,30 @@ def jobrun_list_running_ids(*, since: datetime, limit: int) -> list[int]:
     )
 
 
-def jobrun_list_recent(*, limit: int) -> list[dict[str, Any]]:
-    """The `limit` newest JobRuns (by id), newest first, as plain dicts. One backward primary-key scan."""
-    return _feed_rows(JobRun.objects.order_by("-id")[:limit])
+def jobrun_list_recent(*, limit: int, noop: bool | None = None) -> list[dict[str, Any]]:
+    """The `limit` newest JobRuns (by id), newest first, as plain dicts. One backward primary-key scan.
+
+    `noop`: only no-op runs (True), only runs that did something or failed (False), or all (None).
+    """
+    runs = JobRun.objects.all()
+    if noop is not None:
+        runs = runs.filter(outcome=JobRun.Outcome.NOOP) if noop else runs.exclude(outcome=JobRun.Outcome.NOOP)
+    return _feed_rows(runs.order_by("-id")[:limit])
+
+
+def jobrun_series(*, job_id: str, limit: int) -> list[dict[str, Any]]:
+    """The `limit` newest finished runs of one job, oldest first: id, scheduled_at (display zone),
+    outcome, duration_ms, lateness_ms. The dashboard's per-job charts. One query on (job_id, scheduled_at)."""
+    rows = list(
+        JobRun.objects.filter(job_id=job_id)
+        .exclude(outcome=JobRun.Outcome.RUNNING)
+        .order_by("-scheduled_at")
+        .values("id", "scheduled_at", "outcome", "duration_ms", "lateness_ms")[:limit]
+    )
+    for row in rows:
+        row["scheduled_at"] = _local(row["scheduled_at"])
+    rows.reverse()
+    return rows
 
 
 def scheduler_next_runs(*, job_ids: list[str]) -> dict[str, datetime | None]:

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "django_apscheduler",
     "scheduler",
@@ -58,10 +59,14 @@ INSTALLED_APPS = [
     "accounts",
     "orders",
     "positions",
+    "reporting",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files in every mode (daphne serves no /static/ itself): from STATIC_ROOT after
+    # collectstatic, and straight from the apps' static/ dirs when WHITENOISE_USE_FINDERS is on.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -134,13 +139,21 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# One display time zone for people: admin, dashboards, API datetimes (ISO 8601 with offset) and log
+# lines (Django sets the process's TZ from TIME_ZONE). Storage stays UTC; the scheduler's "day" keeps
+# SCHEDULER_TIMEZONE (defined below; the default display zone is the same).
+DISPLAY_TIMEZONE = env.str("DISPLAY_TIMEZONE", default="") or env.str("SCHEDULER_TIMEZONE", default="Asia/Seoul")
+TIME_ZONE = DISPLAY_TIMEZONE
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
-LOGIN_URL = "/admin/login/"
+STATIC_ROOT = env.str("STATIC_ROOT", default=str(VAR_DIR / "static"))
+# Without collectstatic (development, tests) WhiteNoise finds files in the apps' static/ dirs itself.
+WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=DEBUG)
+WHITENOISE_AUTOREFRESH = DEBUG
+# Every user signs in here (the admin login admits staff only); the dashboards send others to it.
+LOGIN_URL = "/login/"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -150,7 +163,19 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
-SPECTACULAR_SETTINGS = {"TITLE": "tradingsite API", "VERSION": "0.1.0"}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "tradingsite API",
+    "VERSION": "0.1.0",
+    "DESCRIPTION": (
+        "Token authentication: send `Authorization: Token <key>`. A key is issued by "
+        "`python manage.py issue_api_token USERNAME` or by the admin action *Issue API token* on Users."
+    ),
+    # Swagger UI and Redoc from drf-spectacular-sidecar's bundled files (served as static files): no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"OrderEventKindEnum": "orders.models.OrderEventKind"},
+}
 
 # --- Scheduler (SPEC §2) ----------------------------------------------------
 SCHEDULER_TIMEZONE = env.str("SCHEDULER_TIMEZONE", default="Asia/Seoul")
@@ -223,7 +248,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"scrub": {"()": "scheduler.scrub.ScrubFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"},
+        # Local time of DISPLAY_TIMEZONE with its offset (e.g. 2026-12-04T23:41:07.123+0900).
+        "plain": {
+            "format": "%(asctime)s.%(msecs)03d%(tz)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s",
+            "datefmt": "%Y-%m-%dT%H:%M:%S",
+            "()": "tradingsite.logformat.OffsetFormatter",
+        },
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["scrub"]},
