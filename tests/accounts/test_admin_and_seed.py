@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from io import StringIO
 
 import pytest
@@ -271,20 +273,69 @@ def test_seed_demo_is_idempotent_and_prints_credentials_once(settings):  # noqa:
     assert Token.objects.get(user=demo).key == token
     assert Account.objects.filter(user=demo, exchange="PAPER").count() == 2
     assert set(Strategy.objects.values_list("market_type", flat=True)) == {"SPOT", "FUTURES"}
-    assert StrategyCapital.objects.filter(allocated_capital__gt=0).count() == StrategyAccount.objects.count() == 3
+    assert StrategyCapital.objects.filter(allocated_capital__gt=0).count() == StrategyAccount.objects.count() == 4
     assert MarketInfo.objects.filter(exchange="PAPER", market_type="SPOT").exists()
     assert MarketInfo.objects.filter(exchange="PAPER", market_type="FUTURES").exists()
 
     # More queued orders per bucket than the bucket has slots, each with its queued event.
     per_bucket = {}
-    for order in PendingOrder.objects.all():
+    far = PendingOrder.objects.exclude(strategy_account__strategy__group_name="demo-grid")
+    for order in far:
         per_bucket.setdefault((order.account_id, order.market_type, order.symbol, order.side), []).append(order)
     assert len(per_bucket) == 6
     assert all(len(orders) == 5 for orders in per_bucket.values())
-    assert OrderEvent.objects.filter(kind="queued").count() == counts["PendingOrder"] == 30
-    assert QueueDirty.objects.count() == 5  # (account, market type, symbol) pairs
-    for order in PendingOrder.objects.all():
+    assert OrderEvent.objects.filter(kind="queued").count() == counts["PendingOrder"] == 30 + 11
+    assert QueueDirty.objects.count() == 6  # (account, market type, symbol) pairs, the grid's included
+    for order in far:
         quote = PriceQuote.objects.get(exchange="PAPER", market_type=order.market_type, symbol=order.symbol).price
         # The second run refreshed the quotes, so allow for the walk having moved a little.
         far = order.price <= quote * 6 / 10 if order.side == "BUY" else order.price >= quote * 3 / 2
         assert far, (order.side, order.price, quote)
+
+    # The grid: a MARKET buy and five LIMIT levels each side, close to the market (within 0.2 %).
+    grid = PendingOrder.objects.filter(strategy_account__strategy__group_name="demo-grid")
+    assert sorted((o.side, o.order_type) for o in grid) == [("BUY", "LIMIT")] * 5 + [("BUY", "MARKET")] + [
+        ("SELL", "LIMIT")
+    ] * 5
+    quote = PriceQuote.objects.get(exchange="PAPER", market_type="FUTURES", symbol="SOL/USDT").price
+    for order in grid.filter(order_type="LIMIT"):
+        assert abs(order.price / quote - 1) < Decimal("0.002"), (order.side, order.price, quote)
+        assert (order.price < quote) == (order.side == "BUY")
+
+
+# A fixed start, so the simulated price path (a function of symbol, seed and time) is the same every run.
+GRID_START = datetime(2026, 12, 4, 6, 0, 3, tzinfo=UTC)
+
+
+def test_seed_demo_grid_fills_on_paper_within_a_minute(settings, time_machine):  # noqa: ANN001
+    from orders.jobs import rebalance_order_queue, update_open_orders
+    from orders.models import Fill
+    from positions.models import Position
+
+    settings.ORDER_QUEUE_SLOTS = {"default": 2}
+    cache.clear()
+    time_machine.move_to(GRID_START, tick=False)
+    call_command("seed_demo", stdout=StringIO())
+    grid = {"strategy_account__strategy__group_name": "demo-grid"}
+
+    rebalance_order_queue.__wrapped__()  # the MARKET buy is placed (and fills); the best levels go live
+    market_fills = list(Fill.objects.filter(**grid))
+    assert len(market_fills) == 1 and market_fills[0].delta_qty > 0
+    position = Position.objects.get(**grid)
+    assert position.quantity == market_fills[0].delta_qty
+    assert OpenOrder.objects.filter(**grid, side="BUY").count() == 2
+    assert OpenOrder.objects.filter(**grid, side="SELL").count() == 2
+
+    for second in range(5, 61, 5):  # the scheduler's jobs, a minute of simulated time
+        time_machine.move_to(GRID_START + timedelta(seconds=second), tick=False)
+        update_open_orders.__wrapped__()
+        rebalance_order_queue.__wrapped__()
+    limit_fills = Fill.objects.filter(**grid).exclude(pk=market_fills[0].pk)
+    assert limit_fills.exists(), "no grid level filled within a minute"
+    position.refresh_from_db()
+    assert position.quantity == sum(f.delta_qty for f in Fill.objects.filter(**grid))
+    # Filled levels were replaced by the next ones of their bucket (more fills than the bucket's 2 slots),
+    # and every level is accounted for: filled, live or still queued.
+    assert limit_fills.count() > 2
+    live, queued = OpenOrder.objects.filter(**grid).count(), PendingOrder.objects.filter(**grid).count()
+    assert limit_fills.count() + live + queued == 10

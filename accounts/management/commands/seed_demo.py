@@ -23,7 +23,8 @@ from exchanges.rounding import floor_to_step
 from exchanges.selectors import price_for_trading
 from exchanges.services import market_info_refresh, markets_load, price_cache_refresh
 from exchanges.simulator.catalog import DEFAULT_BALANCES
-from orders.models import OrderEvent
+from exchanges.rounding import decimal_text
+from orders.models import OpenOrder, OrderEvent, PendingOrder
 from orders.services import OrderSpec, orders_enqueue
 
 DEMO_USERNAME = "demo"
@@ -47,7 +48,17 @@ DEMO_STRATEGIES = (
     DemoStrategy(
         "demo-futures-trend", "Demo futures trend", MarketType.FUTURES, FUTURES_ACCOUNT, Decimal(1), Decimal(3)
     ),
+    DemoStrategy("demo-grid", "Demo grid (fills)", MarketType.FUTURES, FUTURES_ACCOUNT, Decimal(1), Decimal(1)),
 )
+
+# The grid strategy trades close to the market so the demo shows fills, positions and PnL moving: a
+# MARKET buy (placed and filled within seconds) and LIMIT buys below and sells above the price, GRID_SPACING
+# apart. The simulated price walks about 0.1-0.2 % a minute, so the nearest levels fill within a minute or
+# two (update_open_orders sees them every 29 s); as they fill, the queue promotes the next ones.
+GRID_STRATEGY = "demo-grid"
+GRID_SYMBOL = "SOL/USDT"
+GRID_LEVELS = 5
+GRID_SPACING = Decimal("0.0003")
 
 # (strategy group, symbol, side): each bucket gets more orders than it has slots, far from the market
 # (buys at about half the price, sells at about double), so some go live and the rest stay queued.
@@ -156,9 +167,52 @@ class Command(BaseCommand):
             stored = price_cache_refresh(exchange=Exchange.PAPER, market_type=market_type, now=now)
             self.stdout.write(f"prices PAPER {market_type}: {stored} quotes as of {now:%Y-%m-%d %H:%M:%S} UTC")
 
+    def _grid(self, strategy_account: StrategyAccount, now: datetime) -> None:
+        """A fresh grid around the current price whenever the grid strategy has no queued or live order left."""
+        waiting = (
+            PendingOrder.objects.filter(strategy_account=strategy_account).exists()
+            or OpenOrder.objects.filter(strategy_account=strategy_account).exists()
+        )
+        if waiting:
+            self.stdout.write(f"{GRID_STRATEGY!r} still has queued or live orders; no new grid")
+            return
+        market_type = strategy_account.strategy.market_type
+        info = MarketInfo.objects.get(exchange=Exchange.PAPER, market_type=market_type, symbol=GRID_SYMBOL)
+        market = price_for_trading(exchange=Exchange.PAPER, market_type=market_type, symbol=GRID_SYMBOL, now=now)
+        if market is None:
+            self.stderr.write(f"no fresh price for {GRID_SYMBOL} {market_type}; no demo grid")
+            return
+        quantity = demo_order_size(
+            price=market, step=info.step_size, min_qty=info.min_qty, min_notional=info.min_notional
+        )
+        base = {
+            "strategy_account_id": strategy_account.pk,
+            "account_id": strategy_account.account_id,
+            "symbol": GRID_SYMBOL,
+            "market_type": market_type,
+            "quantity": quantity,
+        }
+        specs = [OrderSpec(**base, side="BUY", order_type="MARKET")]
+        for level in range(1, GRID_LEVELS + 1):
+            below = floor_to_step(market * (1 - GRID_SPACING * level), info.tick_size)
+            above = floor_to_step(market * (1 + GRID_SPACING * level), info.tick_size) + info.tick_size
+            specs.append(OrderSpec(**base, side="BUY", order_type="LIMIT", price=below))
+            specs.append(OrderSpec(**base, side="SELL", order_type="LIMIT", price=above))
+        orders_enqueue(specs=specs, signal_at=now, now=now)
+        self.stdout.write(
+            f"{GRID_STRATEGY!r}: MARKET BUY {decimal_text(quantity)} {GRID_SYMBOL} and {GRID_LEVELS} LIMIT levels each "
+            f"side {GRID_SPACING * 100}% apart around {decimal_text(market)}: fills within a minute or two"
+        )
+
     def _orders(self, accounts: dict[str, Account], strategies: dict[str, StrategyAccount], now: datetime) -> None:
-        # Events are append-only, so "ever had an order" survives fills, cancels and demotions.
-        if OrderEvent.objects.filter(account__in=list(accounts.values())).exists():
+        grid = strategies[GRID_STRATEGY]
+        self._grid(grid, now)
+        # Events are append-only, so "ever had an order" survives fills, cancels and demotions; the grid
+        # trades its own (account, symbol), which no far bucket uses.
+        events = OrderEvent.objects.filter(account__in=list(accounts.values())).exclude(
+            account_id=grid.account_id, symbol=GRID_SYMBOL
+        )
+        if events.exists():
             self.stdout.write("demo orders were seeded before; none added")
             return
         specs = []
