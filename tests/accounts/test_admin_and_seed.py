@@ -307,7 +307,7 @@ def test_seed_demo_is_idempotent_and_prints_credentials_once(settings):  # noqa:
 GRID_START = datetime(2026, 12, 4, 6, 0, 3, tzinfo=UTC)
 
 
-def test_seed_demo_grid_fills_on_paper_within_a_minute(settings, time_machine):  # noqa: ANN001
+def test_seed_demo_grid_fills_on_paper_within_a_minute(settings, time_machine, caplog):  # noqa: ANN001
     from orders.jobs import rebalance_order_queue, update_open_orders
     from orders.models import Fill
     from positions.models import Position
@@ -318,7 +318,13 @@ def test_seed_demo_grid_fills_on_paper_within_a_minute(settings, time_machine): 
     call_command("seed_demo", stdout=StringIO())
     grid = {"strategy_account__strategy__group_name": "demo-grid"}
 
-    rebalance_order_queue.__wrapped__()  # the MARKET buy is placed (and fills); the best levels go live
+    with caplog.at_level("INFO"):
+        rebalance_order_queue.__wrapped__()  # the MARKET buy is placed (and fills); the best levels go live
+    # Log lines say side, quantity, symbol and price, as the market writes them (no 12-decimal noise).
+    placed = [r.getMessage() for r in caplog.records if "queue: placed" in r.getMessage()]
+    assert any(" BUY 1 SOL/USDT FUTURES MARKET on the exchange as order " in line for line in placed), placed
+    assert any(re.search(r" SELL 1 SOL/USDT FUTURES LIMIT @ \d+\.\d{1,2} on the exchange", line) for line in placed)
+    assert not any("000000" in line for line in placed)
     market_fills = list(Fill.objects.filter(**grid))
     assert len(market_fills) == 1 and market_fills[0].delta_qty > 0
     position = Position.objects.get(**grid)

@@ -476,3 +476,27 @@ def test_a_crash_after_the_trade_upsert_writes_nothing_and_the_next_run_records_
     run(clock)
     assert Fill.objects.count() == 1 and Position.objects.get(strategy_account=sa).quantity == D("1")
     assert kinds(order) == ["filled"]
+
+
+def test_close_log_lines_say_side_quantity_price_and_call_a_demotion_routine(clock, caplog):  # noqa: ANN001
+    sa = StrategyAccountFactory()
+    default_engine.price_script(EX, "ETH/USDT", ["3000"])
+    lines = {}
+    for by in ("DEMOTION", "USER"):
+        order = place(sa, "BUY", "LIMIT", "1.5", price="2900")
+        state = paper(sa).cancel_order(
+            symbol="ETH/USDT", market_type=MarketType.SPOT, exchange_order_id=order.exchange_order_id
+        )
+        OpenOrder.objects.filter(pk=order.pk).update(status="CANCELLING", cancel_requested_by=by)
+        order.refresh_from_db()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="orders.reconcile"):
+            cancel_complete(order=order, state=state, now=T0)
+        [record] = [r for r in caplog.records if r.name == "orders.reconcile"]
+        lines[by] = (record.levelname, record.getMessage())
+    level, message = lines["DEMOTION"]
+    assert level == "INFO"
+    assert "BUY 1.5 ETH/USDT SPOT LIMIT @ 2900 demoted: cancelled on the exchange, re-queued (0 filled)" in message
+    assert "CANCELED" not in message and "000000" not in message
+    level, message = lines["USER"]
+    assert level == "INFO" and "BUY 1.5 ETH/USDT SPOT LIMIT @ 2900 cancelled at the user's request" in message
