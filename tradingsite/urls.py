@@ -17,5 +17,9 @@ urlpatterns = [
     path("api/prices/", PriceApi.as_view(), name="prices"),
     # Swagger UI and Redoc load their bundles from drf-spectacular-sidecar's static files: they work offline.
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
-    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path(
+        "api/redoc/",
+        SpectacularRedocView.as_view(url_name="schema", template_name="reporting/redoc.html"),
+        name="redoc",
+    ),
 ]

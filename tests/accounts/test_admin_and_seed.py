@@ -294,9 +294,10 @@ def test_seed_demo_is_idempotent_and_prints_credentials_once(settings):  # noqa:
 
     # The grid: a MARKET buy and five LIMIT levels each side, close to the market (within 0.2 %).
     grid = PendingOrder.objects.filter(strategy_account__strategy__group_name="demo-grid")
-    assert sorted((o.side, o.order_type) for o in grid) == [("BUY", "LIMIT")] * 5 + [("BUY", "MARKET")] + [
-        ("SELL", "LIMIT")
-    ] * 5
+    assert (
+        sorted((o.side, o.order_type) for o in grid)
+        == [("BUY", "LIMIT")] * 5 + [("BUY", "MARKET")] + [("SELL", "LIMIT")] * 5
+    )
     quote = PriceQuote.objects.get(exchange="PAPER", market_type="FUTURES", symbol="SOL/USDT").price
     for order in grid.filter(order_type="LIMIT"):
         assert abs(order.price / quote - 1) < Decimal("0.002"), (order.side, order.price, quote)
