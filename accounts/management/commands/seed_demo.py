@@ -19,11 +19,10 @@ from accounts.models import Account, Exchange, MarketType, Strategy, StrategyAcc
 from accounts.services import account_create, strategy_account_create, strategy_create
 from exchanges.gateway import MarketType as GatewayMarketType
 from exchanges.models import MarketInfo
-from exchanges.rounding import floor_to_step
+from exchanges.rounding import decimal_text, floor_to_step
 from exchanges.selectors import price_for_trading
 from exchanges.services import market_info_refresh, markets_load, price_cache_refresh
 from exchanges.simulator.catalog import DEFAULT_BALANCES
-from exchanges.rounding import decimal_text
 from orders.models import OpenOrder, OrderEvent, PendingOrder
 from orders.services import OrderSpec, orders_enqueue
 
