@@ -440,7 +440,7 @@ def trader_performance(*, scope: TraderScope, now: datetime, days: int = PERFORM
 
     Days up to the last stored StrategyDailyPerformance row come from it; later days (today, and any
     day the daily job has not reached yet) are summed from the fills, so the curve moves with each
-    fill. Days are SCHEDULER_TIMEZONE calendar days (SPEC §3). Four queries.
+    fill; the series always ends today. Days are SCHEDULER_TIMEZONE calendar days (SPEC §3). Four queries.
     """
     tz = settings.SCHEDULER_TIMEZONE
     today = local_day(now, tz)
@@ -484,6 +484,8 @@ def trader_performance(*, scope: TraderScope, now: datetime, days: int = PERFORM
         for day in sorted(live_days[sid]):
             cumulative += live_days[sid][day]
             points.append((day, live_days[sid][day], cumulative))
+        if not points or points[-1][0] < today:
+            points.append((today, Decimal(0), cumulative))  # the curve reaches today even before a fill
         drawdowns = drawdown_series(p[2] for p in points)
         running = Decimal(0)
         curve = []

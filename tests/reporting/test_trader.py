@@ -209,7 +209,8 @@ def test_performance_joins_stored_days_and_todays_fills(book):  # noqa: ANN001
     everything = trader_performance(scope=TraderScope(user_id=0, everything=True), now=NOW)
     assert [p["strategy"] for p in everything] == ["bob-only", "eth-trend"]
     perf = everything[1]
-    assert everything[0]["days"] == []
+    # No data yet: the curve is one point, today at zero.
+    assert everything[0]["days"] == [{"day": "2026-12-04", "daily_pnl": "0", "cumulative_pnl": "0", "drawdown": "0"}]
     assert perf["days"] == [
         {"day": "2026-12-02", "daily_pnl": "10", "cumulative_pnl": "10", "drawdown": "0"},
         {"day": "2026-12-03", "daily_pnl": "-4", "cumulative_pnl": "6", "drawdown": "-4"},
