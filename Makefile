@@ -30,7 +30,7 @@ help:
 	@echo "make check      lint + typecheck + runscheduler --check + makemigrations --check"
 	@echo "make bench      benchmarks in bench/ (BENCH_SECONDS, default 300)"
 	@echo "make drill      the HA/chaos drill on PostgreSQL (DRILL_SECONDS, default 300; DRILL_PG_ADMIN_URL)"
-	@echo "make web        migrate, then daphne on $(WEB_BIND):$(WEB_PORT)"
+	@echo "make web        migrate, collectstatic, then daphne on $(WEB_BIND):$(WEB_PORT)"
 
 venv: $(STAMP)
 
@@ -50,7 +50,9 @@ run: migrate
 		else echo "seed_demo is not available yet; starting without demo data"; fi
 	exec $(MANAGE) runscheduler
 
+# Static files are collected into STATIC_ROOT (var/static) and served by WhiteNoise inside daphne.
 web: migrate
+	$(MANAGE) collectstatic --noinput -v 0
 	exec $(VENV)/bin/daphne -b $(WEB_BIND) -p $(WEB_PORT) tradingsite.asgi:application
 
 # pytest exit 5 means "no tests collected": a pass that ran nothing proves nothing, so it fails.
