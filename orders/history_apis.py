@@ -143,7 +143,8 @@ class FillListApi(UserApi):
         fee_currency = serializers.CharField()
         realized_pnl = PlainDecimalField()
         filled_at = serializers.DateTimeField()
-        source = serializers.CharField()
+        # A declared field (popped from the class by SerializerMetaclass), not Field.source.
+        source = serializers.CharField()  # type: ignore[assignment]
 
         def get_side(self, fill: Any) -> str:
             return "BUY" if fill.delta_qty > 0 else "SELL"

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth.models import User
 from django.db.models import CharField, Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Value
@@ -358,7 +358,8 @@ def order_history_rows(latest: Iterable[OrderEvent]) -> list[dict[str, Any]]:
             current[row.order_key] = (location, row)
     trades: dict[uuid.UUID, list[Trade]] = defaultdict(list)
     for trade in Trade.objects.filter(order_key__in=keys).select_related("strategy_account__strategy"):
-        trades[trade.order_key].append(trade)
+        if trade.order_key is not None:
+            trades[trade.order_key].append(trade)
     strategy_names = dict(
         StrategyAccount.objects.filter(
             pk__in={
@@ -386,7 +387,7 @@ def order_history_rows(latest: Iterable[OrderEvent]) -> list[dict[str, Any]]:
             if row is not None
             else first_trade.strategy_account.strategy.group_name
             if first_trade is not None
-            else strategy_names.get(arrived.get("strategy_account"))
+            else strategy_names.get(cast(int, arrived.get("strategy_account")))
         )
         rows.append(
             {

@@ -249,14 +249,13 @@ def jobrun_list_recent(*, limit: int, noop: bool | None = None) -> list[dict[str
 def jobrun_series(*, job_id: str, limit: int) -> list[dict[str, Any]]:
     """The `limit` newest finished runs of one job, oldest first: id, scheduled_at (display zone),
     outcome, duration_ms, lateness_ms. The dashboard's per-job charts. One query on (job_id, scheduled_at)."""
-    rows = list(
+    runs = (
         JobRun.objects.filter(job_id=job_id)
         .exclude(outcome=JobRun.Outcome.RUNNING)
         .order_by("-scheduled_at")
         .values("id", "scheduled_at", "outcome", "duration_ms", "lateness_ms")[:limit]
     )
-    for row in rows:
-        row["scheduled_at"] = _local(row["scheduled_at"])
+    rows: list[dict[str, Any]] = [{**run, "scheduled_at": _local(run["scheduled_at"])} for run in runs]
     rows.reverse()
     return rows
 

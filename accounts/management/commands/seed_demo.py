@@ -184,7 +184,7 @@ class Command(BaseCommand):
         quantity = demo_order_size(
             price=market, step=info.step_size, min_qty=info.min_qty, min_notional=info.min_notional
         )
-        base = {
+        base: dict[str, Any] = {
             "strategy_account_id": strategy_account.pk,
             "account_id": strategy_account.account_id,
             "symbol": GRID_SYMBOL,
