@@ -20,6 +20,7 @@ from accounts.models import (
     StrategyCapital,
 )
 from accounts.services import account_credentials_set, api_token_issue, strategy_webhook_token_set
+from exchanges.admin_display import PlainDecimalsMixin
 
 CREDENTIAL_LABELS = {
     "api_key": "API key",
@@ -162,7 +163,7 @@ class StrategyAdmin(admin.ModelAdmin):
 
 
 @admin.register(StrategyCapital)
-class StrategyCapitalAdmin(admin.ModelAdmin):
+class StrategyCapitalAdmin(PlainDecimalsMixin, admin.ModelAdmin):
     """allocated_capital may be corrected by hand until the next allocation; the PnL watermark may not."""
 
     list_display = (
@@ -200,7 +201,7 @@ class SecuritiesTokenAdmin(admin.ModelAdmin):
 
 
 @admin.register(CapitalSnapshot)
-class CapitalSnapshotAdmin(admin.ModelAdmin):
+class CapitalSnapshotAdmin(PlainDecimalsMixin, admin.ModelAdmin):
     """Read-only: written by auto_rebalance_accounts; the allocation history is its audit trail."""
 
     list_display = ("taken_at", "account", "market_type", "total", "source", "used_for_allocation")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from exchanges.admin_display import PlainDecimalsMixin
 from exchanges.models import (
     MarketInfo,
     PriceQuote,
@@ -19,20 +20,20 @@ from exchanges.models import (
 
 
 @admin.register(MarketInfo)
-class MarketInfoAdmin(admin.ModelAdmin):
+class MarketInfoAdmin(PlainDecimalsMixin, admin.ModelAdmin):
     list_display = ("exchange", "market_type", "symbol", "tick_size", "step_size", "min_qty", "min_notional", "active")
     list_filter = ("exchange", "market_type", "active")
     search_fields = ("symbol",)
 
 
 @admin.register(PriceQuote)
-class PriceQuoteAdmin(admin.ModelAdmin):
+class PriceQuoteAdmin(PlainDecimalsMixin, admin.ModelAdmin):
     list_display = ("exchange", "market_type", "symbol", "price", "as_of")
     list_filter = ("exchange", "market_type")
     search_fields = ("symbol",)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(PlainDecimalsMixin, admin.ModelAdmin):
     """Engine state changes only through the engine's short locked transactions."""
 
     def has_add_permission(self, request) -> bool:  # noqa: ANN001

@@ -13,10 +13,11 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from exchanges.admin_display import PlainDecimalsMixin
 from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(PlainDecimalsMixin, admin.ModelAdmin):
     # Tables grow to millions of rows: no COUNT(*) of the whole table on every changelist.
     show_full_result_count = False
 

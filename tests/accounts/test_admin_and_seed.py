@@ -320,11 +320,14 @@ def test_seed_demo_grid_fills_on_paper_within_a_minute(settings, time_machine, c
     grid = {"strategy_account__strategy__group_name": "demo-grid"}
 
     with caplog.at_level("INFO"):
-        rebalance_order_queue.__wrapped__()  # the MARKET buy is placed (and fills); the best levels go live
+        # The MARKET buy is placed (and fills); the best levels go live. A pass that runs out of its
+        # 0.8 s budget on a busy machine leaves pairs for the next tick, so give it a few ticks.
+        for _ in range(5):
+            rebalance_order_queue.__wrapped__()
     # Log lines say side, quantity, symbol and price, as the market writes them (no 12-decimal noise).
     placed = [r.getMessage() for r in caplog.records if "queue: placed" in r.getMessage()]
     assert any(" BUY 1 SOL/USDT FUTURES MARKET on the exchange as order " in line for line in placed), placed
-    assert any(re.search(r" SELL 1 SOL/USDT FUTURES LIMIT @ \d+\.\d{1,2} on the exchange", line) for line in placed)
+    assert any(re.search(r" SELL 1 SOL/USDT FUTURES LIMIT @ \d+(\.\d{1,2})? on the exchange", line) for line in placed)
     assert not any("000000" in line for line in placed)
     market_fills = list(Fill.objects.filter(**grid))
     assert len(market_fills) == 1 and market_fills[0].delta_qty > 0

@@ -109,3 +109,17 @@ def test_job_series_gives_duration_and_lateness_oldest_first(client, staff_user,
     assert client.get("/dashboard/jobs/no_such_job/runs.json").status_code == 404
     client.force_login(plain_user)
     assert client.get("/dashboard/jobs/update_price_cache/runs.json").status_code == 302
+
+
+def test_admin_change_lists_show_decimals_without_the_storage_padding(admin_client):  # noqa: ANN001
+    from decimal import Decimal
+
+    from tests.orders.factories import PositionFactory, PriceQuoteFactory
+
+    PriceQuoteFactory(symbol="ETH/USDT", price=Decimal("3001.25"))
+    PositionFactory(quantity=Decimal("0.015"), average_entry=Decimal("2999.5"))
+    quotes = admin_client.get("/admin/exchanges/pricequote/").content.decode()
+    assert '<td class="field-price">3001.25</td>' in quotes
+    positions = admin_client.get("/admin/positions/position/?o=4").content.decode()  # sorted by a decimal column
+    assert '<td class="field-quantity">0.015</td>' in positions
+    assert '<td class="field-average_entry">2999.5</td>' in positions

@@ -1,0 +1,45 @@
+"""Admin change lists without the 12 stored decimals: 0.001000000000 → 0.001, 65000.000000000000 → 65000."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.contrib import admin
+from django.core.exceptions import FieldDoesNotExist
+from django.db import models
+from django.http import HttpRequest
+
+from exchanges.rounding import decimal_text
+
+
+def plain_decimal_column(field: models.DecimalField) -> Callable[[Any], str]:
+    """A change-list column showing `field` without trailing zeros, sortable and titled like the field."""
+
+    @admin.display(description=str(field.verbose_name), ordering=field.name)
+    def column(obj: Any) -> str:
+        value = getattr(obj, field.name)
+        return "-" if value is None else decimal_text(value)
+
+    column.__name__ = field.name
+    return column
+
+
+class PlainDecimalsMixin:
+    """Shows every DecimalField column of `list_display` as plain text. Quantities and prices are floored
+    to the market's step and tick, so this is exactly the market's precision, without the storage padding."""
+
+    model: type[models.Model]
+
+    def get_list_display(self, request: HttpRequest) -> Sequence[Any]:
+        columns = super().get_list_display(request)  # type: ignore[misc]
+        return [self._plain(column) for column in columns]
+
+    def _plain(self, column: Any) -> Any:
+        if not isinstance(column, str):
+            return column
+        try:
+            field = self.model._meta.get_field(column)
+        except FieldDoesNotExist:
+            return column
+        return plain_decimal_column(field) if isinstance(field, models.DecimalField) else column
