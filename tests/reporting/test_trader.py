@@ -313,3 +313,10 @@ def test_anonymous_trader_feed_is_closed_with_4403():
         await communicator.disconnect(code=CLOSE_FORBIDDEN)
 
     async_to_sync(scenario)()
+
+
+def test_idle_feed_poll_is_two_queries(book, django_assert_num_queries):  # noqa: ANN001
+    cursor = trader_feed_start(scope=TraderScope.for_user(book["alice"]), now=NOW)[1]
+    # New fills by cursor, and the newest order event; the slow panels wait for their turn.
+    with django_assert_num_queries(2):
+        assert trader_feed_poll(cursor, now=NOW, clock=cursor.slow_due - 1) == []
