@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-from typing import Any
-
 from django.conf import settings
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
+from core.api import ErrorsSerializer, SymbolField, UserApi, errors_response, fields_parse
+from core.money import decimal_text
 from exchanges.gateway import MarketType
 from exchanges.selectors import price_quote_list
 
 
-class PriceApi(APIView):
+class PriceApi(UserApi):
     """GET /api/prices/?exchange=PAPER[&market_type=SPOT][&symbol=BTC/USDT]: the last prices the scheduler
     stored (refreshed every 31 s by update_price_cache), with their age and whether they are fresh enough
     for trading (PRICE_MAX_AGE_TRADE) and for valuation (PRICE_MAX_AGE_VALUE). Any signed-in user."""
 
-    # TokenAuthentication first: an anonymous request gets 401 with WWW-Authenticate.
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
-    permission_classes = [IsAuthenticated]
-
     class FilterSerializer(serializers.Serializer):
         exchange = serializers.CharField(max_length=32, help_text="e.g. PAPER, BINANCE, BYBIT")
         market_type = serializers.ChoiceField(choices=[m.value for m in MarketType], required=False)
-        symbol = serializers.RegexField(
-            r"^[A-Za-z0-9]{1,20}/[A-Za-z0-9]{1,12}$", required=False, help_text="canonical BASE/QUOTE"
-        )
+        symbol = SymbolField(required=False, help_text="canonical BASE/QUOTE, e.g. BTC/USDT")
 
     class OutputSerializer(serializers.Serializer):
         class QuoteSerializer(serializers.Serializer):
@@ -56,23 +46,16 @@ class PriceApi(APIView):
 
     @extend_schema(
         operation_id="prices_list",
-        parameters=[
-            OpenApiParameter("exchange", str, required=True),
-            OpenApiParameter("market_type", str, enum=[m.value for m in MarketType]),
-            OpenApiParameter("symbol", str),
-        ],
-        responses={200: OutputSerializer},
+        parameters=[FilterSerializer],
+        responses={200: OutputSerializer, 400: ErrorsSerializer},
     )
     def get(self, request: Request) -> Response:
-        filters = PriceApi.FilterSerializer(data=request.query_params)
-        if not filters.is_valid():
-            return Response({"errors": filters.errors}, status=400)
-        values: dict[str, Any] = filters.validated_data
+        values, errors = fields_parse(PriceApi.FilterSerializer, request.query_params)
+        if errors:
+            return errors_response(errors)
         now = timezone.now()
         quotes = price_quote_list(
-            exchange=values["exchange"].upper(),
-            market_type=values.get("market_type"),
-            symbol=values["symbol"].upper() if values.get("symbol") else None,
+            exchange=values["exchange"].upper(), market_type=values["market_type"], symbol=values["symbol"]
         )
         results = []
         for quote in quotes:
@@ -82,7 +65,7 @@ class PriceApi(APIView):
                     "exchange": quote.exchange,
                     "market_type": quote.market_type,
                     "symbol": quote.symbol,
-                    "price": format(Decimal(quote.price).normalize(), "f"),
+                    "price": decimal_text(quote.price),
                     "as_of": quote.as_of,
                     "age_seconds": round(age, 3),
                     "fresh_for_trading": age <= settings.PRICE_MAX_AGE_TRADE,

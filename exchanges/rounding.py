@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 from typing import cast
 
+from core.money import decimal_text
 from exchanges.gateway import MarketRule
 
 
@@ -30,23 +31,8 @@ def round_price_to_tick(price: Decimal, tick: Decimal) -> Decimal:
     return floor_to_step(price, tick)
 
 
-def _fmt(value: Decimal) -> str:
-    """0.001000000000 (as read from a DecimalField) → "0.001"; 1E+2 → "100"."""
-    return format(value.normalize(), "f")
-
-
-def decimal_text(value: Decimal | None, places: int | None = None) -> str:
-    """A Decimal for people (UI, logs): exactly `places` decimals (a market's price or amount precision)
-    when given, else without trailing zeros; never exponent notation; "—" for None.
-
-    Quantities and prices are floored to the step and tick at intake, so without `places` they already
-    show no more decimals than the market has (0.001000000000 → "0.001").
-    """
-    if value is None:
-        return "—"
-    if places is None:
-        return _fmt(Decimal(value))
-    return format(Decimal(value).quantize(Decimal(1).scaleb(-places)), "f")
+# Rule messages show plain numbers: "0.001", never "0.001000000000" or "1E+2".
+_fmt = decimal_text
 
 
 def check_order_rules(quantity: Decimal, price: Decimal | None, rules: MarketRule) -> list[str]:

@@ -13,7 +13,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from exchanges.admin_display import PlainDecimalsMixin
+from core.admin_display import PlainDecimalsMixin
 from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
 
 

@@ -11,11 +11,10 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from orders.apis import (
+from core.api import (
     PAGINATION_PARAMETERS,
     ApiPagination,
     ErrorsSerializer,
-    OrderCancelApi,
     PlainDecimalField,
     SymbolField,
     UserApi,
@@ -25,6 +24,7 @@ from orders.apis import (
     paginated_response,
     request_user,
 )
+from orders.apis import OrderCancelApi
 from orders.models import OrderEvent
 from orders.selectors import fill_list_for_user, order_history_latest, order_history_rows
 

@@ -7,7 +7,7 @@ import uuid
 from django.db import models
 
 from accounts.models import Account, MarketType, StrategyAccount, money
-from exchanges.rounding import decimal_text
+from core.money import decimal_text
 
 
 class Side(models.TextChoices):

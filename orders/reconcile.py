@@ -10,6 +10,7 @@ from decimal import Decimal
 from django.db import transaction
 
 from accounts.models import Account
+from core.money import decimal_text
 from exchanges.gateway import (
     Auth,
     ExchangeError,
@@ -23,7 +24,6 @@ from exchanges.gateway import (
     OrderStatus,
     RateLimited,
 )
-from exchanges.rounding import decimal_text
 from notifications.services import alert_raise
 from orders.fills import fill_apply
 from orders.models import CancelRequestedBy, Fill, OpenOrder, OrderEvent, OrderType, PendingOrder

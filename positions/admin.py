@@ -8,7 +8,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from exchanges.admin_display import PlainDecimalsMixin
+from core.admin_display import PlainDecimalsMixin
 from positions.models import Position, StrategyDailyPerformance
 
 

@@ -21,8 +21,8 @@ from django.db.models import Max, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount, StrategyCapital
+from core.money import decimal_text
 from exchanges.models import MarketInfo, PriceQuote
-from exchanges.rounding import decimal_text
 from orders.models import CancelRequestedBy, Fill, OpenOrder, OrderEvent, PendingOrder
 from orders.queue import queue_slots_for
 from orders.ranking import QueueEntry, Slot, bucket_for, rank_key

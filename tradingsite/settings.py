@@ -53,12 +53,15 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "channels",
     "django_apscheduler",
-    "scheduler",
+    # Domain apps in layer order, bottom to top (README "Where things are"): a lower layer never
+    # imports a higher one (tests/test_layers.py).
+    "core",
     "notifications",
+    "scheduler",
     "exchanges",
     "accounts",
-    "orders",
     "positions",
+    "orders",
     "reporting",
 ]
 
@@ -246,7 +249,7 @@ LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"scrub": {"()": "scheduler.scrub.ScrubFilter"}},
+    "filters": {"scrub": {"()": "core.scrub.ScrubFilter"}},
     "formatters": {
         # Local time of DISPLAY_TIMEZONE with its offset (e.g. 2026-12-04T23:41:07.123+0900).
         "plain": {

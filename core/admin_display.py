@@ -10,7 +10,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 from django.http import HttpRequest
 
-from exchanges.rounding import decimal_text
+from core.money import decimal_text
 
 
 def plain_decimal_column(field: models.DecimalField) -> Callable[[Any], str]:
