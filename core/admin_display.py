@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin
@@ -31,7 +31,8 @@ class PlainDecimalsMixin:
 
     model: type[models.Model]
 
-    def get_list_display(self, request: HttpRequest) -> Sequence[Any]:
+    # Returns Any: django-stubs types ModelAdmin.get_list_display generically over the model.
+    def get_list_display(self, request: HttpRequest) -> Any:
         columns = super().get_list_display(request)  # type: ignore[misc]
         return [self._plain(column) for column in columns]
 

@@ -17,9 +17,10 @@ from rest_framework.authtoken.models import Token
 
 from accounts.models import Account, Exchange, MarketType, Strategy, StrategyAccount
 from accounts.services import account_create, strategy_account_create, strategy_create
-from core.money import decimal_text, floor_to_step
+from core.money import decimal_text
 from exchanges.gateway import MarketType as GatewayMarketType
 from exchanges.models import MarketInfo
+from exchanges.rounding import floor_to_step
 from exchanges.selectors import price_for_trading
 from exchanges.services import market_info_refresh, markets_load, price_cache_refresh
 from exchanges.simulator.catalog import DEFAULT_BALANCES
