@@ -7,22 +7,16 @@ staff see every account, anyone else their own.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth import get_user_model
-from django.core.serializers.json import DjangoJSONEncoder
-from django.db import DatabaseError
 from django.utils import timezone
 
+from core.feeds import CLOSE_FORBIDDEN, PollingFeedConsumer
 from reporting.trader_selectors import (
     TraderScope,
     fill_max_id,
@@ -37,8 +31,8 @@ from reporting.trader_selectors import (
 
 logger = logging.getLogger(__name__)
 
-CLOSE_FORBIDDEN = 4403
-CLOSE_INTERNAL_ERROR = 1011
+__all__ = ["CLOSE_FORBIDDEN", "TraderFeedConsumer", "trader_feed_poll", "trader_feed_start"]
+
 POLL_INTERVAL = 1.0
 # Positions (marked to the last price), balances and PnL are re-read this often even without a new fill.
 SLOW_PANELS_EVERY = 5.0
@@ -116,77 +110,30 @@ def _active_user(user_id: int) -> Any:
     return get_user_model().objects.filter(pk=user_id, is_active=True).first()
 
 
-class TraderFeedConsumer(AsyncJsonWebsocketConsumer):
+class TraderFeedConsumer(PollingFeedConsumer):
     """`ws/trader/`: a snapshot of every panel on connect, then fills and changed panels every second.
 
     Any signed-in user; anonymous clients are accepted and closed at once with 4403. Every 30 s the
     user is re-read: a deactivated user is closed, and a change of the staff flag changes the scope.
     """
 
+    name = "trader feed"
     poll_interval = POLL_INTERVAL
+    user_recheck_every = USER_RECHECK_EVERY
 
-    async def connect(self) -> None:
-        user = self.scope.get("user")
-        await self.accept()
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
-        self.user_id = user.pk
-        try:
-            snapshot, self.cursor = await database_sync_to_async(trader_feed_start)(
-                scope=TraderScope.for_user(user), now=timezone.now()
-            )
-        except DatabaseError as exc:
-            logger.warning("trader feed: database unavailable at connect: %s", exc)
-            await self.close(code=CLOSE_INTERNAL_ERROR)
-            return
-        await self.send_json({"type": "snapshot", **snapshot})
-        self.poll_task = asyncio.create_task(self._poll_forever())
+    def allowed(self, user: Any) -> bool:
+        return True
 
-    async def disconnect(self, code: int) -> None:
-        task = getattr(self, "poll_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def start(self, user: Any) -> dict[str, Any]:
+        snapshot, self.cursor = trader_feed_start(scope=TraderScope.for_user(user), now=timezone.now())
+        return {"type": "snapshot", **snapshot}
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        """The feed is one-way; whatever a client sends is ignored."""
-
-    @classmethod
-    async def encode_json(cls, content: Any) -> str:
-        return json.dumps(content, cls=DjangoJSONEncoder)
-
-    def _poll(self) -> list[dict[str, Any]]:
+    def poll(self) -> list[dict[str, Any]]:
         return trader_feed_poll(self.cursor, now=timezone.now())
 
-    async def _recheck_user(self) -> bool:
-        user = await database_sync_to_async(_active_user)(self.user_id)
+    def still_allowed(self) -> bool:
+        user = _active_user(self.user_id)
         if user is None:
             return False
         self.cursor.scope = TraderScope.for_user(user)
         return True
-
-    async def _poll_forever(self) -> None:
-        poll = database_sync_to_async(self._poll)
-        recheck_at = time.monotonic() + USER_RECHECK_EVERY
-        try:
-            while True:
-                await asyncio.sleep(self.poll_interval)
-                try:
-                    if time.monotonic() >= recheck_at:
-                        recheck_at = time.monotonic() + USER_RECHECK_EVERY
-                        if not await self._recheck_user():
-                            await self.close(code=CLOSE_FORBIDDEN)
-                            return
-                    messages = await poll()
-                except DatabaseError as exc:
-                    logger.warning("trader feed: poll failed: %s", exc)
-                    continue
-                for message in messages:
-                    await self.send_json(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("trader feed: poll loop crashed for user %s", self.user_id)
-            await self.close(code=CLOSE_INTERNAL_ERROR)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,13 +9,10 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth import get_user_model
-from django.core.serializers.json import DjangoJSONEncoder
-from django.db import DatabaseError
 from django.utils import timezone
 
+from core.feeds import CLOSE_FORBIDDEN, CLOSE_INTERNAL_ERROR, PollingFeedConsumer
 from scheduler.models import JobRun
 from scheduler.selectors import (
     jobrun_list_after,
@@ -32,10 +26,7 @@ from scheduler.selectors import (
 
 logger = logging.getLogger(__name__)
 
-# Application close code (4000-4999) mirroring HTTP 403. Sent after accept(): a close before
-# accept makes the server refuse the handshake with HTTP 403, and a browser then only sees 1006.
-CLOSE_FORBIDDEN = 4403
-CLOSE_INTERNAL_ERROR = 1011
+__all__ = ["CLOSE_FORBIDDEN", "CLOSE_INTERNAL_ERROR", "FeedCursor", "SchedulerFeedConsumer", "feed_poll", "feed_start"]
 
 POLL_INTERVAL = 1.0
 # New runs sent per poll; a backlog (a client reconnecting with an old cursor) drains over a few polls.
@@ -146,82 +137,32 @@ def _user_is_staff(user_id: int) -> bool:
     return get_user_model().objects.filter(pk=user_id, is_active=True, is_staff=True).exists()
 
 
-class SchedulerFeedConsumer(AsyncJsonWebsocketConsumer):
+class SchedulerFeedConsumer(PollingFeedConsumer):
     """`ws/scheduler/`: a snapshot (the status body) on connect, then JobRuns and instances every second.
 
-    Staff only; anyone else is accepted and closed at once with 4403 so the client can tell why.
+    Staff only; anyone else is accepted and closed at once with 4403 so the client can tell why. The
+    staff flag is re-read every USER_RECHECK_EVERY seconds, so revoking staff ends an open feed.
     Reads the database through database_sync_to_async; nothing is pushed by the scheduler's threads.
     """
 
+    name = "scheduler feed"
     poll_interval = POLL_INTERVAL
+    user_recheck_every = USER_RECHECK_EVERY
 
-    async def connect(self) -> None:
-        user = self.scope.get("user")
-        await self.accept()
-        if user is None or not user.is_authenticated or not user.is_staff:
-            logger.info("scheduler feed: refused %s", getattr(user, "pk", None) or "anonymous")
-            await self.close(code=CLOSE_FORBIDDEN)
-            return
-        self.user_id = user.pk
-        after = _parse_after(self.scope.get("query_string", b""))
-        try:
-            snapshot, self.cursor = await database_sync_to_async(self._start)(after)
-        except DatabaseError as exc:
-            logger.warning("scheduler feed: database unavailable at connect: %s", exc)
-            await self.close(code=CLOSE_INTERNAL_ERROR)
-            return
-        await self.send_json({"type": "snapshot", **snapshot})
-        self.poll_task = asyncio.create_task(self._poll_forever())
+    def allowed(self, user: Any) -> bool:
+        return bool(user.is_staff)
 
-    async def disconnect(self, code: int) -> None:
-        task = getattr(self, "poll_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        """The feed is one-way; whatever a client sends is ignored."""
-
-    @classmethod
-    async def encode_json(cls, content: Any) -> str:
-        # Datetimes arrive aware in SCHEDULER_TIMEZONE; DjangoJSONEncoder keeps the offset.
-        return json.dumps(content, cls=DjangoJSONEncoder)
-
-    @staticmethod
-    def _start(after: int | None) -> tuple[dict[str, Any], FeedCursor]:
+    def start(self, user: Any) -> dict[str, Any]:
         now = timezone.now()
+        after = _parse_after(self.scope.get("query_string", b""))
         # Cursor first: a run inserted between the two reads is then sent again, never missed.
-        cursor = feed_start(after=after, now=now)
+        self.cursor = feed_start(after=after, now=now)
         status = scheduler_status(now=now)
-        cursor.instances = {key: status[key] for key in ("running", "leader", "standbys")}
-        return status, cursor
+        self.cursor.instances = {key: status[key] for key in ("running", "leader", "standbys")}
+        return {"type": "snapshot", **status}
 
-    def _poll(self) -> list[dict[str, Any]]:
+    def poll(self) -> list[dict[str, Any]]:
         return feed_poll(self.cursor, now=timezone.now())
 
-    async def _poll_forever(self) -> None:
-        poll = database_sync_to_async(self._poll)
-        recheck_at = time.monotonic() + USER_RECHECK_EVERY
-        try:
-            while True:
-                await asyncio.sleep(self.poll_interval)
-                try:
-                    if time.monotonic() >= recheck_at:
-                        recheck_at = time.monotonic() + USER_RECHECK_EVERY
-                        if not await database_sync_to_async(_user_is_staff)(self.user_id):
-                            logger.info("scheduler feed: user %s is no longer staff; closing", self.user_id)
-                            await self.close(code=CLOSE_FORBIDDEN)
-                            return
-                    messages = await poll()
-                except DatabaseError as exc:
-                    # A database restart or failover: keep the socket, try again next second.
-                    logger.warning("scheduler feed: poll failed: %s", exc)
-                    continue
-                for message in messages:
-                    await self.send_json(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("scheduler feed: poll loop crashed for user %s", self.user_id)
-            await self.close(code=CLOSE_INTERNAL_ERROR)
+    def still_allowed(self) -> bool:
+        return _user_is_staff(self.user_id)

@@ -230,7 +230,7 @@ def test_foreign_origin_is_refused(staff_user):
 
 @pytest.mark.django_db(transaction=True)
 def test_revoked_staff_is_closed_with_4403(staff_user, fast_poll, monkeypatch):
-    monkeypatch.setattr(consumers, "USER_RECHECK_EVERY", 0.2)
+    monkeypatch.setattr(SchedulerFeedConsumer, "user_recheck_every", 0.2)
     headers = session_headers(staff_user)
 
     async def scenario() -> None:
