@@ -301,6 +301,12 @@ def order_key_owned_by(*, user: User, order_key: uuid.UUID) -> bool:
 # --- Order and fill history: every logical order, whatever became of it -------------------------
 
 
+def filter_given(queryset: QuerySet, **lookups: Any) -> QuerySet:
+    """`queryset` filtered by those lookups whose value was given (not None): optional API filters."""
+    given = {lookup: value for lookup, value in lookups.items() if value is not None}
+    return queryset.filter(**given) if given else queryset
+
+
 def order_history_latest(
     *,
     user: User | None,
@@ -318,21 +324,16 @@ def order_history_latest(
     `order_history_rows` for just the page being shown.
     """
     later = OrderEvent.objects.filter(order_key=OuterRef("order_key"), id__gt=OuterRef("id"))
-    latest = OrderEvent.objects.filter(~Exists(later))
-    if user is not None:
-        latest = latest.filter(account__user=user)
-    if account_id is not None:
-        latest = latest.filter(account_id=account_id)
-    if symbol is not None:
-        latest = latest.filter(symbol=symbol)
-    if state is not None:
-        latest = latest.filter(kind=state)
-    if since is not None:
-        latest = latest.filter(created_at__gte=since)
-    if until is not None:
-        latest = latest.filter(created_at__lt=until)
-    if order_key is not None:
-        latest = latest.filter(order_key=order_key)
+    latest = filter_given(
+        OrderEvent.objects.filter(~Exists(later)),
+        account__user=user,
+        account_id=account_id,
+        symbol=symbol,
+        kind=state,
+        created_at__gte=since,
+        created_at__lt=until,
+        order_key=order_key,
+    )
     return latest.order_by("-id")
 
 
@@ -428,19 +429,13 @@ def fill_list_for_user(
     until: datetime | None = None,
 ) -> QuerySet[Fill]:
     """The user's fills (the append-only ledger), newest first, with trade, strategy and account loaded."""
-    fills = Fill.objects.filter(strategy_account__account__user=user).select_related(
-        "trade", "strategy_account__strategy", "strategy_account__account"
-    )
-    if account_id is not None:
-        fills = fills.filter(strategy_account__account_id=account_id)
-    if symbol is not None:
-        fills = fills.filter(symbol=symbol)
-    if strategy is not None:
-        fills = fills.filter(strategy_account__strategy__group_name=strategy)
-    if order_key is not None:
-        fills = fills.filter(trade__order_key=order_key)
-    if since is not None:
-        fills = fills.filter(filled_at__gte=since)
-    if until is not None:
-        fills = fills.filter(filled_at__lt=until)
+    fills = filter_given(
+        Fill.objects.filter(strategy_account__account__user=user),
+        strategy_account__account_id=account_id,
+        symbol=symbol,
+        strategy_account__strategy__group_name=strategy,
+        trade__order_key=order_key,
+        filled_at__gte=since,
+        filled_at__lt=until,
+    ).select_related("trade", "strategy_account__strategy", "strategy_account__account")
     return fills.order_by("-filled_at", "-id")

@@ -77,26 +77,29 @@ def plain(value: Decimal | None) -> str | None:
     return decimal_text(value) if value is not None else None
 
 
-def market_precisions(keys: Iterable[Key]) -> dict[Key, Precision]:
-    """Price and amount decimals per (exchange, market_type, symbol) from MarketInfo; one query."""
+def _rows_by_key(model: type[MarketInfo] | type[PriceQuote], keys: Iterable[Key], *fields: str) -> dict[Key, tuple]:
+    """`fields` of the `model` rows (MarketInfo, PriceQuote) of the given (exchange, market_type, symbol)
+    keys; one query, narrowed by exchange and symbol, the exact keys kept in Python."""
     wanted = set(keys)
     if not wanted:
         return {}
-    rows = MarketInfo.objects.filter(
-        exchange__in={k[0] for k in wanted}, symbol__in={k[2] for k in wanted}
-    ).values_list("exchange", "market_type", "symbol", "price_precision", "amount_precision")
-    return {(e, m, s): Precision(p, a) for e, m, s, p, a in rows if (e, m, s) in wanted}
+    rows = model.objects.filter(exchange__in={k[0] for k in wanted}, symbol__in={k[2] for k in wanted})
+    return {
+        (e, m, s): tuple(rest)
+        for e, m, s, *rest in rows.values_list("exchange", "market_type", "symbol", *fields)
+        if (e, m, s) in wanted
+    }
+
+
+def market_precisions(keys: Iterable[Key]) -> dict[Key, Precision]:
+    """Price and amount decimals per (exchange, market_type, symbol) from MarketInfo; one query."""
+    rows = _rows_by_key(MarketInfo, keys, "price_precision", "amount_precision")
+    return {key: Precision(*values) for key, values in rows.items()}
 
 
 def quotes_for(keys: Iterable[Key]) -> dict[Key, tuple[Decimal, datetime]]:
     """The stored last price and its time per key; one query on PriceQuote (every process writes it)."""
-    wanted = set(keys)
-    if not wanted:
-        return {}
-    rows = PriceQuote.objects.filter(
-        exchange__in={k[0] for k in wanted}, symbol__in={k[2] for k in wanted}
-    ).values_list("exchange", "market_type", "symbol", "price", "as_of")
-    return {(e, m, s): (price, as_of) for e, m, s, price, as_of in rows if (e, m, s) in wanted}
+    return {key: (price, as_of) for key, (price, as_of) in _rows_by_key(PriceQuote, keys, "price", "as_of").items()}
 
 
 # --- positions ------------------------------------------------------------------------------------
@@ -220,13 +223,7 @@ def trader_orders(*, scope: TraderScope, now: datetime, limit: int = ORDERS_LIMI
     truncated = max(0, len(rows) - limit)
     rows = rows[:limit]
     keys = {(r["account__exchange"], r["market_type"], r["symbol"]) for r in rows}
-    ticks = dict(
-        ((e, m, s), tick)
-        for e, m, s, tick in MarketInfo.objects.filter(
-            exchange__in={k[0] for k in keys}, symbol__in={k[2] for k in keys}
-        ).values_list("exchange", "market_type", "symbol", "tick_size")
-    )
-    precisions = market_precisions(keys)
+    rules = _rows_by_key(MarketInfo, keys, "tick_size", "price_precision", "amount_precision")
     buckets: dict[tuple, list[tuple[QueueEntry, dict[str, Any]]]] = defaultdict(list)
     for row in rows:
         bucket = bucket_for(
@@ -248,8 +245,8 @@ def trader_orders(*, scope: TraderScope, now: datetime, limit: int = ORDERS_LIMI
     for (account_id, market_type, symbol, bucket_name), members in sorted(buckets.items(), key=lambda i: i[0]):
         exchange = members[0][1]["account__exchange"]
         key = (exchange, market_type, symbol)
-        tick = ticks.get(key)
-        precision = precisions.get(key, Precision())
+        tick, *places = rules.get(key, (None, None, None))
+        precision = Precision(*places)
         slots = queue_slots_for(exchange=exchange, market_type=market_type)
         ranked = sorted(members, key=lambda m: rank_key(m[0], tick))
         orders = []

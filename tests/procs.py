@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,3 +184,45 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def daphne(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """daphne serving tradingsite.asgi on a free local port; yields its base URL once it answers HTTP.
+
+    Any HTTP status counts as answering (e.g. /healthz's 503 without a scheduler). Stopped on exit.
+    """
+    port = free_port()
+    with log_path.open("w") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tradingsite.asgi:application"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Proc(popen=popen, log_path=log_path)
+    base = f"http://127.0.0.1:{port}"
+
+    def answering() -> bool:
+        if popen.poll() is not None:
+            raise AssertionError(f"daphne exited with {popen.returncode}:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2):  # noqa: S310 (a local http URL)
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(answering, timeout=30, what="daphne to answer")
+        yield base
+    finally:
+        server.stop(timeout=10)

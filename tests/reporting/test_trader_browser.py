@@ -9,17 +9,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
 from tests import procs
-from tests.scheduler.test_dashboard_browser import browser, free_port  # noqa: F401 (a fixture)
+from tests.scheduler.test_dashboard_browser import browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -125,35 +121,8 @@ def site(proc_pg_db, tmp_path):  # noqa: ANN001
     )
     collected = procs.manage("collectstatic", "--noinput", env=env, timeout=180)
     assert collected.returncode == 0, collected.stderr
-    port = free_port()
-    log_path = tmp_path / "daphne.log"
-    with log_path.open("w") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tradingsite.asgi:application"],
-            env=env,
-            cwd=procs.ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = procs.Proc(popen=popen, log_path=log_path)
-    base = f"http://127.0.0.1:{port}"
-
-    def answering() -> bool:
-        if popen.poll() is not None:
-            raise AssertionError(f"daphne exited with {popen.returncode}:\n{server.log()}")
-        try:
-            with urllib.request.urlopen(f"{base}/", timeout=2):  # noqa: S310 (a local http URL)
-                return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
-
-    try:
-        procs.wait_for(answering, timeout=30, what="daphne to answer")
+    with procs.daphne(env, tmp_path / "daphne.log") as base:
         yield base, proc_pg_db, seeded
-    finally:
-        server.stop(timeout=10)
 
 
 def test_site_in_a_browser_admin_docs_dashboards_and_a_live_fill(site, browser, tmp_path):  # noqa: ANN001, F811

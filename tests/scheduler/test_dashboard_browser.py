@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,12 +30,6 @@ CHROMIUM_FLAGS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def web(proc_pg_db, tmp_path):  # noqa: ANN001
     """daphne serving tradingsite.asgi on a free port, against a fresh migrated database with a staff user."""
@@ -52,35 +41,8 @@ def web(proc_pg_db, tmp_path):  # noqa: ANN001
         env=proc_pg_db.env(),
     )
     assert created.returncode == 0, created.stderr
-    port = free_port()
-    log_path = tmp_path / "daphne.log"
-    with log_path.open("w") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tradingsite.asgi:application"],
-            env=proc_pg_db.env(),
-            cwd=procs.ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = procs.Proc(popen=popen, log_path=log_path)
-    base = f"http://127.0.0.1:{port}"
-
-    def answering() -> bool:
-        if popen.poll() is not None:
-            raise AssertionError(f"daphne exited with {popen.returncode}:\n{server.log()}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2):  # noqa: S310 (a local http URL)
-                return True
-        except urllib.error.HTTPError:
-            return True  # 503 without a scheduler: the server answers, which is all we wait for
-        except OSError:
-            return False
-
-    try:
-        procs.wait_for(answering, timeout=30, what="daphne to answer")
+    with procs.daphne(proc_pg_db.env(), tmp_path / "daphne.log") as base:
         yield base, proc_pg_db
-    finally:
-        server.stop(timeout=10)
 
 
 @pytest.fixture

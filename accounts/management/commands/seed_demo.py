@@ -167,6 +167,17 @@ class Command(BaseCommand):
             stored = price_cache_refresh(exchange=Exchange.PAPER, market_type=market_type, now=now)
             self.stdout.write(f"prices PAPER {market_type}: {stored} quotes as of {now:%Y-%m-%d %H:%M:%S} UTC")
 
+    def _market(
+        self, market_type: str, symbol: str, now: datetime, *, skipped: str
+    ) -> tuple[MarketInfo, Decimal] | None:
+        """The PAPER market's rules and a fresh price, or None (said on stderr, with what is `skipped`)."""
+        info = MarketInfo.objects.get(exchange=Exchange.PAPER, market_type=market_type, symbol=symbol)
+        market = price_for_trading(exchange=Exchange.PAPER, market_type=market_type, symbol=symbol, now=now)
+        if market is None:
+            self.stderr.write(f"no fresh price for {symbol} {market_type}; {skipped}")
+            return None
+        return info, market
+
     def _grid(self, strategy_account: StrategyAccount, now: datetime) -> None:
         """A fresh grid around the current price whenever the grid strategy has no queued or live order left."""
         waiting = (
@@ -177,11 +188,10 @@ class Command(BaseCommand):
             self.stdout.write(f"{GRID_STRATEGY!r} still has queued or live orders; no new grid")
             return
         market_type = strategy_account.strategy.market_type
-        info = MarketInfo.objects.get(exchange=Exchange.PAPER, market_type=market_type, symbol=GRID_SYMBOL)
-        market = price_for_trading(exchange=Exchange.PAPER, market_type=market_type, symbol=GRID_SYMBOL, now=now)
-        if market is None:
-            self.stderr.write(f"no fresh price for {GRID_SYMBOL} {market_type}; no demo grid")
+        found = self._market(market_type, GRID_SYMBOL, now, skipped="no demo grid")
+        if found is None:
             return
+        info, market = found
         quantity = demo_order_size(
             price=market, step=info.step_size, min_qty=info.min_qty, min_notional=info.min_notional
         )
@@ -219,11 +229,10 @@ class Command(BaseCommand):
         for group_name, symbol, side in DEMO_BUCKETS:
             strategy_account = strategies[group_name]
             market_type = strategy_account.strategy.market_type
-            info = MarketInfo.objects.get(exchange=Exchange.PAPER, market_type=market_type, symbol=symbol)
-            market = price_for_trading(exchange=Exchange.PAPER, market_type=market_type, symbol=symbol, now=now)
-            if market is None:
-                self.stderr.write(f"no fresh price for {symbol} {market_type}; its demo orders skipped")
+            found = self._market(market_type, symbol, now, skipped="its demo orders skipped")
+            if found is None:
                 continue
+            info, market = found
             count = queue_slots(exchange=Exchange.PAPER, market_type=market_type) + EXTRA_PER_BUCKET
             for i in range(count):
                 # Buys step down from half the price, sells up from double: never near a fill.
