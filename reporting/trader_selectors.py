@@ -24,7 +24,7 @@ from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount,
 from core.money import decimal_text
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import CancelRequestedBy, Fill, OpenOrder, OrderEvent, PendingOrder
-from orders.queue import queue_slots_for
+from orders.queue import IDENTITY_FIELDS, queue_slots_for
 from orders.ranking import QueueEntry, Slot, bucket_for, rank_key
 from positions.arithmetic import unrealized_pnl
 from positions.models import Position, StrategyDailyPerformance
@@ -184,26 +184,13 @@ def order_wait_reason(*, row: dict[str, Any], rank: int, size: int, slots: int, 
     return f"waits for a slot: {where} held by better-ranked orders"
 
 
+# A logical order's identity (shared by queued and live rows) plus what the panel shows about it.
 ORDER_FIELDS = (
-    "order_key",
+    *IDENTITY_FIELDS,
     "status",
-    "account_id",
     "account__name",
     "account__exchange",
     "strategy_account__strategy__group_name",
-    "symbol",
-    "market_type",
-    "side",
-    "order_type",
-    "price",
-    "stop_price",
-    "quantity",
-    "filled_quantity",
-    "priority",
-    "signal_at",
-    "queue_seq",
-    "express",
-    "cancel_requested_by",
 )
 
 
