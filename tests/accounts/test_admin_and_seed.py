@@ -16,7 +16,7 @@ from django.core.management import call_command
 from django.db import connection
 from rest_framework.authtoken.models import Token
 
-from accounts.models import Account, Strategy, StrategyAccount, StrategyCapital
+from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount, StrategyCapital
 from accounts.services import account_create, strategy_create, strategy_webhook_token_check
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty
@@ -274,6 +274,19 @@ def test_seed_demo_is_idempotent_and_prints_credentials_once(settings):  # noqa:
     assert Account.objects.filter(user=demo, exchange="PAPER").count() == 2
     assert set(Strategy.objects.values_list("market_type", flat=True)) == {"SPOT", "FUTURES"}
     assert StrategyCapital.objects.filter(allocated_capital__gt=0).count() == StrategyAccount.objects.count() == 4
+    # One capital snapshot per demo account (the second run adds none), allocated by weight.
+    assert sorted(CapitalSnapshot.objects.values_list("market_type", "total", "source")) == [
+        ("FUTURES", Decimal("100000"), "LIVE"),
+        ("SPOT", Decimal("100000"), "LIVE"),
+    ]
+    allocated = dict(
+        StrategyCapital.objects.values_list("strategy_account__strategy__group_name", "allocated_capital")
+    )
+    assert allocated["demo-futures-trend"] == allocated["demo-grid"] == Decimal("50000")
+    assert (allocated["demo-spot-trend"], allocated["demo-spot-swing"]) == (
+        Decimal("66666.66666667"),
+        Decimal("33333.33333333"),
+    )
     assert MarketInfo.objects.filter(exchange="PAPER", market_type="SPOT").exists()
     assert MarketInfo.objects.filter(exchange="PAPER", market_type="FUTURES").exists()
 

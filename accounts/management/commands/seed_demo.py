@@ -15,7 +15,8 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from accounts.models import Account, Exchange, MarketType, Strategy, StrategyAccount
+from accounts.allocation_services import capital_pair_update
+from accounts.models import Account, CapitalSnapshot, Exchange, MarketType, Strategy, StrategyAccount
 from accounts.services import account_create, strategy_account_create, strategy_create
 from core.money import decimal_text
 from exchanges.gateway import MarketType as GatewayMarketType
@@ -95,6 +96,7 @@ class Command(BaseCommand):
             accounts = self._accounts(user)
             strategies = self._strategies(accounts)
         self._markets(now)
+        self._capital(accounts, now)
         self._orders(accounts, strategies, now)
         self.stdout.write(self.style.SUCCESS("demo data ready"))
 
@@ -166,6 +168,19 @@ class Command(BaseCommand):
             # Prices are market data, not seed data: refreshed on every run so MARKET orders validate.
             stored = price_cache_refresh(exchange=Exchange.PAPER, market_type=market_type, now=now)
             self.stdout.write(f"prices PAPER {market_type}: {stored} quotes as of {now:%Y-%m-%d %H:%M:%S} UTC")
+
+    def _capital(self, accounts: dict[str, Account], now: datetime) -> None:
+        """A first capital snapshot and allocation per demo account (what auto_rebalance_accounts does at
+        :17 each hour), so balances and allocations show from the start; later runs leave them to the job."""
+        for demo_account, market_type in ((SPOT_ACCOUNT, MarketType.SPOT), (FUTURES_ACCOUNT, MarketType.FUTURES)):
+            account = accounts[demo_account]
+            if CapitalSnapshot.objects.filter(account=account, market_type=market_type).exists():
+                continue
+            outcome = capital_pair_update(account=account, market_type=market_type, now=now)
+            self.stdout.write(
+                f"capital PAPER {market_type}: {decimal_text(outcome.total)} read, "
+                f"{'allocated' if outcome.rebalanced else 'not allocated'} {outcome.problem or outcome.balance_error}"
+            )
 
     def _market(
         self, market_type: str, symbol: str, now: datetime, *, skipped: str
