@@ -167,7 +167,9 @@ class Command(BaseCommand):
                 self.stdout.write(f"market info PAPER {market_type}: {result.added} symbols")
             # Prices are market data, not seed data: refreshed on every run so MARKET orders validate.
             stored = price_cache_refresh(exchange=Exchange.PAPER, market_type=market_type, now=now)
-            self.stdout.write(f"prices PAPER {market_type}: {stored} quotes as of {now:%Y-%m-%d %H:%M:%S} UTC")
+            self.stdout.write(
+                f"prices PAPER {market_type}: {stored} quotes as of {timezone.localtime(now).isoformat()}"
+            )
 
     def _capital(self, accounts: dict[str, Account], now: datetime) -> None:
         """A first capital snapshot and allocation per demo account (what auto_rebalance_accounts does at
@@ -179,7 +181,8 @@ class Command(BaseCommand):
             outcome = capital_pair_update(account=account, market_type=market_type, now=now)
             self.stdout.write(
                 f"capital PAPER {market_type}: {decimal_text(outcome.total)} read, "
-                f"{'allocated' if outcome.rebalanced else 'not allocated'} {outcome.problem or outcome.balance_error}"
+                f"{'allocated by weight' if outcome.rebalanced else 'not allocated'}"
+                + (f" ({outcome.problem or outcome.balance_error})" if outcome.problem or outcome.balance_error else "")
             )
 
     def _market(
@@ -225,8 +228,9 @@ class Command(BaseCommand):
             specs.append(OrderSpec(**base, side="SELL", order_type="LIMIT", price=above))
         orders_enqueue(specs=specs, signal_at=now, now=now)
         self.stdout.write(
-            f"{GRID_STRATEGY!r}: MARKET BUY {decimal_text(quantity)} {GRID_SYMBOL} and {GRID_LEVELS} LIMIT levels each "
-            f"side {GRID_SPACING * 100}% apart around {decimal_text(market)}: fills within a minute or two"
+            f"{GRID_STRATEGY!r}: MARKET BUY {decimal_text(quantity)} {GRID_SYMBOL} and {GRID_LEVELS} LIMIT levels "
+            f"each side {decimal_text(GRID_SPACING * 100)}% apart around {decimal_text(market)}: "
+            "fills within a minute or two"
         )
 
     def _orders(self, accounts: dict[str, Account], strategies: dict[str, StrategyAccount], now: datetime) -> None:
