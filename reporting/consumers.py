@@ -7,7 +7,6 @@ staff see every account, anyone else their own.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,8 +27,6 @@ from reporting.trader_selectors import (
     trader_positions,
     trader_snapshot,
 )
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["CLOSE_FORBIDDEN", "TraderFeedConsumer", "trader_feed_poll", "trader_feed_start"]
 

@@ -17,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.db.models import Max, Q, QuerySet, Sum
+from django.db.models import Max, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount, StrategyCapital
@@ -509,7 +509,3 @@ def trader_snapshot(*, scope: TraderScope, now: datetime) -> dict[str, Any]:
         "fills": trader_fills_recent(scope=scope),
         "balances": trader_balances(scope=scope),
     }
-
-
-def trader_scope_has_accounts(*, scope: TraderScope) -> bool:
-    return scope.everything or Account.objects.filter(Q(user_id=scope.user_id)).exists()
