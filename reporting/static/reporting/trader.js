@@ -173,30 +173,9 @@
   renderAll(JSON.parse(document.getElementById("trader-snapshot").textContent));
 
   // --- live feed -------------------------------------------------------------------------------
-  var feedState = document.getElementById("feed-state");
-  function setState(text, cls) { feedState.textContent = text; feedState.className = "badge" + (cls ? " " + cls : ""); }
-  var delay = 1000;
-  function connect() {
-    var scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    var socket = new WebSocket(scheme + location.host + "/ws/trader/");
-    socket.onmessage = function (event) {
-      var message = JSON.parse(event.data);
-      if (message.type === "snapshot") {
-        delay = 1000;
-        setState("live", "live");
-        renderAll(message);
-      } else if (message.type === "fill") {
-        addFill(message);
-      } else if (PANELS[message.type]) {
-        PANELS[message.type](message.data);
-      }
-    };
-    socket.onclose = function (event) {
-      if (event.code === 4403) { setState("signed out (sign in and reload)", "closed"); return; }
-      setState("reconnecting", "closed");
-      setTimeout(connect, delay);
-      delay = Math.min(delay * 2, 30000);
-    };
-  }
-  connect();
+  openFeed(function () { return "/ws/trader/"; }, function (message) {
+    if (message.type === "snapshot") renderAll(message);
+    else if (message.type === "fill") addFill(message);
+    else if (PANELS[message.type]) PANELS[message.type](message.data);
+  }, document.getElementById("feed-state"), "signed out (sign in and reload)");
 })();
