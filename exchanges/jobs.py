@@ -89,20 +89,3 @@ def precision_cache_update() -> JobResult:
 def symbol_validator_refresh() -> JobResult:
     """Refresh the tradable symbol set: new symbols added, delisted ones inactive, none deleted (SPEC §4.8)."""
     return _refresh_markets(numeric=False)
-
-
-@scheduler_job("check_websocket_health")
-def check_websocket_health() -> JobResult:
-    """Report the leader's user-data streams from their StreamState rows (SPEC §4.6).
-
-    Repairs only through the stream manager's single flight: an open but stale stream is
-    flagged (once) for the manager to replace; a stream already reconnecting is left alone,
-    so repeated checks never add reconnects. No exchange call.
-    """
-    # Imported here so this file's head stays as the other exchange jobs have it.
-    from exchanges.streams.services import stream_health_check
-
-    report = stream_health_check(now=timezone.now())
-    if report.requested:
-        logger.warning("websocket health: %d open but stale streams flagged for reconnect", report.requested)
-    return JobResult(summary=report.summary(), noop=report.expected == 0)

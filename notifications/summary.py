@@ -35,8 +35,8 @@ from accounts.models import Account, Strategy
 from core.money import ZERO
 from notifications.models import SummarySent
 from notifications.services import outbox_enqueue, outbox_target
-from orders.models import Fill, OpenOrder, PendingOrder
-from positions.models import Position
+from orders.models import OpenOrder, PendingOrder
+from positions.models import Fill, Position
 from positions.performance import FillFacts, day_bounds, day_tally
 
 logger = logging.getLogger(__name__)

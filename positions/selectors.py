@@ -1,11 +1,13 @@
-"""Position readers."""
+"""Position and ledger readers."""
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 from django.contrib.auth.models import User
 from django.db.models import QuerySet
 
-from positions.models import Position
+from positions.models import Position, Trade
 
 
 def position_list_for_user(
@@ -26,3 +28,24 @@ def position_list_for_user(
     if not include_flat:
         positions = positions.exclude(quantity=0)
     return positions.order_by("strategy_account__account_id", "symbol", "strategy_account_id")
+
+
+def trade_cumulative_filled(*, strategy_account_id: int, exchange_order_id: str) -> Decimal | None:
+    """What the ledger holds of one exchange order (its Trade's cumulative fill); None before its first fill.
+
+    Unlocked: a cheap probe before the fill path takes its locks.
+    """
+    return (
+        Trade.objects.filter(strategy_account_id=strategy_account_id, exchange_order_id=exchange_order_id)
+        .values_list("cumulative_filled", flat=True)
+        .first()
+    )
+
+
+def trade_fee_known(*, strategy_account_id: int, exchange_order_id: str) -> tuple[Decimal, str, Decimal] | None:
+    """(fees, fee currency, cumulative fill) the ledger holds of one exchange order; None before its first fill."""
+    return (
+        Trade.objects.filter(strategy_account_id=strategy_account_id, exchange_order_id=exchange_order_id)
+        .values_list("fees", "fee_currency", "cumulative_filled")
+        .first()
+    )

@@ -17,9 +17,8 @@ from django.utils import timezone
 from accounts.models import Strategy, StrategyCapital
 from core.money import ZERO, quantize
 from exchanges.selectors import price_for_valuation
-from orders.models import Fill
 from positions.arithmetic import unrealized_pnl
-from positions.models import Position, StrategyDailyPerformance
+from positions.models import Fill, Position, StrategyDailyPerformance
 from positions.performance import (
     FillFacts,
     day_bounds,

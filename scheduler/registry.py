@@ -98,7 +98,7 @@ REGISTRY: tuple[JobSpec, ...] = (
     JobSpec(
         id="check_websocket_health",
         name="Check Websocket Health",
-        func="exchanges.jobs:check_websocket_health",
+        func="orders.jobs:check_websocket_health",
         trigger=interval(seconds=60),
         grace=60,
         budget=20,

@@ -40,11 +40,12 @@ RESTART_LIMIT = 3
 RESTART_WINDOW = timedelta(minutes=10)
 
 # Leader-only threads (SPEC §2.4), started on every term and stopped when leadership is lost.
-# Each is "module:Class" taking the host; domains append theirs (outbox sender, user streams).
+# Each is "module:callable" taking the host and returning the thread object (start, stop, is_alive);
+# domains append theirs (outbox sender, user streams).
 LEADER_THREADS: list[str] = [
     "scheduler.poller:CommandPoller",
     "notifications.sender:OutboxSender",
-    "exchanges.streams:UserStreamManager",
+    "orders.streams:user_stream_manager",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
 LEADER_HOOKS: list[str] = [

@@ -20,8 +20,7 @@ from exchanges.gateway import ExchangeGateway, MarketType, Network
 from exchanges.models import SimFault
 from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
-from orders.models import Fill
-from positions.models import Position
+from positions.models import Fill, Position
 from scheduler.models import JobRun
 from scheduler.runs import JobFailedError
 from tests.orders.factories import AccountFactory, StrategyAccountFactory, StrategyFactory

@@ -28,7 +28,7 @@ from notifications.summary import (
     summary_format,
     summary_verdict,
 )
-from orders.models import Fill, Trade
+from positions.models import Fill, Trade
 from scheduler import runner
 from scheduler.models import JobControl, JobRun, Leadership
 from tests.notifications.conftest import CHAT_ID, USER_BOT_TOKEN, FakeClock

@@ -13,9 +13,8 @@ import time_machine
 from django.core.management import CommandError, call_command
 
 from accounts.models import StrategyCapital
-from orders.models import Fill
 from positions.jobs import calculate_daily_performance
-from positions.models import StrategyDailyPerformance
+from positions.models import Fill, StrategyDailyPerformance
 from positions.performance import (
     FillFacts,
     day_bounds,

@@ -18,7 +18,7 @@ SPEC_TABLE = {
     "update_open_orders": (interval(seconds=29), 29, 20, "orders.jobs:update_open_orders"),
     "update_price_cache": (interval(seconds=31), 31, 20, "exchanges.jobs:update_price_cache"),
     "calculate_unrealized_pnl": (interval(seconds=307), 300, 60, "positions.jobs:calculate_unrealized_pnl"),
-    "check_websocket_health": (interval(seconds=60), 60, 20, "exchanges.jobs:check_websocket_health"),
+    "check_websocket_health": (interval(seconds=60), 60, 20, "orders.jobs:check_websocket_health"),
     "securities_token_refresh": (interval(hours=6), 3600, 120, "accounts.jobs:securities_token_refresh"),
     "precision_cache_update": (cron(hour=3, minute=7), 3600, 900, "exchanges.jobs:precision_cache_update"),
     "symbol_validator_refresh": (cron(minute=15), 600, 300, "exchanges.jobs:symbol_validator_refresh"),
