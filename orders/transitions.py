@@ -171,6 +171,7 @@ def _request_for(pending: PendingOrder, client_order_id: str) -> OrderRequest:
 
 
 def lookup_due_at(*, submitting_at: datetime | None, next_attempt_at: datetime | None, now: datetime) -> datetime:
+    """When a SUBMITTING order may next be looked up: LOOKUP_DELAY after its create, not before its backoff."""
     due = (submitting_at or now) + LOOKUP_DELAY
     return max(due, next_attempt_at) if next_attempt_at else due
 
@@ -357,6 +358,7 @@ def submitting_resolve(
 
 
 def pair_of(row: Any) -> Pair:
+    """The (account_id, market_type, symbol) pair of an order row."""
     return (row.account_id, row.market_type, row.symbol)
 
 
@@ -608,6 +610,9 @@ def _pair_by_key(order_key: Any) -> Pair | None:
         if row is not None:
             return row
     return None
+
+
+# --- Exchange reports (REST poll, user streams, cancel replies) ------------------------------------
 
 
 @dataclass(frozen=True)

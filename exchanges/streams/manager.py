@@ -29,6 +29,7 @@ from django.utils import timezone
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+# The module, not the function: alert_raise is looked up at each alert (tests replace it).
 import notifications.services
 from core.executors import DbExecutor
 from core.scrub import scrub, secret_register
