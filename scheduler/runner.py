@@ -46,12 +46,11 @@ LEADER_THREADS: list[str] = [
     "notifications.sender:OutboxSender",
     "exchanges.streams:UserStreamManager",
 ]
-# Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
+# Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
+# rows (JobSpec.on_leader), then the announcement.
 LEADER_HOOKS: list[str] = [
-    "exchanges.services:leader_warmup",
-    "positions.services:performance_catch_up",
-    "notifications.summary:summary_catch_up",
-    "notifications.services:leader_announce",
+    "scheduler.services:leader_catch_up",
+    "scheduler.services:leader_announce",
 ]
 
 
