@@ -10,7 +10,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.util import ref_to_obj
 
 from scheduler.reconcile import job_function
-from scheduler.registry import PROBE_JOB, REGISTRY, cron, interval, registry_specs
+from scheduler.registry import PROBE_JOB, REGISTRY, catch_up_specs, cron, interval, registry_specs
 
 # SPEC §2.1, transcribed: id -> (trigger, grace s, budget s, function).
 SPEC_TABLE = {
@@ -33,6 +33,14 @@ SPEC_TABLE = {
     # System jobs (SPEC §2.1, below the table).
     "prune_job_history": (cron(hour=4, minute=41), 3600, 300, "scheduler.jobs:prune_job_history"),
     "scheduler_probe": (interval(seconds=1), 2, 0.8, "scheduler.jobs:scheduler_probe"),
+}
+
+# SPEC §2.2, on becoming leader, in the order they run: id -> (step, condition or None for always).
+LEADER_CATCH_UPS = {
+    "precision_cache_update": (1, "exchanges.selectors:market_info_is_stale"),
+    "update_price_cache": (2, None),
+    "calculate_daily_performance": (3, None),
+    "send_daily_summary": (4, "reporting.summary:summary_catch_up_due"),
 }
 
 
@@ -81,3 +89,11 @@ def test_registry_equals_the_spec_table_exactly():
     # Every SPEC §2.1 row is registered (business jobs and system jobs), and nothing else.
     assert sorted(s.id for s in REGISTRY) == sorted(set(SPEC_TABLE) - {PROBE_JOB.id})
     assert len({s.id for s in REGISTRY}) == len(REGISTRY)
+
+
+def test_leader_catch_ups_equal_spec_2_2():
+    declared = {s.id: (s.on_leader.step, s.on_leader.when) for s in REGISTRY if s.on_leader is not None}
+    assert declared == LEADER_CATCH_UPS
+    assert [s.id for s in catch_up_specs()] == list(LEADER_CATCH_UPS)
+    for _, when in LEADER_CATCH_UPS.values():
+        assert when is None or callable(ref_to_obj(when))
