@@ -170,7 +170,7 @@ def leader_catch_up(*, host: Any, job_ids: Collection[str] | None = None) -> lis
 
     Declared today: precision_cache_update when MarketInfo is empty or older than 24 h, then
     update_price_cache, calculate_daily_performance (§4.10) and send_daily_summary after 21:03 KST
-    (§4.9). A failed step does not stop the next; the loop stops when the term is over or the host
+    (§4.9). A failed or crashed step does not stop the next; the loop stops when the term is over or the host
     is stopping. Returns the job ids run.
     """
     term = host.term
@@ -184,8 +184,13 @@ def leader_catch_up(*, host: Any, job_ids: Collection[str] | None = None) -> lis
         if host.term != term or (stop_event is not None and stop_event.is_set()):
             logger.info("leader catch-up stopped: term %s is over", term)
             break
-        if catch_up_run(host=host, job_id=spec.id):
-            ran.append(spec.id)
+        try:
+            if catch_up_run(host=host, job_id=spec.id):
+                ran.append(spec.id)
+        except Exception:
+            # As separate leader hooks they were isolated: one catch-up's crash (its condition's query,
+            # say) must not cost the others theirs.
+            logger.exception("leader catch-up (term %s): %s failed", term, spec.id)
     return ran
 
 

@@ -16,6 +16,7 @@ from scheduler.services import catch_up_run, leader_catch_up, leadership_begin_t
 pytestmark = pytest.mark.django_db
 
 DUE = {"probe": True}
+REGISTRY_CODE = registry.REGISTRY
 
 
 def probe_due(*, now) -> bool:  # noqa: ANN001
@@ -70,3 +71,17 @@ def test_a_stopping_host_or_a_stale_term_runs_nothing(declared):  # noqa: ANN001
     host.stop_event.set()
     assert leader_catch_up(host=host) == []
     assert not JobRun.objects.exists()
+
+
+def crashing_condition(*, now) -> bool:  # noqa: ANN001
+    raise RuntimeError("condition query failed")
+
+
+def test_a_crashing_catch_up_does_not_stop_the_next(declared, monkeypatch):  # noqa: ANN001
+    prune = next(spec for spec in REGISTRY_CODE if spec.id == "prune_job_history")
+    first = dataclasses.replace(
+        prune, on_leader=CatchUp(step=0, when="tests.scheduler.test_catch_up:crashing_condition")
+    )
+    monkeypatch.setattr(registry, "REGISTRY", (first, declared))
+    assert leader_catch_up(host=_leader()) == ["scheduler_probe"]
+    assert list(JobRun.objects.values_list("job_id", flat=True)) == ["scheduler_probe"]
