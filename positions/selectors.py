@@ -1,4 +1,4 @@
-"""Position readers."""
+"""Position readers, and the (exchange, market type) pairs in use or held that the exchange refresh jobs need."""
 
 from __future__ import annotations
 

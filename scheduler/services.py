@@ -170,8 +170,8 @@ def leader_catch_up(*, host: Any, job_ids: Collection[str] | None = None) -> lis
 
     Declared today: precision_cache_update when MarketInfo is empty or older than 24 h, then
     update_price_cache, calculate_daily_performance (§4.10) and send_daily_summary after 21:03 KST
-    (§4.9). A failed or crashed step does not stop the next; the loop stops when the term is over or the host
-    is stopping. Returns the job ids run.
+    (§4.9). A failed or crashed step does not stop the next; the loop stops when the term is over or
+    the host is stopping. Returns the job ids run.
     """
     term = host.term
     if term is None:
@@ -182,7 +182,7 @@ def leader_catch_up(*, host: Any, job_ids: Collection[str] | None = None) -> lis
         if job_ids is not None and spec.id not in job_ids:
             continue
         if host.term != term or (stop_event is not None and stop_event.is_set()):
-            logger.info("leader catch-up stopped: term %s is over", term)
+            logger.info("leader catch-up stopped: term %s is over or the host is stopping", term)
             break
         try:
             if catch_up_run(host=host, job_id=spec.id):
