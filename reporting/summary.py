@@ -40,7 +40,6 @@ from positions.performance import FillFacts, day_bounds, day_tally
 
 logger = logging.getLogger(__name__)
 
-JOB_ID = "send_daily_summary"
 SEND_AT = time(21, 3)  # the job's cron time (KST); the catch-up runs only after it, the same day
 HUNDRED = Decimal(100)
 CENT = Decimal("0.01")
