@@ -7,18 +7,12 @@ import uuid
 from django.db import models
 
 from accounts.models import Account, MarketType, StrategyAccount, money
+from core.choices import text_choices
+from exchanges import gateway
 
-
-class Side(models.TextChoices):
-    BUY = "BUY"
-    SELL = "SELL"
-
-
-class OrderType(models.TextChoices):
-    MARKET = "MARKET"
-    LIMIT = "LIMIT"
-    STOP_LIMIT = "STOP_LIMIT"
-    STOP_MARKET = "STOP_MARKET"
+# Model choices of the gateway's enums (defined once, in exchanges.gateway): same values and labels.
+Side = text_choices(gateway.Side)
+OrderType = text_choices(gateway.OrderType)
 
 
 class CancelRequestedBy(models.TextChoices):

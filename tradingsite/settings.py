@@ -61,6 +61,7 @@ INSTALLED_APPS = [
     "accounts",
     "positions",
     "orders",
+    "reporting",
 ]
 
 MIDDLEWARE = [
