@@ -20,7 +20,7 @@ from accounts.models import (
     StrategyCapital,
 )
 from accounts.services import account_credentials_set, api_token_issue, strategy_webhook_token_set
-from core.admin_display import PlainDecimalsMixin
+from core.admin import PlainDecimalsMixin
 
 CREDENTIAL_LABELS = {
     "api_key": "API key",

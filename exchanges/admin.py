@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from core.admin_display import PlainDecimalsMixin
+from core.admin import PlainDecimalsMixin
 from exchanges.models import (
     MarketInfo,
     PriceQuote,

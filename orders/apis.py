@@ -26,8 +26,8 @@ from core.api import (
     request_user,
 )
 from orders.models import OpenOrder, OrderType, PendingOrder, Side
-from orders.queue import order_cancel_by_user
 from orders.selectors import order_key_owned_by, order_list_for_user
+from orders.transitions import order_cancel_by_user
 from orders.validation import IntakeRequest, OrderRejectedError, order_intake
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,8 @@
-"""Order jobs: rebalance_order_queue (1 s) and update_open_orders (29 s)."""
+"""Order jobs: rebalance_order_queue (1 s), update_open_orders (29 s) and check_websocket_health (60 s)."""
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
@@ -13,24 +12,12 @@ from exchanges.gateway import Auth, GatewayError, call_policy
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
 from orders.circuit import account_scope, circuit_record, circuit_states, exchange_scope
 from orders.models import OpenOrder, PendingOrder
-from orders.queue import (
-    QueueTally,
-    QueueWork,
-    queue_express_defer,
-    queue_express_place,
-    queue_pair_defer,
-    queue_pair_rebalance,
-    queue_pass_defer,
-    queue_pass_finish,
-    queue_trouble_defer,
-    queue_work_load,
-)
+from orders.queue import queue_pass, queue_work_load
 from orders.reconcile import EXCHANGE_FAILURES, ReconcileReport, orders_reconcile
+from orders.streams import stream_health_check
 from scheduler.runs import JobResult, current_run, scheduler_job
 
 logger = logging.getLogger(__name__)
-
-QUEUE_PAIR_RETRY = timedelta(seconds=30)  # a pair whose account has no gateway is retried this much later
 
 
 @scheduler_job("rebalance_order_queue")
@@ -50,54 +37,8 @@ def rebalance_order_queue() -> JobResult:
     # exchange costs one short timeout (its pairs then wait TROUBLE_RETRY), not the next ticks.
     # Unknown outcomes are settled by lookup, so nothing is lost by giving up early.
     with call_policy(timeout_ms=settings.EXCHANGE_QUEUE_TIMEOUT_MS, retries=0):
-        tally = _queue_pass(work)
+        tally = queue_pass(work)
     return JobResult(summary=tally.summary(), noop=tally.noop)
-
-
-def _queue_pass(work: QueueWork) -> QueueTally:
-    tally = QueueTally()
-    express_skipped: set = set()
-    express_late: set = set()
-    for pending in work.express:
-        pair = (pending.account_id, pending.market_type, pending.symbol)
-        if work.in_trouble(pending.account_id):
-            express_skipped.add(pair)
-            continue
-        if work.out_of_time():
-            express_late.add(pair)
-            continue
-        try:
-            tally.add(queue_express_place(work=work, pending=pending))
-        except (GatewayError, UnknownExchangeError) as exc:
-            tally.errors.append(f"express {pending.order_key}: {type(exc).__name__}")
-            logger.warning("queue: express order %s failed: %s: %s", pending.order_key, type(exc).__name__, exc)
-    if express_late:
-        queue_express_defer(work=work, pairs=express_late)
-        tally.errors.append(f"out of time: {len(express_late)} express pairs left for the next tick")
-    deferred = 0
-    troubled: list = []
-    for index, pair in enumerate(work.pairs):
-        if work.in_trouble(pair[0]):
-            troubled.append(pair)
-            continue
-        if work.over_budget():
-            deferred = queue_pass_defer(work=work, pairs=work.pairs[index:])
-            tally.errors.append(f"out of time: {len(work.pairs) - index} pairs left for the next tick")
-            break
-        try:
-            tally.merge(queue_pair_rebalance(work=work, pair=pair))
-        except (GatewayError, UnknownExchangeError) as exc:
-            queue_pair_defer(work=work, pair=pair, until=work.now + QUEUE_PAIR_RETRY)
-            tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
-            logger.warning("queue: pair %s failed: %s: %s", pair, type(exc).__name__, exc)
-        tally.pairs += 1
-    if troubled or express_skipped:
-        skipped = queue_trouble_defer(work=work, pairs=troubled, express=express_skipped)
-        tally.errors.append(f"{', '.join(sorted(work.troubled))} failing: {skipped} pairs deferred")
-    queue_pass_finish(work=work, tally=tally)
-    if deferred:
-        logger.info("queue: %d swept pairs deferred to the next tick", deferred)
-    return tally
 
 
 @scheduler_job("update_open_orders")
@@ -179,3 +120,18 @@ def update_open_orders() -> JobResult:
     if failed:
         summary += "; failed " + "; ".join(failed)
     return JobResult(summary=summary)
+
+
+@scheduler_job("check_websocket_health")
+def check_websocket_health() -> JobResult:
+    """Report the leader's user-data streams from their StreamState rows (SPEC §4.6), for every account that
+    should have one (orders.streams.stream_account_list).
+
+    Repairs only through the stream manager's single flight: an open but stale stream is
+    flagged (once) for the manager to replace; a stream already reconnecting is left alone,
+    so repeated checks never add reconnects. No exchange call.
+    """
+    report = stream_health_check(now=timezone.now())
+    if report.requested:
+        logger.warning("websocket health: %d open but stale streams flagged for reconnect", report.requested)
+    return JobResult(summary=report.summary(), noop=report.expected == 0)

@@ -10,12 +10,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db.models import CharField, Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Value
 
 from accounts.models import Account, StrategyAccount
+from core.querysets import filter_given
 from exchanges.models import MarketInfo
-from orders.models import Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
+from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty
+from positions.models import Trade
 
 Pair = tuple[int, str, str]  # (account_id, market_type, symbol)
 
@@ -63,6 +66,13 @@ OPEN_FIELDS = (
 
 
 # --- Queue pass reads -----------------------------------------------------------------------------
+
+
+def queue_slots_for(*, exchange: str, market_type: str) -> int:
+    """Live slots per bucket: ORDER_QUEUE_SLOTS["EXCHANGE:MARKET_TYPE"], else its "default", else 2."""
+    slots = settings.ORDER_QUEUE_SLOTS
+    value = slots.get(f"{exchange}:{market_type}", slots.get("default", 2))
+    return max(0, int(value))
 
 
 @dataclass(frozen=True)
@@ -301,12 +311,6 @@ def order_key_owned_by(*, user: User, order_key: uuid.UUID) -> bool:
 # --- Order and fill history: every logical order, whatever became of it -------------------------
 
 
-def filter_given(queryset: QuerySet, **lookups: Any) -> QuerySet:
-    """`queryset` filtered by those lookups whose value was given (not None): optional API filters."""
-    given = {lookup: value for lookup, value in lookups.items() if value is not None}
-    return queryset.filter(**given) if given else queryset
-
-
 def order_history_latest(
     *,
     user: User | None,
@@ -416,26 +420,3 @@ def order_history_rows(latest: Iterable[OrderEvent]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def fill_list_for_user(
-    *,
-    user: User,
-    account_id: int | None = None,
-    symbol: str | None = None,
-    strategy: str | None = None,
-    order_key: uuid.UUID | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> QuerySet[Fill]:
-    """The user's fills (the append-only ledger), newest first, with trade, strategy and account loaded."""
-    fills = filter_given(
-        Fill.objects.filter(strategy_account__account__user=user),
-        strategy_account__account_id=account_id,
-        symbol=symbol,
-        strategy_account__strategy__group_name=strategy,
-        trade__order_key=order_key,
-        filled_at__gte=since,
-        filled_at__lt=until,
-    ).select_related("trade", "strategy_account__strategy", "strategy_account__account")
-    return fills.order_by("-filled_at", "-id")

@@ -3,13 +3,12 @@
 from django.urls import path
 
 from orders.apis import OrderCollectionApi
-from orders.history_apis import FillListApi, OrderHistoryApi, OrderItemApi
+from orders.history_apis import OrderHistoryApi, OrderItemApi
 from orders.webhook_apis import WebhookApi
 
 urlpatterns = [
     path("orders/", OrderCollectionApi.as_view(), name="orders"),
     path("orders/history/", OrderHistoryApi.as_view(), name="order-history"),
     path("orders/<uuid:order_key>/", OrderItemApi.as_view(), name="order-cancel"),
-    path("fills/", FillListApi.as_view(), name="fills"),
     path("webhook/", WebhookApi.as_view(), name="webhook"),
 ]

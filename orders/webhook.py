@@ -19,8 +19,8 @@ from accounts.services import strategy_webhook_token_check, webhook_token_hash, 
 from exchanges.rounding import floor_to_step
 from exchanges.selectors import price_for_trading
 from orders.models import OpenOrder, OrderType, PendingOrder, Side, WebhookDelivery
-from orders.queue import order_cancel_by_user
 from orders.services import OrderSpec, orders_enqueue, pair_lock
+from orders.transitions import order_cancel_by_user
 from orders.validation import (
     LIMIT_PRICED,
     Errors,

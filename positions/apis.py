@@ -1,6 +1,8 @@
-"""Positions HTTP API: the user's positions (SPEC §6)."""
+"""Positions HTTP API: the user's positions (SPEC §6) and fills (the ledger)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -19,7 +21,7 @@ from core.api import (
     paginated_response,
     request_user,
 )
-from positions.selectors import position_list_for_user
+from positions.selectors import fill_list_for_user, position_list_for_user
 
 
 class PositionListApi(UserApi):
@@ -62,3 +64,62 @@ class PositionListApi(UserApi):
             include_flat=bool(values["include_flat"]),
         )
         return paginated_response(request=request, view=self, queryset=positions, serializer=self.OutputSerializer)
+
+
+class FillListApi(UserApi):
+    """GET /api/fills/: the user's fills (the append-only ledger), newest first; paginated."""
+
+    class FilterSerializer(serializers.Serializer):
+        account = serializers.IntegerField(required=False, min_value=1)
+        symbol = SymbolField(required=False)
+        strategy = serializers.CharField(required=False, max_length=100, help_text="strategy group_name")
+        order_key = serializers.UUIDField(required=False)
+        since = serializers.DateTimeField(required=False, help_text="filled at or after (ISO 8601)")
+        until = serializers.DateTimeField(required=False, help_text="filled before (ISO 8601)")
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "FillListItem"
+
+        id = serializers.IntegerField()
+        order_key = serializers.UUIDField(source="trade.order_key", allow_null=True)
+        exchange_order_id = serializers.CharField(source="trade.exchange_order_id", allow_null=True)
+        account = serializers.IntegerField(source="strategy_account.account_id")
+        strategy = serializers.CharField(source="strategy_account.strategy.group_name")
+        symbol = serializers.CharField()
+        market_type = serializers.CharField(source="strategy_account.strategy.market_type")
+        side = serializers.SerializerMethodField()
+        quantity = serializers.SerializerMethodField()
+        price = PlainDecimalField()
+        fee = PlainDecimalField()
+        fee_currency = serializers.CharField()
+        realized_pnl = PlainDecimalField()
+        filled_at = serializers.DateTimeField()
+        # A declared field (popped from the class by SerializerMetaclass), not Field.source.
+        source = serializers.CharField()  # type: ignore[assignment]
+
+        def get_side(self, fill: Any) -> str:
+            return "BUY" if fill.delta_qty > 0 else "SELL"
+
+        def get_quantity(self, fill: Any) -> str:
+            return format(abs(fill.delta_qty).normalize(), "f")
+
+    @extend_schema(
+        operation_id="fills_list",
+        parameters=[FilterSerializer, *PAGINATION_PARAMETERS],
+        responses={200: page_serializer("FillListPage", OutputSerializer), 400: ErrorsSerializer},
+    )
+    def get(self, request: Request) -> Response:
+        values, errors = fields_parse(FillListApi.FilterSerializer, request.query_params)
+        if errors:
+            return errors_response(errors)
+        fills = fill_list_for_user(
+            user=request_user(request),
+            account_id=values["account"],
+            symbol=values["symbol"],
+            strategy=values["strategy"],
+            order_key=values["order_key"],
+            since=values["since"],
+            until=values["until"],
+        )
+        return paginated_response(request=request, view=self, queryset=fills, serializer=FillListApi.OutputSerializer)

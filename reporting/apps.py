@@ -1,8 +1,8 @@
-"""Reporting: the landing page and the trader dashboard (reads positions, orders, accounts; the top layer)."""
+"""Reporting app config: the top layer (daily summary, capital allocation, demo data, dashboards)."""
 
 from django.apps import AppConfig
 
 
 class ReportingConfig(AppConfig):
-    default_auto_field = "django.db.models.BigAutoField"
     name = "reporting"
+    verbose_name = "Reporting"

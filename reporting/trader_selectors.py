@@ -23,11 +23,12 @@ from django.db.models.functions import TruncDate
 from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount, StrategyCapital
 from core.money import decimal_text
 from exchanges.models import MarketInfo, PriceQuote
-from orders.models import CancelRequestedBy, Fill, OpenOrder, OrderEvent, PendingOrder
-from orders.queue import IDENTITY_FIELDS, queue_slots_for
+from orders.models import CancelRequestedBy, OpenOrder, OrderEvent, PendingOrder
 from orders.ranking import QueueEntry, Slot, bucket_for, rank_key
+from orders.selectors import queue_slots_for
+from orders.transitions import IDENTITY_FIELDS
 from positions.arithmetic import unrealized_pnl
-from positions.models import Position, StrategyDailyPerformance
+from positions.models import Fill, Position, StrategyDailyPerformance
 from positions.performance import day_bounds, local_day
 
 QUOTE_PLACES = 2  # PnL, fees, balances and capital: quote-currency amounts

@@ -192,8 +192,8 @@ def test_read_only_admins_render_and_refuse_edits(admin_client):  # noqa: ANN001
         "/admin/orders/openorder/",
         f"/admin/orders/openorder/{live.pk}/change/",
         "/admin/orders/orderevent/",
-        "/admin/orders/trade/",
-        "/admin/orders/fill/",
+        "/admin/positions/trade/",
+        "/admin/positions/fill/",
         "/admin/orders/queuedirty/",
         "/admin/orders/circuitstate/",
         "/admin/positions/position/",
@@ -279,9 +279,7 @@ def test_seed_demo_is_idempotent_and_prints_credentials_once(settings):  # noqa:
         ("FUTURES", Decimal("100000"), "LIVE"),
         ("SPOT", Decimal("100000"), "LIVE"),
     ]
-    allocated = dict(
-        StrategyCapital.objects.values_list("strategy_account__strategy__group_name", "allocated_capital")
-    )
+    allocated = dict(StrategyCapital.objects.values_list("strategy_account__strategy__group_name", "allocated_capital"))
     assert allocated["demo-futures-trend"] == allocated["demo-grid"] == Decimal("50000")
     assert (allocated["demo-spot-trend"], allocated["demo-spot-swing"]) == (
         Decimal("66666.66666667"),
@@ -323,8 +321,7 @@ GRID_START = datetime(2026, 12, 4, 6, 0, 3, tzinfo=UTC)
 
 def test_seed_demo_grid_fills_on_paper_within_a_minute(settings, time_machine, caplog):  # noqa: ANN001
     from orders.jobs import rebalance_order_queue, update_open_orders
-    from orders.models import Fill
-    from positions.models import Position
+    from positions.models import Fill, Position
 
     settings.ORDER_QUEUE_SLOTS = {"default": 2}
     cache.clear()

@@ -17,8 +17,9 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from orders.models import Fill, OrderEvent, Trade
+from orders.models import OrderEvent
 from orders.services import OrderSpec, orders_enqueue
+from positions.models import Fill, Trade
 from tests.orders.factories import AccountFactory, OpenOrderFactory, PriceQuoteFactory, StrategyAccountFactory
 
 pytestmark = pytest.mark.django_db

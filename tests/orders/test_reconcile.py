@@ -16,11 +16,11 @@ from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
 from orders.circuit import BREAKER_MAX_SECONDS, Breaker, breaker_next
-from orders.fills import position_matches_fills
 from orders.jobs import update_open_orders
-from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, Trade
-from orders.reconcile import cancel_complete
-from positions.models import Position
+from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder
+from orders.transitions import cancel_complete
+from positions.fills import position_matches_fills
+from positions.models import Fill, Position, Trade
 from scheduler.models import JobRun
 from tests.orders.factories import OpenOrderFactory, StrategyAccountFactory
 
@@ -490,9 +490,9 @@ def test_close_log_lines_say_side_quantity_price_and_call_a_demotion_routine(clo
         OpenOrder.objects.filter(pk=order.pk).update(status="CANCELLING", cancel_requested_by=by)
         order.refresh_from_db()
         caplog.clear()
-        with caplog.at_level("INFO", logger="orders.reconcile"):
+        with caplog.at_level("INFO", logger="orders.transitions"):
             cancel_complete(order=order, state=state, now=T0)
-        [record] = [r for r in caplog.records if r.name == "orders.reconcile"]
+        [record] = [r for r in caplog.records if r.name == "orders.transitions"]
         lines[by] = (record.levelname, record.getMessage())
     level, message = lines["DEMOTION"]
     assert level == "INFO"

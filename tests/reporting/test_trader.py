@@ -17,8 +17,8 @@ from django.test import Client
 from django.utils import timezone
 
 from accounts.models import CapitalSnapshot, StrategyCapital
-from orders.models import Fill, OrderEvent, Trade
-from positions.models import StrategyDailyPerformance
+from orders.models import OrderEvent
+from positions.models import Fill, StrategyDailyPerformance, Trade
 from reporting.consumers import CLOSE_FORBIDDEN, TraderFeedConsumer, trader_feed_poll, trader_feed_start
 from reporting.trader_selectors import (
     TraderScope,

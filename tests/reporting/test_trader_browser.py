@@ -70,7 +70,7 @@ import uuid
 from decimal import Decimal as D
 from django.utils import timezone
 from accounts.models import StrategyAccount
-from orders.models import Fill, Trade
+from positions.models import Fill, Trade
 sa = StrategyAccount.objects.get(strategy__group_name="browser-trend")
 trade = Trade.objects.create(strategy_account=sa, account=sa.account, exchange_order_id="browser-fill",
     order_key=uuid.uuid4(), symbol="ETH/USDT", market_type="SPOT", side="SELL", cumulative_filled=D("0.25"),

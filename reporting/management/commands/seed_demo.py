@@ -8,14 +8,12 @@ from datetime import datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from accounts.allocation_services import capital_pair_update
 from accounts.models import Account, CapitalSnapshot, Exchange, MarketType, Strategy, StrategyAccount
 from accounts.services import account_create, strategy_account_create, strategy_create
 from core.money import decimal_text
@@ -26,7 +24,9 @@ from exchanges.selectors import price_for_trading
 from exchanges.services import market_info_refresh, markets_load, price_cache_refresh
 from exchanges.simulator.catalog import DEFAULT_BALANCES
 from orders.models import OpenOrder, OrderEvent, PendingOrder
+from orders.selectors import queue_slots_for
 from orders.services import OrderSpec, orders_enqueue
+from reporting.allocation import capital_pair_update
 
 DEMO_USERNAME = "demo"
 SPOT_ACCOUNT = "Demo PAPER spot"
@@ -72,11 +72,6 @@ DEMO_BUCKETS = (
     ("demo-futures-trend", "ETH/USDT", "SELL"),
 )
 EXTRA_PER_BUCKET = 3
-
-
-def queue_slots(*, exchange: str, market_type: str) -> int:
-    slots = settings.ORDER_QUEUE_SLOTS
-    return int(slots.get(f"{exchange}:{market_type}", slots.get("default", 2)))
 
 
 def demo_order_size(*, price: Decimal, step: Decimal, min_qty: Decimal, min_notional: Decimal | None) -> Decimal:
@@ -252,7 +247,7 @@ class Command(BaseCommand):
             if found is None:
                 continue
             info, market = found
-            count = queue_slots(exchange=Exchange.PAPER, market_type=market_type) + EXTRA_PER_BUCKET
+            count = queue_slots_for(exchange=Exchange.PAPER, market_type=market_type) + EXTRA_PER_BUCKET
             for i in range(count):
                 # Buys step down from half the price, sells up from double: never near a fill.
                 factor = Decimal("0.5") - Decimal("0.01") * i if side == "BUY" else Decimal(2) + Decimal("0.02") * i

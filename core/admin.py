@@ -1,16 +1,33 @@
-"""Admin change lists without the 12 stored decimals: 0.001000000000 → 0.001, 65000.000000000000 → 65000."""
+"""Admin helpers shared by the apps' read-only admins (no model of core is registered here)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import FieldDoesNotExist
 from django.db import models
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from core.money import decimal_text
+
+
+class OrderKeySearchMixin:
+    """Search by order key: a full UUID is an indexed exact match; anything else matches text fields."""
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        term = search_term.strip()
+        try:
+            key = uuid.UUID(term)
+        except ValueError:
+            return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
+        return queryset.filter(order_key=key), False
+
+
+# Change lists without the 12 stored decimals: 0.001000000000 → 0.001, 65000.000000000000 → 65000.
 
 
 def plain_decimal_column(field: models.DecimalField) -> Callable[[Any], str]:
