@@ -15,7 +15,7 @@ from uuid import UUID
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 
-from core.money import ZERO, quantize
+from core.money import ZERO, decimal_text, quantize
 from exchanges.gateway import OrderState
 from exchanges.models import MarketInfo
 from notifications.services import alert_raise
@@ -123,7 +123,7 @@ def trade_fill_record(
                 source=source,
             )
     except IntegrityError:
-        logger.info("fill %s@%s already recorded", state.exchange_order_id, state.filled_quantity)
+        logger.info("fill %s@%s already recorded", state.exchange_order_id, decimal_text(state.filled_quantity))
         return None
     applied = position_apply_fill(
         fill=fill,
@@ -171,9 +171,9 @@ def position_apply_fill(
             "spot position %s %s would go below zero (%s after a %s sell); closed by an adjustment of +%s",
             fill.strategy_account_id,
             fill.symbol,
-            position.quantity,
-            quantity,
-            adjustment,
+            decimal_text(position.quantity),
+            decimal_text(quantity),
+            decimal_text(adjustment),
         )
         alert_raise(
             key=f"spot_negative:{fill.strategy_account_id}:{fill.symbol}",
@@ -193,8 +193,8 @@ def position_apply_fill(
             logger.info(
                 "dust %s %s after a close (min qty %s) closed by an adjustment",
                 fill.symbol,
-                position.quantity,
-                min_qty,
+                decimal_text(position.quantity),
+                decimal_text(min_qty),
             )
     if adjustment:
         # Adjustments realize nothing: no trade happened; the remainder is booked at its entry.
