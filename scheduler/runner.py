@@ -46,6 +46,7 @@ LEADER_THREADS: list[str] = [
     "scheduler.poller:CommandPoller",
     "notifications.sender:OutboxSender",
     "orders.streams:user_stream_manager",
+    "orders.execution:ExecutionPools",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
 LEADER_HOOKS: list[str] = [
