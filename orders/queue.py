@@ -174,6 +174,9 @@ class QueueWork:
     troubled: set[str] = field(default_factory=set)  # exchanges that failed in transport this pass
     _gateways: dict[int, ExchangeGateway] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `counts` across pair tasks
+    # The pass's time limits apply (inline: the tick waits for the pass). A pool task sets False: it
+    # runs beside the ticks, so it finishes its pair rather than leaving the rest for a later pass.
+    timed: bool = True
 
     def gateway(self, account_id: int) -> ExchangeGateway:
         if account_id not in self._gateways:
@@ -189,10 +192,12 @@ class QueueWork:
         return account is not None and str(account.exchange) in self.troubled
 
     def over_budget(self) -> bool:
-        return time.monotonic() - self.started > PASS_BUDGET_SECONDS
+        return self.timed and time.monotonic() - self.started > PASS_BUDGET_SECONDS
 
     def out_of_time(self) -> bool:
         """Whether an exchange call started now could outlast PASS_LIMIT_SECONDS (never before the budget)."""
+        if not self.timed:
+            return False
         cutoff = max(PASS_BUDGET_SECONDS, PASS_LIMIT_SECONDS - settings.EXCHANGE_QUEUE_TIMEOUT_MS / 1000)
         return time.monotonic() - self.started > cutoff
 
@@ -498,7 +503,7 @@ def queue_congestion_check(*, now: datetime) -> int:
 
 # The 1 s job waits this long for its pair tasks; the rest go on running beside the next ticks
 # (their pairs are busy until they end, so no later pass touches them meanwhile).
-PASS_WAIT_SECONDS = 0.7
+PASS_WAIT_SECONDS = 0.5
 # A pair task that starts this long after its pass loaded the rows loads its pair's rows again.
 STALE_ROWS_SECONDS = 0.2
 
@@ -518,13 +523,12 @@ def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder],
     """
     tally = QueueTally()
     if not execution_pool("queue").inline:
-        # A task of its own: its time limits count from its start, and rows loaded by a pass that
-        # started a while ago are read again (the transitions' guarded updates make stale rows
-        # safe, but a fresh plan avoids needless moves).
-        started = time.monotonic()
-        if rebalance and started - work.started > STALE_ROWS_SECONDS:
+        # A task beside the ticks: no pass time limits, and rows loaded by a pass that started a
+        # while ago are read again (the transitions' guarded updates make stale rows safe, but a
+        # fresh plan avoids needless moves).
+        if rebalance and time.monotonic() - work.started > STALE_ROWS_SECONDS:
             work = dataclasses.replace(work, rows={**work.rows, **selectors.queue_rows_for_pairs(pairs=[pair])})
-        work = dataclasses.replace(work, started=started)
+        work = dataclasses.replace(work, timed=False)
     for index, pending in enumerate(express):
         if work.in_trouble(pending.account_id):
             tally.add("trouble_deferred", queue_trouble_defer(work=work, pairs=[], express=[pair]))
