@@ -15,7 +15,7 @@ from exchanges.models import SimOrder
 from exchanges.paper import PaperGateway
 from orders.execution import execution_pool
 from orders.faults import crash_disable_all
-from orders.jobs import rebalance_order_queue
+from orders.jobs import rebalance_order_queue, update_open_orders
 from orders.models import OpenOrder, PendingOrder
 from orders.queue import queue_sweep_reset
 from scheduler.models import JobRun
@@ -206,3 +206,55 @@ def test_sigkill_in_the_middle_of_a_batch_on_sqlite_loses_and_doubles_nothing(pr
 @pytest.mark.postgres
 def test_sigkill_in_the_middle_of_a_batch_on_postgres_loses_and_doubles_nothing(proc_pg_db):  # noqa: ANN001
     _kill_mid_batch_and_recover(proc_pg_db)
+
+
+# --- Reconciliation per account market, concurrently ---------------------------------------------
+
+
+def test_update_open_orders_reconciles_account_markets_at_the_same_time(execution_workers, monkeypatch):  # noqa: ANN001
+    from exchanges import services as exchange_services
+    from exchanges.simulator.engine import default_engine
+    from positions.fills import position_matches_fills
+    from positions.models import Fill
+    from tests.orders.test_reconcile import place
+
+    paper = exchange_services.GATEWAY_FACTORIES["PAPER"]
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "calls": 0}
+
+    class SlowReads:
+        def __init__(self, inner: Any):
+            self._inner = inner
+            self.exchange = inner.exchange
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def fetch_open_orders(self, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                state["calls"] += 1
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            try:
+                time.sleep(0.2)
+                return self._inner.fetch_open_orders(*args, **kwargs)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    monkeypatch.setitem(exchange_services.GATEWAY_FACTORIES, "PAPER", lambda account: SlowReads(paper(account)))
+    default_engine.price_script("PAPER", "ETH/USDT", ["3000"])
+    followers = [StrategyAccountFactory() for _ in range(6)]
+    orders = [place(sa, "BUY", "LIMIT", "1", price="2900") for sa in followers]
+    default_engine.price_script("PAPER", "ETH/USDT", ["2890"])
+    time.sleep(1.1)  # one MATCH_INTERVAL of engine time: the next read runs a matching step
+
+    started = time.monotonic()
+    result = update_open_orders()
+    print(f"6 account markets with a 0.2 s open-orders read: {time.monotonic() - started:.2f} s (serial: 1.2 s)")
+
+    assert result.summary.startswith("6/6 account markets, 6 orders: 6 fills, 6 filled"), result.summary
+    assert state["calls"] == 6 and state["most"] >= 2, state
+    assert not OpenOrder.objects.filter(pk__in=[o.pk for o in orders]).exists()
+    assert Fill.objects.count() == 6
+    assert position_matches_fills() == []
