@@ -40,12 +40,15 @@ def _execution_inline(settings):  # noqa: ANN001
     uncommitted transaction that worker threads cannot see. Tests of the concurrent engine use
     `execution_workers` (committed data), and subprocess tests and the drill run the real pools.
     """
-    settings.EXECUTION_WORKERS = 0
-    settings.RECONCILE_WORKERS = 0
-    yield
+    from exchanges.ratelimit import rate_budget_reset
     from orders.execution import execution_pools_close
 
+    settings.EXECUTION_WORKERS = 0
+    settings.RECONCILE_WORKERS = 0
+    rate_budget_reset()  # a 429 block or spent budget of one test never reaches the next
+    yield
     execution_pools_close()
+    rate_budget_reset()
 
 
 @pytest.fixture

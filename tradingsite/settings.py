@@ -224,6 +224,11 @@ for _name, _value in (("EXECUTION_WORKERS", EXECUTION_WORKERS), ("RECONCILE_WORK
     if not 0 <= _value <= 256:
         raise ImproperlyConfigured(f"{_name} must be between 0 and 256 worker threads, not {_value}")
 EXCHANGE_QUEUE_TIMEOUT_MS = env.int("EXCHANGE_QUEUE_TIMEOUT_MS", default=1000)
+# Request budgets per exchange market (IP weight) and per account (orders), exchanges.ratelimit;
+# JSON replacing the defaults per "EXCHANGE:MARKET" key ([] turns them off there).
+EXCHANGE_RATE_LIMITS = env.str("EXCHANGE_RATE_LIMITS", default="")
+EXCHANGE_RATE_WAIT_MAX = env.float("EXCHANGE_RATE_WAIT_MAX", default=2.0)
+
 if EXCHANGE_QUEUE_TIMEOUT_MS <= 0:
     raise ImproperlyConfigured(f"EXCHANGE_QUEUE_TIMEOUT_MS must be positive (ms), not {EXCHANGE_QUEUE_TIMEOUT_MS}")
 
@@ -244,3 +249,15 @@ LOGGING = {
         "django.db.backends": {"level": "WARNING"},
     },
 }
+
+
+def _check_rate_limits() -> None:
+    from exchanges.ratelimit import limits_parse
+
+    try:
+        limits_parse(EXCHANGE_RATE_LIMITS)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+
+
+_check_rate_limits()
