@@ -51,13 +51,18 @@ def _declared_length(value: Any) -> int | None:
 
 
 class BodySizeLimitMiddleware:
-    """413 for a body whose Content-Length is above its path's cap (or above DATA_UPLOAD_MAX_MEMORY_SIZE)."""
+    """413 (JSON body) for a body whose Content-Length is above its path's cap or DATA_UPLOAD_MAX_MEMORY_SIZE."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]):
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         limit = body_limit_for(request.path_info)
+        # Django's cap covers every body but file uploads (multipart); it is checked here too, because
+        # a RequestDataTooBig raised before the view (e.g. by the CSRF check) never reaches process_exception.
+        django_limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if django_limit is not None and not request.content_type.startswith("multipart/"):
+            limit = django_limit if limit is None else min(limit, django_limit)
         length = _declared_length(request.META.get("CONTENT_LENGTH"))
         if limit is not None and length is not None and length > limit:
             logger.warning("request to %s refused: body of %d bytes above %d", request.path_info, length, limit)
