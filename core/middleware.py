@@ -61,7 +61,7 @@ class BodySizeLimitMiddleware:
         # Django's cap covers every body but file uploads (multipart); it is checked here too, because
         # a RequestDataTooBig raised before the view (e.g. by the CSRF check) never reaches process_exception.
         django_limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        if django_limit is not None and not request.content_type.startswith("multipart/"):
+        if django_limit is not None and not (request.content_type or "").startswith("multipart/"):
             limit = django_limit if limit is None else min(limit, django_limit)
         length = _declared_length(request.META.get("CONTENT_LENGTH"))
         if limit is not None and length is not None and length > limit:
