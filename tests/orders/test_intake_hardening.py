@@ -13,6 +13,8 @@ import pytest
 from asgiref.testing import ApplicationCommunicator
 from django.core.cache import cache
 from django.utils import timezone
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from accounts.models import StrategyCapital
@@ -446,3 +448,108 @@ def test_the_served_asgi_application_caps_chunked_webhook_bodies(settings):  # n
     status, body = asyncio.run(_asgi_post(application, WEBHOOK, [b"{" * 700, b"{" * 700]))
     assert status == 413
     assert json.loads(body)["detail"] == "request body too large: at most 1000 bytes"
+
+
+# --- Fuzz: random JSON, values and parameters never make a 5xx, and a 4xx writes nothing --------------
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,  # the same examples on every run and both databases: CI stays deterministic
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+NUMBERS = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True).map(str),
+    st.sampled_from(["1e-1000000", "1e999999999", "9999999999999999", "1000000000000000", "-0", "0.00000001"]),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _field(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """Mostly a plausible value, sometimes any JSON value, sometimes a missing field (None is dropped)."""
+    return st.one_of(valid, valid, JSON, st.just(None))
+
+
+ORDER_FIELDS = st.fixed_dictionaries(
+    {
+        "account": _field(st.sampled_from(["ACCOUNT", 2**63, 0, -1, "9223372036854775808"])),
+        "strategy": _field(st.sampled_from(["spot-a", "trend", "nope", "x" * 200])),
+        "symbol": _field(st.sampled_from(["ETH/USDT", "eth/usdt", "BTC/USDT", "DOGE/USDT", "ETHUSDT", "É/U"])),
+        "side": _field(st.sampled_from(["BUY", "SELL", "buy", "HOLD"])),
+        "order_type": _field(st.sampled_from(["LIMIT", "MARKET", "STOP_LIMIT", "STOP_MARKET", "ICEBERG"])),
+        "price": _field(NUMBERS),
+        "stop_price": _field(NUMBERS),
+        "quantity": _field(NUMBERS),
+        "priority": _field(st.integers(min_value=-(2**70), max_value=2**70)),
+    }
+)
+SIGNAL_FIELDS = st.fixed_dictionaries(
+    {
+        "id": _field(st.text(max_size=120)),
+        "group_name": st.sampled_from(["trend", "trend", "trend", "nope"]),
+        "token": st.sampled_from([TOKEN, TOKEN, TOKEN, "wrong"]),
+        "symbol": _field(st.sampled_from(["BTC/USDT", "btc/usdt", "ETH/USDT", "BTCUSDT"])),
+        "side": _field(st.sampled_from(["BUY", "sell", "LONG"])),
+        "order_type": _field(
+            st.sampled_from(["LIMIT", "MARKET", "STOP_LIMIT", "STOP_MARKET", "CANCEL", "CANCEL_ALL", "market"])
+        ),
+        "price": _field(NUMBERS),
+        "stop_price": _field(NUMBERS),
+        "qty_per": _field(st.one_of(NUMBERS, st.sampled_from([-100, "-100", 100, "0.5"]))),
+    }
+)
+
+
+def _no_5xx_and_4xx_writes_nothing(send: Any) -> Any:
+    before = rows()
+    response = send()
+    event(f"status {response.status_code}")  # shown by --hypothesis-show-statistics
+    assert response.status_code < 500, response.content[:500]
+    if 400 <= response.status_code < 500:
+        assert rows() == before, response.content[:500]
+    return response
+
+
+@FUZZ
+@given(fields=ORDER_FIELDS)
+def test_fuzz_order_intake(user_client, desk, fields):  # noqa: ANN001
+    data = {k: (desk["account"].pk if v == "ACCOUNT" else v) for k, v in fields.items() if v is not None}
+    _no_5xx_and_4xx_writes_nothing(lambda: user_client.post(ORDERS, data, format="json"))
+
+
+@FUZZ
+@given(fields=SIGNAL_FIELDS)
+def test_fuzz_webhook(desk, fields):  # noqa: ANN001
+    data = {k: v for k, v in fields.items() if v is not None}
+    _no_5xx_and_4xx_writes_nothing(lambda: APIClient().post(WEBHOOK, data, format="json"))
+
+
+@FUZZ
+@given(body=st.one_of(st.binary(max_size=300), JSON.map(lambda v: json.dumps(v).encode())), to_webhook=st.booleans())
+def test_fuzz_raw_bodies(user_client, desk, body, to_webhook):  # noqa: ANN001
+    url = WEBHOOK if to_webhook else ORDERS
+    _no_5xx_and_4xx_writes_nothing(lambda: user_client.generic("POST", url, body, content_type="application/json"))
+
+
+@FUZZ
+@given(
+    params=st.dictionaries(
+        st.sampled_from(["account", "symbol", "status", "limit", "offset", "include_flat"]),
+        st.one_of(st.text(max_size=30), st.integers(min_value=-(2**70), max_value=2**70).map(str)),
+        max_size=4,
+    ),
+    key=st.one_of(st.uuids().map(str), st.text(alphabet="abcdef0123456789-", max_size=40)),
+)
+def test_fuzz_list_and_cancel(user_client, desk, params, key):  # noqa: ANN001
+    for url in (ORDERS, "/api/positions/"):
+        response = _no_5xx_and_4xx_writes_nothing(lambda url=url: user_client.get(url, params))
+        assert response.status_code in (200, 400)
+    response = _no_5xx_and_4xx_writes_nothing(lambda: user_client.delete(f"{ORDERS}{key}/"))
+    assert response.status_code in (202, 404, 409)
