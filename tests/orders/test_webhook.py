@@ -445,15 +445,16 @@ def test_a_rejected_delivery_leaves_no_trace_so_a_fixed_retry_goes_through(world
 def test_two_concurrent_identical_deliveries_make_one_set_of_orders(world, monkeypatch, caplog, with_id):  # noqa: ANN001
     """Both requests are inside their transactions at once (the first is held open after the claim):
     the second waits on the unique index, then replays the first reply."""
-    import orders.webhook as webhook
+    import orders.intake as intake
 
-    real_enqueue = webhook.orders_enqueue
+    real_enqueue = intake.orders_enqueue
 
     def slow_enqueue(**kwargs: Any) -> Any:
         time.sleep(0.5)
         return real_enqueue(**kwargs)
 
-    monkeypatch.setattr(webhook, "orders_enqueue", slow_enqueue)
+    # The webhook enqueues through the intake pipeline (orders.intake.orders_place).
+    monkeypatch.setattr(intake, "orders_enqueue", slow_enqueue)
     data = body(id="race-1") if with_id else body()
     barrier = threading.Barrier(2)
     replies: list[Any] = []
