@@ -553,3 +553,47 @@ def test_fuzz_list_and_cancel(user_client, desk, params, key):  # noqa: ANN001
         assert response.status_code in (200, 400)
     response = _no_5xx_and_4xx_writes_nothing(lambda: user_client.delete(f"{ORDERS}{key}/"))
     assert response.status_code in (202, 404, 409)
+
+
+# --- One pipeline (issue 11): the API and every account of a webhook fan-out go through it --------------
+
+
+def test_the_api_and_the_webhook_fan_out_share_one_intake_pipeline(user_client, desk, monkeypatch):  # noqa: ANN001
+    import orders.intake as intake
+
+    checked: list[tuple[int, bool]] = []
+    placed: list[int] = []
+    real_check, real_place = intake.order_check, intake.orders_place
+
+    def spy_check(**kwargs: Any) -> Any:
+        checked.append((kwargs["draft"].strategy_account_id, kwargs.get("private", False)))
+        return real_check(**kwargs)
+
+    def spy_place(**kwargs: Any) -> Any:
+        placed.append(len(kwargs["specs"]))
+        return real_place(**kwargs)
+
+    monkeypatch.setattr(intake, "order_check", spy_check)
+    monkeypatch.setattr(intake, "orders_place", spy_place)
+    monkeypatch.setattr("orders.webhook.order_check", spy_check)
+    monkeypatch.setattr("orders.webhook.orders_place", spy_place)
+
+    assert user_client.post(ORDERS, order(desk), format="json").status_code == 202
+    assert APIClient().post(WEBHOOK, signal(), format="json").status_code == 202
+
+    # The user's own order shows its figures; the webhook's accounts are checked as private.
+    assert checked == [(desk["spot"].pk, False), (desk["a"].pk, True), (desk["b"].pk, True)]
+    assert placed == [1, 2]
+
+
+def test_close_decision_and_reference_price_are_pure_functions():
+    from orders.validation import CloseOrder, order_reference_price, position_close_order
+
+    assert position_close_order(held=D("0.5")) == CloseOrder(side="SELL", quantity=D("0.5"))
+    assert position_close_order(held=D("-0.2")) == CloseOrder(side="BUY", quantity=D("0.2"))
+    assert position_close_order(held=D("0")) is None
+    prices = {"price": D("100"), "stop_price": D("90"), "market_price": D("95")}
+    assert order_reference_price(order_type="LIMIT", **prices) == D("100")
+    assert order_reference_price(order_type="STOP_LIMIT", **prices) == D("100")
+    assert order_reference_price(order_type="STOP_MARKET", **prices) == D("90")
+    assert order_reference_price(order_type="MARKET", **prices) == D("95")
