@@ -29,6 +29,7 @@ from orders.validation import (
     errors_merge,
     floored_price,
     order_market_check,
+    order_range_check,
     order_reference_price,
     order_shape_check,
     position_close_order,
@@ -318,6 +319,9 @@ def order_intake(
     )
     errors_merge(
         errors, order_shape_check(order_type=request.order_type, price=request.price, stop_price=request.stop_price)
+    )
+    errors_merge(
+        errors, order_range_check(price=request.price, stop_price=request.stop_price, quantity=request.quantity)
     )
     check = OrderCheck()
     # Market rules need the exchange (from the account) and the market type (from the strategy).

@@ -58,6 +58,15 @@ def order_shape_check(*, order_type: str | None, price: Decimal | None, stop_pri
     return errors
 
 
+def order_range_check(**values: Decimal | None) -> Errors:
+    """Values given by the caller (price, stop_price, quantity, …) must stay below 10^15 (INTAKE_LIMIT)."""
+    errors: Errors = {}
+    for name, value in values.items():
+        if value is not None and value >= INTAKE_LIMIT:
+            _add(errors, name, f"{name} {echo(value)} is above the largest accepted {LIMIT_TEXT}")
+    return errors
+
+
 # --- Decisions: close, sizing ------------------------------------------------------------------
 
 

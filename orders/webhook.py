@@ -25,7 +25,7 @@ from orders.intake import OrderDraft, Sizing, SpotSellRejectedError, order_check
 from orders.models import OpenOrder, OrderType, PendingOrder, WebhookDelivery
 from orders.queue import order_cancel_by_user
 from orders.services import OrderSpec, pair_lock
-from orders.validation import Errors, order_shape_check
+from orders.validation import Errors, errors_merge, order_range_check, order_shape_check
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ def webhook_signal_check(*, signal: WebhookSignal) -> Errors:
         errors["qty_per"] = ["qty_per must be greater than 0, or -100 to close the position"]
     if not signal.closes:
         # A close is always a MARKET order on the opposite side: price fields do not apply to it.
-        for name, messages in order_shape_check(
-            order_type=signal.order_type, price=signal.price, stop_price=signal.stop_price
-        ).items():
-            errors.setdefault(name, []).extend(messages)
+        errors_merge(
+            errors, order_shape_check(order_type=signal.order_type, price=signal.price, stop_price=signal.stop_price)
+        )
+        errors_merge(errors, order_range_check(price=signal.price, stop_price=signal.stop_price))
     return errors
 
 

@@ -164,6 +164,15 @@ def test_out_of_range_values_are_refused_naming_the_field(user_client, desk, ove
     assert rows() == before
 
 
+def test_an_out_of_range_price_is_named_beside_an_unknown_account(user_client, desk):  # noqa: ANN001
+    response = user_client.post(ORDERS, order(desk, account=424242, price="9999999999999999"), format="json")
+
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert set(errors) == {"account", "price"}
+    assert errors["price"] == ["price 9999999999999999 is above the largest accepted 10^15"]
+
+
 def test_an_order_whose_value_would_overflow_the_money_columns_is_refused(user_client, desk):  # noqa: ANN001
     MarketInfo.objects.filter(symbol="ETH/USDT").update(max_qty=None, max_price=None)
     before = rows()
@@ -184,9 +193,11 @@ def test_webhook_out_of_range_price_and_computed_quantities_are_refused(desk):  
     before = rows()
     ref_a = strategy_account_ref(desk["a"].pk)
 
+    # The sender's own field: named at the payload level, before any account is looked at.
     response = client.post(WEBHOOK, signal(price="9999999999999999"), format="json")
     assert response.status_code == 400
-    assert any("largest accepted 10^15" in m for m in messages_of(response, "price", ref_a))
+    assert messages_of(response, "price") == ["price 9999999999999999 is above the largest accepted 10^15"]
+    assert response.json()["account_errors"] == {}
 
     # 10,000 × 10^15 % / 0.1 × 2: a sized quantity far past anything a column holds.
     response = client.post(WEBHOOK, signal(price="0.1", qty_per="1000000000000000"), format="json")
