@@ -477,7 +477,8 @@ NUMBERS = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
 )
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    # Finite floats only: the test client itself cannot encode NaN or Infinity as JSON (raw bodies cover them).
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -543,7 +544,14 @@ def test_fuzz_webhook(desk, fields):  # noqa: ANN001
 
 
 @FUZZ
-@given(body=st.one_of(st.binary(max_size=300), JSON.map(lambda v: json.dumps(v).encode())), to_webhook=st.booleans())
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        JSON.map(lambda v: json.dumps(v).encode()),
+        st.sampled_from([b"NaN", b'{"quantity": Infinity}', b'{"qty_per": -Infinity, "price": NaN}']),
+    ),
+    to_webhook=st.booleans(),
+)
 def test_fuzz_raw_bodies(user_client, desk, body, to_webhook):  # noqa: ANN001
     url = WEBHOOK if to_webhook else ORDERS
     _no_5xx_and_4xx_writes_nothing(lambda: user_client.generic("POST", url, body, content_type="application/json"))
