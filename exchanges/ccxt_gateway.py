@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import ccxt
 from django.conf import settings
 
-from core.money import ZERO
+from core.money import COLUMN_LIMIT, ZERO
 from core.scrub import scrub, secret_register
 from exchanges import gateway as gw
 from exchanges.gateway import (
@@ -292,6 +292,15 @@ def _decimal(value: Any) -> Decimal | None:
         return None
 
 
+def _upper_limit(value: Any) -> Decimal | None:
+    """A market's maximum (amount or price), or None for no limit: absent, 0 (Binance's "disabled"),
+    not finite, or too large for a money column (no order can reach it anyway)."""
+    limit = _decimal(value)
+    if limit is None or not limit.is_finite() or limit <= 0 or limit >= COLUMN_LIMIT:
+        return None
+    return limit
+
+
 def _decimals_of(step: Decimal | None) -> int:
     if step is None or step <= 0:
         return 8
@@ -515,8 +524,9 @@ class CcxtGateway:
                     tick_size=tick,
                     step_size=step,
                     min_qty=_decimal((limits.get("amount") or {}).get("min")) or step,
-                    max_qty=_decimal((limits.get("amount") or {}).get("max")),
+                    max_qty=_upper_limit((limits.get("amount") or {}).get("max")),
                     min_notional=_decimal((limits.get("cost") or {}).get("min")),
+                    max_price=_upper_limit((limits.get("price") or {}).get("max")),
                     price_precision=_decimals_of(tick),
                     amount_precision=_decimals_of(step),
                     active=market.get("active") is not False,

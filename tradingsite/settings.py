@@ -65,6 +65,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: a too-large body is refused (413) before anything reads it or checks a token.
+    "core.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -153,7 +155,18 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # DRF's defaults with the JSON parser replaced by one that bounds nesting (a deep document is a 400).
+    "DEFAULT_PARSER_CLASSES": [
+        "core.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
 }
+# Request body caps (bytes), checked by core.middleware before the body is parsed; the longest
+# matching path prefix wins. Above the cap: 413 with a JSON body.
+WEBHOOK_MAX_BODY_BYTES = env.int("WEBHOOK_MAX_BODY_BYTES", default=64 * 1024)
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
+BODY_LIMITS = {"/api/webhook/": WEBHOOK_MAX_BODY_BYTES, "/api/": API_MAX_BODY_BYTES}
 SPECTACULAR_SETTINGS = {"TITLE": "tradingsite API", "VERSION": "0.1.0"}
 
 # --- Scheduler (SPEC §2) ----------------------------------------------------
