@@ -37,11 +37,13 @@ an exchange on its SimExchange row (select_for_update in SimEngine.order_create)
 how much of a fan-out figure is the simulated exchange rather than the engine.
 Reconciliation: BENCH_RECONCILE_ACCOUNTS accounts × 5 live LIMIT orders (SimOrder and OpenOrder
 rows bulk-created to match), one `update_open_orders` run, timed until its last account market is
-done (RECONCILE_WORKERS=8 against 0, each on fresh data).
+done (RECONCILE_WORKERS=8 against 0, each on fresh data; the time includes the account markets the
+job leaves running beside it after its 18 s wait).
 
 Environment: BENCH_FANOUT_N ("100,1000"), BENCH_FANOUT_TYPES ("MARKET,LIMIT"),
 BENCH_FANOUT_SERIAL_MAX (1000: larger N run without the serial baseline, said in the output),
-BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_PHASE (0.5 s), BENCH_PG_ADMIN_URL
+BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_WORKERS (16) and BENCH_RECONCILE_WORKERS (8):
+the pool sizes measured against 0, BENCH_FANOUT_PHASE (0.5 s), BENCH_PG_ADMIN_URL
 (postgres://postgres@127.0.0.1:5432/postgres), BENCH_KEEP=1 keeps the database and the server log.
 """
 
@@ -379,6 +381,9 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 # The simulator's pid, for its CPU time over each run.
 SIM: dict[str, int] = {}
+# The pools' sizes measured against 0 (serial): the product defaults unless BENCH_FANOUT_WORKERS /
+# BENCH_RECONCILE_WORKERS say otherwise.
+WORKERS = {"queue": 16, "reconcile": 8}
 # Seconds per create sent straight to the simulator: "serial" one after another, "concurrent" 16 at once.
 CALIBRATION: dict[str, list[float]] = {}
 
@@ -778,6 +783,11 @@ def main() -> int:
     serial_max = int(os.environ.get("BENCH_FANOUT_SERIAL_MAX", "1000"))
     reconcile_accounts = int(os.environ.get("BENCH_RECONCILE_ACCOUNTS", "1000"))
     phase = float(os.environ.get("BENCH_FANOUT_PHASE", "0.5"))
+    WORKERS["queue"] = int(os.environ.get("BENCH_FANOUT_WORKERS", "16"))
+    WORKERS["reconcile"] = int(os.environ.get("BENCH_RECONCILE_WORKERS", "8"))
+    if min(WORKERS.values()) < 1:
+        print("BENCH_FANOUT_WORKERS and BENCH_RECONCILE_WORKERS are pool sizes (>= 1)", file=sys.stderr)
+        return 2
     keep = os.environ.get("BENCH_KEEP") == "1"
     admin_url = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
     db_url = urlparse(admin_url)._replace(path=f"/ts_bench_fanout_{os.getpid()}").geturl()
@@ -793,8 +803,8 @@ def main() -> int:
         DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
         FIELD_ENCRYPTION_KEY=Fernet.generate_key().decode(),
         EXCHANGE_URL_OVERRIDES=json.dumps({"BINANCE": base, "BYBIT": base}),
-        EXECUTION_WORKERS="16",
-        RECONCILE_WORKERS="8",
+        EXECUTION_WORKERS=str(WORKERS["queue"]),
+        RECONCILE_WORKERS=str(WORKERS["reconcile"]),
     )
     log(f"database {db_url.rsplit('/', 1)[1]}, simulator on {base}, work dir {work}")
     pg_recreate(db_url)
@@ -878,7 +888,7 @@ def _runs(
         CALIBRATION["serial"], CALIBRATION["concurrent"] = calibration
     for order_type in types:
         for n in sizes:
-            for workers in (16, 0):
+            for workers in (WORKERS["queue"], 0):
                 if not workers and n > serial_max:
                     continue
                 log(f"fan-out {order_type} N={n} EXECUTION_WORKERS={workers} ...")
@@ -898,7 +908,7 @@ def _runs(
                     f"{r.skipped_ticks} skipped ticks{'; ' + '; '.join(r.errors[:3]) if r.errors else ''}"
                 )
     if reconcile_accounts:
-        for workers in (8, 0):
+        for workers in (WORKERS["reconcile"], 0):
             log(f"reconcile {reconcile_accounts} accounts x {RECONCILE_ORDERS} RECONCILE_WORKERS={workers} ...")
             rr = _guarded(reconcile_run, accounts=reconcile_accounts, workers=workers, sampler=sampler, timer=timer)
             if rr is None:
@@ -934,7 +944,8 @@ def _report(
         f"# fan-out: one webhook signal to N followers (BINANCE FUTURES {SYMBOL}, each its own simulator account), "
         f"runsimexchange + real ccxt, {LATENCY_MS} ms latency on {', '.join(LATENCY_ENDPOINTS)}, PostgreSQL; "
         f"rebalance_order_queue every {TICK_SECONDS:.0f} s on a timer thread, webhook {phase:g} s into a tick; "
-        "value = EXECUTION_WORKERS=16, baseline = EXECUTION_WORKERS=0 (serial) on fresh data in the same run; "
+        f"value = EXECUTION_WORKERS={WORKERS['queue']}, "
+        "baseline = EXECUTION_WORKERS=0 (serial) on fresh data in the same run; "
         "seconds from the webhook's return to each order's `placed` event",
         header(),
     ]
@@ -948,7 +959,7 @@ def _report(
         out.append(line("simulator_create_max_s[16 at once]", max(concurrent), max(serial)))
     for order_type in types:
         for n in sizes:
-            value = fanouts.get((order_type, n, 16))
+            value = fanouts.get((order_type, n, WORKERS["queue"]))
             baseline = fanouts.get((order_type, n, 0))
             if value is None:
                 out.append(f"# fan-out {order_type} N={n}: no result (see the errors above)")
@@ -957,10 +968,11 @@ def _report(
                 out.append(f"# {order_type} N={n}: serial baseline not run (N > BENCH_FANOUT_SERIAL_MAX={serial_max})")
             out.extend(fanout_lines(value, baseline))
     if reconciles:
-        value_r, base_r = reconciles.get(8), reconciles.get(0)
+        value_r, base_r = reconciles.get(WORKERS["reconcile"]), reconciles.get(0)
         out.append(
             f"# reconciliation: {reconcile_accounts} accounts x {RECONCILE_ORDERS} live orders, one update_open_orders "
-            "until its last account market is done; value = RECONCILE_WORKERS=8, baseline = RECONCILE_WORKERS=0"
+            "until its last account market is done; "
+            f"value = RECONCILE_WORKERS={WORKERS['reconcile']}, baseline = RECONCILE_WORKERS=0"
         )
         label = f"[{reconcile_accounts}x{RECONCILE_ORDERS}]"
         if value_r is not None:
@@ -970,7 +982,7 @@ def _report(
             out.append(line(f"reconcile_exchange_calls{label}", value_r.calls, base_r.calls if base_r else None))
             out.append(line(f"reconcile_leader_cpu_s{label}", value_r.cpu[0], base_r.cpu[0] if base_r else None))
             out.append(line(f"reconcile_simulator_cpu_s{label}", value_r.cpu[1], base_r.cpu[1] if base_r else None))
-            out.append(f"# reconcile run: {value_r.summary[:200]}")
+            out.append(f"# reconcile job summary (when the job returned): {value_r.summary[:200]}")
     out.extend(goals(fanouts, reconciles))
     return "\n".join(out)
 
