@@ -213,7 +213,7 @@ def data_reset() -> None:
 
 def market_data_refresh() -> None:
     """MarketInfo (precision_cache_update) and fresh PriceQuote rows (update_price_cache), as the leader keeps them."""
-    from exchanges.jobs import precision_cache_update, update_price_cache
+    from positions.jobs import precision_cache_update, update_price_cache
     from exchanges.models import MarketInfo
 
     if not MarketInfo.objects.filter(exchange="BINANCE", market_type="FUTURES", symbol=SYMBOL).exists():

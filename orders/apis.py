@@ -220,7 +220,8 @@ class SignalSerializer(serializers.Serializer):
         ref_name = "Signal"
 
     id = serializers.IntegerField()
-    source = serializers.CharField()
+    # A declared field, popped from the class by SerializerMetaclass: Field.source is not shadowed.
+    source = serializers.CharField()  # type: ignore[assignment]
     strategy = serializers.CharField(source="strategy.group_name")
     symbol = serializers.CharField()
     side = serializers.CharField()
@@ -303,7 +304,7 @@ class SignalExecutionApi(UserApi):
             return SignalExecutionApi.SummarySerializer(execution.summary).data
 
         def get_followers(self, execution: Any) -> list:
-            return SignalExecutionApi.FollowerSerializer(execution.followers, many=True).data
+            return list(SignalExecutionApi.FollowerSerializer(execution.followers, many=True).data)
 
     @extend_schema(operation_id="signals_execution", responses={200: OutputSerializer, 404: None})
     def get(self, request: Request, signal_id: int) -> Response:

@@ -311,7 +311,7 @@ def order_key_owned_by(*, user: User, order_key: uuid.UUID) -> bool:
 # --- Signals: the per-signal execution report ------------------------------------------------------
 
 # The last event of an order → where it is now, in the report's words.
-_OUTCOME_OF_EVENT = {
+_OUTCOME_OF_EVENT: dict[str, str] = {
     OrderEvent.Kind.QUEUED: "queued",
     OrderEvent.Kind.REQUEUED: "queued",
     OrderEvent.Kind.DEMOTED: "queued",
@@ -367,11 +367,11 @@ def signal_execution(*, signal: Signal, user: User | None = None) -> SignalExecu
         .values_list("order_key", "last_error", "last_error_kind")
     }
     fills: dict[str, tuple[Decimal, Decimal]] = {}  # order_key → (filled quantity, Σ price × quantity)
-    for key, filled, average in Trade.objects.filter(order_key__in=keys).values_list(
+    for trade_key, filled, average in Trade.objects.filter(order_key__in=keys).values_list(
         "order_key", "cumulative_filled", "average_price"
     ):
-        quantity, notional = fills.get(str(key), (Decimal(0), Decimal(0)))
-        fills[str(key)] = (quantity + filled, notional + filled * average)
+        quantity, notional = fills.get(str(trade_key), (Decimal(0), Decimal(0)))
+        fills[str(trade_key)] = (quantity + filled, notional + filled * average)
     followers = []
     for member in members:
         history = events.get(str(member.order_key), [])
