@@ -213,8 +213,8 @@ def data_reset() -> None:
 
 def market_data_refresh() -> None:
     """MarketInfo (precision_cache_update) and fresh PriceQuote rows (update_price_cache), as the leader keeps them."""
-    from positions.jobs import precision_cache_update, update_price_cache
     from exchanges.models import MarketInfo
+    from positions.jobs import precision_cache_update, update_price_cache
 
     if not MarketInfo.objects.filter(exchange="BINANCE", market_type="FUTURES", symbol=SYMBOL).exists():
         precision_cache_update()
