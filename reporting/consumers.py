@@ -25,6 +25,7 @@ from reporting.trader_selectors import (
     trader_orders,
     trader_performance,
     trader_positions,
+    trader_signals,
     trader_snapshot,
 )
 
@@ -63,7 +64,7 @@ def trader_feed_start(*, scope: TraderScope, now: datetime) -> tuple[dict[str, A
     )
     snapshot = trader_snapshot(scope=scope, now=now)
     cursor.sent_fills = {row["id"] for row in snapshot["fills"]}
-    cursor.panels = {name: snapshot[name] for name in (*SLOW_PANELS, "orders")}
+    cursor.panels = {name: snapshot[name] for name in (*SLOW_PANELS, "orders", "signals")}
     cursor.slow_due = time.monotonic() + SLOW_PANELS_EVERY
     return snapshot, cursor
 
@@ -87,6 +88,8 @@ def trader_feed_poll(cursor: TraderCursor, *, now: datetime, clock: float | None
     if marker != cursor.order_marker:
         cursor.order_marker = marker
         messages.extend(_changed(cursor, "orders", trader_orders(scope=scope, now=now)))
+        # Every step of a signal's orders (placed, filled, rejected, …) is an order event.
+        messages.extend(_changed(cursor, "signals", trader_signals(scope=scope)))
 
     if fills or clock >= cursor.slow_due:
         cursor.slow_due = clock + SLOW_PANELS_EVERY

@@ -17,15 +17,16 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models import Max, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount, StrategyCapital
 from core.money import decimal_text
 from exchanges.models import MarketInfo, PriceQuote
-from orders.models import CancelRequestedBy, OpenOrder, OrderEvent, PendingOrder
+from orders.models import CancelRequestedBy, OpenOrder, OrderEvent, PendingOrder, Signal
 from orders.ranking import QueueEntry, Slot, bucket_for, rank_key
-from orders.selectors import queue_slots_for
+from orders.selectors import queue_slots_for, signal_execution
 from orders.transitions import IDENTITY_FIELDS
 from positions.arithmetic import unrealized_pnl
 from positions.models import Fill, Position, StrategyDailyPerformance
@@ -36,6 +37,7 @@ PERFORMANCE_DAYS = 90
 RECENT_FILLS = 50
 ORDERS_LIMIT = 500
 INTRADAY_POINTS = 2000
+RECENT_SIGNALS = 8
 
 Key = tuple[str, str, str]  # (exchange, market_type, symbol)
 
@@ -500,6 +502,52 @@ def trader_performance(*, scope: TraderScope, now: datetime, days: int = PERFORM
     return out
 
 
+# --- the per-signal execution report (orders.selectors.signal_execution), newest signals ---------------
+
+
+def _seconds(value: float | None) -> str | None:
+    return f"{value:.2f}" if value is not None else None
+
+
+def _bps(value: Decimal | None) -> str | None:
+    return decimal_text(value, 1) if value is not None else None
+
+
+def trader_signals(*, scope: TraderScope, limit: int = RECENT_SIGNALS) -> list[dict[str, Any]]:
+    """The newest signals with orders in scope and their execution summary: followers by outcome, seconds
+    from the signal to the exchange's acknowledgement and to the fill (median, p99), slippage in basis points
+    (quantity-weighted and worst; positive is worse) and the first failures. A user who is not staff sees
+    only their own followers. One query for the signals, then the report's four per signal."""
+    signals = (
+        Signal.objects.all() if scope.everything else Signal.objects.filter(orders__account__user_id=scope.user_id)
+    )
+    user = None if scope.everything else get_user_model().objects.filter(pk=scope.user_id).first()
+    rows = []
+    for signal in signals.distinct().select_related("strategy").order_by("-received_at", "-id")[:limit]:
+        report = signal_execution(signal=signal, user=user)
+        summary = report.summary
+        rows.append(
+            {
+                "id": signal.pk,
+                "received_at": local_iso(signal.received_at),
+                "source": signal.source,
+                "strategy": signal.strategy.group_name,
+                "symbol": signal.symbol,
+                "side": signal.side,
+                "order_type": signal.order_type,
+                "followers": summary.followers,
+                "by_outcome": dict(sorted(summary.by_outcome.items())),
+                "acknowledged_median_s": _seconds(summary.acknowledged.median),
+                "acknowledged_p99_s": _seconds(summary.acknowledged.p99),
+                "filled_median_s": _seconds(summary.filled.median),
+                "slippage_avg_bps": _bps(summary.slippage_avg_bps),
+                "slippage_worst_bps": _bps(summary.slippage_worst_bps),
+                "failures": summary.failures[:3],
+            }
+        )
+    return rows
+
+
 def trader_snapshot(*, scope: TraderScope, now: datetime) -> dict[str, Any]:
     """Every panel of the trader dashboard at once (the page and the feed's first message)."""
     return {
@@ -507,6 +555,7 @@ def trader_snapshot(*, scope: TraderScope, now: datetime) -> dict[str, Any]:
         "performance": trader_performance(scope=scope, now=now),
         "positions": trader_positions(scope=scope, now=now),
         "orders": trader_orders(scope=scope, now=now),
+        "signals": trader_signals(scope=scope),
         "fills": trader_fills_recent(scope=scope),
         "balances": trader_balances(scope=scope),
     }

@@ -28,6 +28,7 @@ from reporting.trader_selectors import (
     trader_orders,
     trader_performance,
     trader_positions,
+    trader_signals,
 )
 from tests.orders.factories import (
     AccountFactory,
@@ -320,3 +321,66 @@ def test_idle_feed_poll_is_two_queries(book, django_assert_num_queries):  # noqa
     # New fills by cursor, and the newest order event; the slow panels wait for their turn.
     with django_assert_num_queries(2):
         assert trader_feed_poll(cursor, now=NOW, clock=cursor.slow_due - 1) == []
+
+
+def _signal_with_a_fill(sa, *, fill_price: str) -> int:  # noqa: ANN001
+    """A webhook signal with one LIMIT BUY at 3000 that was placed and filled at `fill_price`."""
+    from orders.services import OrderSpec, SignalSource, orders_enqueue, signal_record
+
+    spec = OrderSpec(
+        strategy_account_id=sa.pk,
+        account_id=sa.account_id,
+        symbol="ETH/USDT",
+        market_type="SPOT",
+        side="BUY",
+        order_type="LIMIT",
+        quantity=D("1"),
+        price=D("3000"),
+        reference_price=D("3000"),
+    )
+    orders = orders_enqueue(specs=[spec], signal_at=NOW, now=NOW)
+    signal = signal_record(
+        source=SignalSource(
+            source="webhook", strategy_id=sa.strategy_id, symbol="ETH/USDT", side="BUY", order_type="LIMIT"
+        ),
+        orders=orders,
+        specs=[spec],
+        now=NOW,
+    )
+    key = orders[0].order_key
+    for kind in ("submitting", "placed", "filled"):
+        OrderEvent.objects.create(order_key=key, kind=kind, account=sa.account, symbol="ETH/USDT")
+    Trade.objects.create(
+        strategy_account=sa,
+        account=sa.account,
+        exchange_order_id=f"sig-{signal.pk}",
+        order_key=key,
+        symbol="ETH/USDT",
+        market_type="SPOT",
+        side="BUY",
+        cumulative_filled=D("1"),
+        average_price=D(fill_price),
+    )
+    orders[0].delete()
+    return signal.pk
+
+
+def test_signals_panel_reports_execution_per_signal_and_is_scoped(book):  # noqa: ANN001
+    mine = _signal_with_a_fill(book["mine"], fill_price="3003")
+    theirs = _signal_with_a_fill(book["theirs"], fill_price="3000")
+    [row] = trader_signals(scope=TraderScope.for_user(book["alice"]))
+    assert (row["id"], row["strategy"], row["symbol"], row["side"]) == (mine, "eth-trend", "ETH/USDT", "BUY")
+    assert (row["followers"], row["by_outcome"]) == (1, {"filled": 1})
+    assert (row["slippage_avg_bps"], row["slippage_worst_bps"]) == ("10.0", "10.0")  # paid 3003 for 3000
+    assert row["failures"] == []
+    everything = trader_signals(scope=TraderScope(user_id=0, everything=True))
+    assert {r["id"] for r in everything} == {mine, theirs}
+
+
+def test_feed_resends_the_signals_panel_when_an_order_event_lands(book):  # noqa: ANN001
+    scope = TraderScope.for_user(book["alice"])
+    _, cursor = trader_feed_start(scope=scope, now=NOW)
+    assert cursor.panels["signals"] == []
+    signal_id = _signal_with_a_fill(book["mine"], fill_price="3000")
+    messages = {m["type"]: m for m in trader_feed_poll(cursor, now=NOW, clock=cursor.slow_due - 1)}
+    assert [s["id"] for s in messages["signals"]["data"]] == [signal_id]

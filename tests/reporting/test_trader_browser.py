@@ -31,7 +31,7 @@ from django.utils import timezone
 from accounts.models import Account, Strategy, StrategyAccount, StrategyCapital
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import OpenOrder, PendingOrder
-from orders.services import OrderSpec, orders_enqueue
+from orders.services import OrderSpec, SignalSource, orders_enqueue, signal_record
 from positions.models import Position, StrategyDailyPerformance
 from positions.performance import local_day
 from scheduler.models import JobRun
@@ -57,6 +57,8 @@ for back, pnl in ((6, "12"), (5, "-5"), (4, "20"), (3, "-8"), (2, "15"), (1, "4"
 specs = [OrderSpec(strategy_account_id=sa.pk, account_id=account.pk, symbol="ETH/USDT", market_type="SPOT",
     side="BUY", order_type="LIMIT", quantity=D("0.1"), price=D(p)) for p in ("2950", "2940", "2930")]
 orders = orders_enqueue(specs=specs, signal_at=now, now=now)
+signal_record(source=SignalSource(source="api", strategy_id=strategy.pk, symbol="ETH/USDT", side="BUY",
+    order_type="LIMIT"), orders=orders, specs=specs, now=now)
 for i in range(40):
     at = now - timedelta(seconds=41 - i)
     JobRun.objects.create(job_id="rebalance_order_queue", scheduled_at=at, term=1, host="browser", pid=1,
@@ -172,6 +174,9 @@ def test_site_in_a_browser_admin_docs_dashboards_and_a_live_fill(site, browser, 
     assert "5.00" in browser.find_element(By.ID, "positions").text  # unrealized: 0.5 × (3010 − 3000)
     orders_text = browser.find_element(By.ID, "orders").text
     assert "rank 3 of 3" in orders_text and "2950.00" in orders_text
+
+    signals_text = browser.find_element(By.CSS_SELECTOR, "#signals tbody tr[data-signal-id]").text
+    assert "browser-trend" in signals_text and "queued 3" in signals_text
 
     browser.execute_script("window.__noReload = 'still here';")
     fill_id = int(shell(db, POST_FILL))

@@ -165,7 +165,24 @@
     }) : [el("tr", {}, [el("td", {"colspan": "6", "class": "muted"}, ["no accounts"])])]);
   }
 
-  var PANELS = {performance: renderPerformance, positions: renderPositions, orders: renderOrders, balances: renderBalances};
+  function renderSignals(rows) {
+    fill(document.querySelector("#signals tbody"), rows.length ? rows.map(function (sig) {
+      var outcomes = Object.keys(sig.by_outcome).map(function (k) { return k + " " + sig.by_outcome[k]; });
+      function pair(a, b) { return (a === null ? "—" : a) + " / " + (b === null ? "—" : b); }
+      return el("tr", {"data-signal-id": String(sig.id)}, [
+        num(String(sig.id)), el("td", {"class": "time"}, [fmt(sig.received_at)]), el("td", {}, [sig.strategy]),
+        el("td", {}, [[sig.source, sig.side, sig.order_type, sig.symbol].filter(Boolean).join(" ")]),
+        num(String(sig.followers)), el("td", {}, [outcomes.join(", ")]),
+        num(pair(sig.acknowledged_median_s, sig.acknowledged_p99_s)), num(sig.filled_median_s),
+        num(pair(sig.slippage_avg_bps, sig.slippage_worst_bps)), el("td", {}, [sig.failures.join("; ") || "—"])
+      ]);
+    }) : [el("tr", {}, [el("td", {"colspan": "10", "class": "muted"}, ["no signals yet"])])]);
+  }
+
+  var PANELS = {
+    performance: renderPerformance, positions: renderPositions, orders: renderOrders, balances: renderBalances,
+    signals: renderSignals
+  };
   function renderAll(snapshot) {
     Object.keys(PANELS).forEach(function (name) { PANELS[name](snapshot[name]); });
     renderFills(snapshot.fills);
