@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -111,7 +112,9 @@ def test_a_webhook_fan_out_is_one_signal_whose_followers_report_their_fills(worl
         expected = ((trade.average_price - D("40000")) / D("40000") * 10000).quantize(D("0.01"))
         assert D(row["slippage_bps"]) == expected
         placed = OrderEvent.objects.get(order_key=row["order_key"], kind="placed").created_at
-        assert row["acknowledged_at"] == placed.isoformat().replace("+00:00", "Z")
+        # API datetimes are ISO 8601 in DISPLAY_TIMEZONE with the offset (Asia/Seoul by default).
+        assert row["acknowledged_at"] == timezone.localtime(placed).isoformat()
+        assert row["acknowledged_at"].endswith("+09:00")
         assert row["outcome"] == "filled" and row["failure"] == ""
 
 
