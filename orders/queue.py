@@ -32,7 +32,7 @@ from orders import selectors
 from orders.circuit import Breaker, account_scope, circuit_states, exchange_scope
 from orders.execution import execution_pool
 from orders.models import OpenOrder, PendingOrder, QueueDirty
-from orders.ranking import PairPlan, QueueEntry, Slot, bucket_for, plan_pair
+from orders.ranking import PairPlan, QueueEntry, Slot, entry_of, plan_pair
 from orders.selectors import DirtyMark, Pair, PairRows, queue_slots_for
 from orders.services import queue_mark_dirty, queue_mark_dirty_by
 from orders.sweep import queue_sweep_detect
@@ -280,16 +280,9 @@ def _entries(rows: PairRows, now: datetime) -> tuple[list[QueueEntry], dict[str,
         pending_ids[key] = p["id"]
         queued = p["status"] == PendingOrder.Status.QUEUED
         entries.append(
-            QueueEntry(
-                key=key,
-                bucket=bucket_for(order_type=p["order_type"], side=p["side"]),
+            entry_of(
+                p,
                 slot=Slot.QUEUED if queued else Slot.SUBMITTING,
-                side=p["side"],
-                price=p["price"],
-                stop_price=p["stop_price"],
-                priority=p["priority"],
-                signal_at=p["signal_at"],
-                queue_seq=p["queue_seq"],
                 eligible=not queued or p["next_attempt_at"] is None or p["next_attempt_at"] <= now,
             )
         )
@@ -310,19 +303,7 @@ def _entries(rows: PairRows, now: datetime) -> tuple[list[QueueEntry], dict[str,
             slot = Slot.LIVE
         else:
             slot = Slot.PINNED  # PARTIALLY_FILLED and TRIGGERED are never demoted
-        entries.append(
-            QueueEntry(
-                key=key,
-                bucket=bucket_for(order_type=o["order_type"], side=o["side"], triggered=triggered),
-                slot=slot,
-                side=o["side"],
-                price=o["price"],
-                stop_price=o["stop_price"],
-                priority=o["priority"],
-                signal_at=o["signal_at"],
-                queue_seq=o["queue_seq"],
-            )
-        )
+        entries.append(entry_of(o, slot=slot, triggered=triggered))
     return entries, pending_ids, open_ids
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
 from enum import StrEnum
+from typing import Any
 
 
 class Bucket(StrEnum):
@@ -60,6 +61,22 @@ def bucket_for(*, order_type: str, side: str, triggered: bool = False) -> Bucket
     if is_stop:
         return Bucket.STOP_BUY if side == "BUY" else Bucket.STOP_SELL
     return Bucket.LIMIT_BUY if side == "BUY" else Bucket.LIMIT_SELL
+
+
+def entry_of(row: Mapping[str, Any], *, slot: Slot, triggered: bool = False, eligible: bool = True) -> QueueEntry:
+    """The ranking's view of one queued or live order row (a mapping of its identity fields)."""
+    return QueueEntry(
+        key=str(row["order_key"]),
+        bucket=bucket_for(order_type=row["order_type"], side=row["side"], triggered=triggered),
+        slot=slot,
+        side=row["side"],
+        price=row["price"],
+        stop_price=row["stop_price"],
+        priority=row["priority"],
+        signal_at=row["signal_at"],
+        queue_seq=row["queue_seq"],
+        eligible=eligible,
+    )
 
 
 def to_tick(value: Decimal, tick: Decimal | None) -> Decimal:

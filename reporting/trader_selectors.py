@@ -25,7 +25,7 @@ from accounts.models import Account, CapitalSnapshot, Strategy, StrategyAccount,
 from core.money import decimal_text
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import CancelRequestedBy, OpenOrder, OrderEvent, PendingOrder, Signal
-from orders.ranking import QueueEntry, Slot, bucket_for, rank_key
+from orders.ranking import QueueEntry, Slot, entry_of, rank_key
 from orders.selectors import queue_slots_for, signal_execution
 from orders.transitions import IDENTITY_FIELDS
 from positions.arithmetic import unrealized_pnl
@@ -163,31 +163,36 @@ def _slot_of(row: dict[str, Any]) -> Slot:
     return Slot.LIVE
 
 
-def order_wait_reason(*, row: dict[str, Any], rank: int, size: int, slots: int, now: datetime) -> str:
-    """Why an order is where it is, in words, from its slot state, its rank in the bucket and the slots."""
+def _express(row: dict[str, Any]) -> bool:
+    return bool(row["express"]) or row["order_type"] == "MARKET"
+
+
+def order_wait_reason(*, row: dict[str, Any], rank: int | None, size: int, slots: int, now: datetime) -> str:
+    """Why an order is where it is, in words, from its slot state, its rank in the bucket and the slots.
+    MARKET orders take the express lane, outside the slots: they have no rank (`rank` None)."""
     slot = _slot_of(row)
     where = f"rank {rank} of {size}, {slots} slot{'s' if slots != 1 else ''}"
     if row["cancel_requested_by"] == CancelRequestedBy.USER:
         return "cancel requested by the user"
     if slot == Slot.SUBMITTING:
         return "being placed on the exchange (outcome pending)"
+    if _express(row):
+        queued = slot == Slot.QUEUED
+        return "MARKET order: placed within about a second, outside the slots" if queued else "MARKET order, live"
     if slot == Slot.CANCELLING:
         return f"being demoted: a better-ranked order takes its slot ({where})"
     if slot == Slot.PINNED:
         return "live and keeps its slot (partly filled or triggered)"
     if slot == Slot.LIVE:
         return f"live ({where})"
-    if row["express"]:
-        return "MARKET order: placed within about a second, outside the slots"
     if row["next_attempt_at"] is not None and row["next_attempt_at"] > now:
         at = row["next_attempt_at"].astimezone(display_zone())
         return f"placement failed ({row['last_error_kind'] or 'error'}); retry at {at:%H:%M:%S}"
-    if rank <= slots:
+    if rank is not None and rank <= slots:
         return f"next to be placed ({where})"
     return f"waits for a slot: {where} held by better-ranked orders"
 
 
-# A logical order's identity (shared by queued and live rows) plus what the panel shows about it.
 ORDER_FIELDS = (
     *IDENTITY_FIELDS,
     "status",
@@ -216,21 +221,8 @@ def trader_orders(*, scope: TraderScope, now: datetime, limit: int = ORDERS_LIMI
     rules = _rows_by_key(MarketInfo, keys, "tick_size", "price_precision", "amount_precision")
     buckets: dict[tuple, list[tuple[QueueEntry, dict[str, Any]]]] = defaultdict(list)
     for row in rows:
-        bucket = bucket_for(
-            order_type=row["order_type"], side=row["side"], triggered=row["status"] == OpenOrder.Status.TRIGGERED
-        )
-        entry = QueueEntry(
-            key=str(row["order_key"]),
-            bucket=bucket,
-            slot=_slot_of(row),
-            side=row["side"],
-            price=row["price"],
-            stop_price=row["stop_price"],
-            priority=row["priority"],
-            signal_at=row["signal_at"],
-            queue_seq=row["queue_seq"],
-        )
-        buckets[(row["account_id"], row["market_type"], row["symbol"], bucket.value)].append((entry, row))
+        entry = entry_of(row, slot=_slot_of(row), triggered=row["status"] == OpenOrder.Status.TRIGGERED)
+        buckets[(row["account_id"], row["market_type"], row["symbol"], entry.bucket.value)].append((entry, row))
     out = []
     for (account_id, market_type, symbol, bucket_name), members in sorted(buckets.items(), key=lambda i: i[0]):
         exchange = members[0][1]["account__exchange"]
@@ -238,9 +230,14 @@ def trader_orders(*, scope: TraderScope, now: datetime, limit: int = ORDERS_LIMI
         tick, *places = rules.get(key, (None, None, None))
         precision = Precision(*places)
         slots = queue_slots_for(exchange=exchange, market_type=market_type)
-        ranked = sorted(members, key=lambda m: rank_key(m[0], tick))
+        # As the queue ranks them: MARKET orders are placed at once, outside the bucket's ranking.
+        ranked = sorted((m for m in members if not _express(m[1])), key=lambda m: rank_key(m[0], tick))
+        numbered: list[tuple[int | None, QueueEntry, dict[str, Any]]] = [
+            (rank, entry, row) for rank, (entry, row) in enumerate(ranked, start=1)
+        ]
+        numbered += [(None, entry, row) for entry, row in members if _express(row)]
         orders = []
-        for rank, (entry, row) in enumerate(ranked, start=1):
+        for rank, entry, row in numbered:
             orders.append(
                 {
                     "order_key": entry.key,

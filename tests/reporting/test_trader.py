@@ -104,6 +104,7 @@ def test_orders_are_ranked_per_bucket_with_their_slot_and_reason(book, settings)
     queued_101 = PendingOrderFactory(strategy_account=sa, price=D("101"))
     queued_98 = PendingOrderFactory(strategy_account=sa, price=D("98"), quantity=D("0.5"))
     PendingOrderFactory(strategy_account=sa, side="SELL", price=D("120"))
+    market = PendingOrderFactory(strategy_account=sa, order_type="MARKET", price=None)  # the express lane
     OpenOrderFactory(strategy_account=book["theirs"], price=D("100"))  # Bob's: not Alice's business
 
     data = trader_orders(scope=TraderScope.for_user(book["alice"]), now=NOW)
@@ -117,7 +118,9 @@ def test_orders_are_ranked_per_bucket_with_their_slot_and_reason(book, settings)
         (str(live_100.order_key), "live", 2),
         (str(live_99.order_key), "live", 3),
         (str(queued_98.order_key), "queued", 4),
+        (str(market.order_key), "queued", None),  # outside the ranking, as in the queue
     ]
+    assert buy["orders"][4]["reason"] == "MARKET order: placed within about a second, outside the slots"
     reasons = [o["reason"] for o in buy["orders"]]
     assert reasons[0] == "next to be placed (rank 1 of 4, 2 slots)"
     assert reasons[1] == "live (rank 2 of 4, 2 slots)"

@@ -124,7 +124,7 @@
       ]);
       b.orders.forEach(function (o) {
         body.appendChild(el("tr", {"data-order-key": o.order_key}, [
-          num(String(o.rank)), el("td", {}, [el("span", {"class": "badge " + o.location}, [o.location])]), el("td", {}, [o.status]),
+          num(o.rank === null ? "—" : String(o.rank)), el("td", {}, [el("span", {"class": "badge " + o.location}, [o.location])]), el("td", {}, [o.status]),
           el("td", {}, [o.strategy]), el("td", {}, [o.side]), el("td", {}, [o.order_type]), num(o.price), num(o.stop_price),
           num(o.quantity), num(o.filled_quantity), el("td", {"class": "reason"}, [o.reason])
         ]));
