@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from core.api import PositiveDecimalField, SymbolField, errors_response, fields_parse
 from core.money import COLUMN_LIMIT
 from orders.models import Side
+from orders.throttles import WebhookBadTokenThrottle, WebhookIpThrottle, webhook_bad_token_record, webhook_strategy_throttle
 from orders.webhook import (
     WEBHOOK_ORDER_TYPES,
     WebhookRejectedError,
@@ -119,6 +120,7 @@ class WebhookApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
     parser_classes = [WebhookJSONParser, WebhookTextParser]
+    throttle_classes = [WebhookIpThrottle, WebhookBadTokenThrottle]
 
     class InputSerializer(serializers.Serializer):
         class Meta:
@@ -168,7 +170,9 @@ class WebhookApi(APIView):
         strategy = webhook_strategy_authenticate(group_name=data.get("group_name"), token=data.get("token"))
         if strategy is None:
             logger.warning("webhook refused: bad group_name or token")
+            webhook_bad_token_record(request)
             return Response(FORBIDDEN, status=status.HTTP_403_FORBIDDEN)
+        webhook_strategy_throttle(strategy_id=strategy.pk)
         values, parse_errors = fields_parse(WebhookApi.InputSerializer, data)
         signal = WebhookSignal(
             delivery_id=values.get("id") or "",
