@@ -6,10 +6,10 @@ import re
 from decimal import Decimal
 from typing import Any, cast
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers, status
-from django.conf import settings
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.fields import SkipField
 from rest_framework.pagination import LimitOffsetPagination

@@ -16,7 +16,9 @@ class AxesLockoutBackend(AxesStandaloneBackend):
     axes would raise for them, so they pass to the next backend unchecked.
     """
 
-    def authenticate(self, request: HttpRequest | None, username: str | None = None, password: str | None = None, **kwargs: Any) -> None:
+    def authenticate(
+        self, request: HttpRequest | None, username: str | None = None, password: str | None = None, **kwargs: Any
+    ) -> None:
         if request is None:
             return None
         return super().authenticate(request, username, password, **kwargs)

@@ -23,11 +23,10 @@ class SafeExceptionReporterFilter(DjangoFilter):
 
 
 def _scrub_urls(value: Any) -> Any:
-    if isinstance(value, str):
+    if type(value) is str:  # not lazy settings objects: str() would evaluate them
         return url_password_scrub(value)
     if isinstance(value, dict):
         return {k: _scrub_urls(v) for k, v in value.items()}
     if type(value) in (list, tuple):
         return type(value)(_scrub_urls(v) for v in value)
     return value
-

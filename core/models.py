@@ -35,7 +35,9 @@ class ApiToken(models.Model):
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100, blank=True, default="", help_text="what the token is for")
-    prefix = models.CharField(max_length=8, editable=False, help_text="the key's first characters, to tell tokens apart")
+    prefix = models.CharField(
+        max_length=8, editable=False, help_text="the key's first characters, to tell tokens apart"
+    )
     digest = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 

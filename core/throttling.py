@@ -23,29 +23,35 @@ class SharedRateThrottle(SimpleRateThrottle):
     workers. That bounds abuse, which is the point; it is not an exact quota.
     """
 
-    @property  # type: ignore[override]
-    def cache(self) -> BaseCache:
-        return caches["throttle"]
+    num_requests: int | None
+    duration: int | None
+
+    def __init__(self) -> None:
+        # Looked up per instance (one per request): tests and settings changes get the current cache.
+        self.cache: BaseCache = caches["throttle"]
+        super().__init__()
 
     def get_rate(self) -> str | None:
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)  # type: ignore[union-attr]
+        rates: dict[str, Any] = api_settings.DEFAULT_THROTTLE_RATES or {}  # type: ignore[assignment]
+        return rates.get(self.scope or "")
 
     def key_for(self, ident: object) -> str:
         return self.cache_format % {"scope": self.scope, "ident": ident}
+
+    def spent(self, key: str) -> bool:
+        """Load `key`'s history (dropping entries older than the window); True when the budget is spent."""
+        self.key = key
+        self.history = self.cache.get(key, [])
+        self.now = self.timer()
+        while self.history and self.history[-1] <= self.now - (self.duration or 0):
+            self.history.pop()
+        return len(self.history) >= (self.num_requests or 0)
 
     def hit(self, key: str) -> bool:
         """Count one request under `key`; False (and no count) when the budget is spent."""
         if self.rate is None:
             return True
-        self.key = key
-        return self.allow_request_key()
-
-    def allow_request_key(self) -> bool:
-        self.history = self.cache.get(self.key, [])
-        self.now = self.timer()
-        while self.history and self.history[-1] <= self.now - self.duration:
-            self.history.pop()
-        if len(self.history) >= self.num_requests:  # type: ignore[operator]
+        if self.spent(key):
             return self.throttle_failure()
         return self.throttle_success()
 
@@ -82,14 +88,7 @@ class IpFailureThrottle(SharedRateThrottle):
     def allow_request(self, request: Request, view: APIView) -> bool:
         if self.rate is None:
             return True
-        self.key = self.key_for(self.get_ident(request))
-        self.history = self.cache.get(self.key, [])
-        self.now = self.timer()
-        while self.history and self.history[-1] <= self.now - self.duration:
-            self.history.pop()
-        if len(self.history) >= self.num_requests:  # type: ignore[operator]
-            return self.throttle_failure()
-        return True
+        return not self.spent(self.key_for(self.get_ident(request)))
 
     def failure_record(self, request: Request) -> None:
         if self.rate is None:

@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 
@@ -24,7 +24,7 @@ def api_token_key_set(token: ApiToken) -> str:
     return key
 
 
-def api_token_issue(*, user: AbstractBaseUser, name: str = "") -> tuple[ApiToken, str]:
+def api_token_issue(*, user: User, name: str = "") -> tuple[ApiToken, str]:
     """Create a token for `user`; returns (row, key). Only the digest is stored: the caller shows the
     key once, and nobody can read it back later."""
     token = ApiToken(user=user, name=name)

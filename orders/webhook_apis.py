@@ -22,7 +22,12 @@ from rest_framework.views import APIView
 from core.api import PositiveDecimalField, SymbolField, errors_response, fields_parse
 from core.money import COLUMN_LIMIT
 from orders.models import Side
-from orders.throttles import WebhookBadTokenThrottle, WebhookIpThrottle, webhook_bad_token_record, webhook_strategy_throttle
+from orders.throttles import (
+    WebhookBadTokenThrottle,
+    WebhookIpThrottle,
+    webhook_bad_token_record,
+    webhook_strategy_throttle,
+)
 from orders.webhook import (
     WEBHOOK_ORDER_TYPES,
     WebhookRejectedError,

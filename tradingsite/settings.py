@@ -151,7 +151,9 @@ if USE_REDIS:
             "KEY_PREFIX": "throttle",
         },
     }
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [_redis_url]}}}
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [_redis_url]}}
+    }
 else:
     CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
@@ -174,8 +176,7 @@ AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_MINUTES", default=15.0) / 60  # hour
 # Comma-separated; "username+ip_address" locks that pair only. The default locks the source IP,
 # so a guesser elsewhere cannot lock the real operator out.
 AXES_LOCKOUT_PARAMETERS = [
-    part.split("+") if "+" in part else part
-    for part in env.list("AXES_LOCKOUT_PARAMETERS", default=["ip_address"])
+    part.split("+") if "+" in part else part for part in env.list("AXES_LOCKOUT_PARAMETERS", default=["ip_address"])
 ]
 AXES_RESET_ON_SUCCESS = True
 AXES_HTTP_RESPONSE_CODE = 429

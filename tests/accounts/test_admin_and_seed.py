@@ -12,11 +12,11 @@ from django.contrib.auth.hashers import make_password
 from django.core.cache import cache
 from django.core.management import call_command
 from django.db import connection
-from core.models import ApiToken
-from core.tokens import api_token_digest
 
 from accounts.models import Account, Strategy, StrategyAccount, StrategyCapital
 from accounts.services import account_create, strategy_create, strategy_webhook_token_check
+from core.models import ApiToken
+from core.tokens import api_token_digest
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty
 from tests.orders.factories import (
