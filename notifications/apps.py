@@ -11,6 +11,7 @@ class NotificationsConfig(AppConfig):
         from django.conf import settings
 
         from core.alerts import alert_handler_set
+        from core.checks import credentials_check_register
         from core.scrub import secret_register
         from notifications.services import alert_raise
 
@@ -19,3 +20,10 @@ class NotificationsConfig(AppConfig):
         secret_register(settings.TELEGRAM_BOT_TOKEN)
         # Alerts raised below this layer (the scheduler's job wrapper and watchdog) go through the outbox.
         alert_handler_set(alert_raise)
+
+        def encrypted_models():  # noqa: ANN202
+            from notifications.models import TelegramProfile
+
+            return (TelegramProfile,)
+
+        credentials_check_register(encrypted_models, check_id="notifications.E001")
