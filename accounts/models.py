@@ -5,11 +5,12 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-from core.fields import EncryptedTextField
+from core.fields import EncryptedTextField, MoneyField
 
 
-def money(**kwargs) -> models.DecimalField:  # noqa: ANN003
-    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+def money(**kwargs) -> MoneyField:  # noqa: ANN003
+    """Money and quantities: numeric(28, 12) on PostgreSQL, exact decimal text on SQLite (core.fields)."""
+    return MoneyField(max_digits=28, decimal_places=12, **kwargs)
 
 
 class Exchange(models.TextChoices):

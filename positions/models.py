@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import models
 
 from accounts.models import MarketType, StrategyAccount, money
+from core.fields import MoneyField
 
 
 class Position(models.Model):
@@ -29,9 +30,9 @@ class Position(models.Model):
         return f"{self.symbol} {self.quantity} @ {self.average_entry}"
 
 
-def ratio(**kwargs) -> models.DecimalField:  # noqa: ANN003
-    """Percentages and ratios: wide enough for a return on a tiny capital base."""
-    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+def ratio(**kwargs) -> MoneyField:  # noqa: ANN003
+    """Percentages and ratios: wide enough for a return on a tiny capital base; exact like money."""
+    return MoneyField(max_digits=28, decimal_places=12, **kwargs)
 
 
 class StrategyDailyPerformance(models.Model):
