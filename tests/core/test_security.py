@@ -309,16 +309,18 @@ try:
     url = "postgres://trader:db-pass-4242@db.internal:5432/ts"
     raise RuntimeError("boom")
 except RuntimeError:
-    page = technical_500_response(RequestFactory().get("/"), *sys.exc_info()).content.decode()
+    # runserver copies the process environment into request.META: DATABASE_URL shows up there too.
+    request = RequestFactory().get("/", DATABASE_URL="postgres://trader:db-pass-4242@db.internal:5432/ts")
+    page = technical_500_response(request, *sys.exc_info()).content.decode()
 names = [n for n in dir(settings) if n.isupper() and n in ("DATABASE_URL", "REDIS_URL")]
 print("RESULT", "db-pass-4242" in safe, "redis-pass-4242" in safe, "pass-4242" in page, names,
-      "cache.internal" in safe, "Traceback" in page)
+      "cache.internal" in safe, "Traceback" in page, "trader:***@db.internal" in page)
 """
     out = procs.manage("shell", "-c", code, env=env)
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
     # No password anywhere; the hosts are still shown (the page stays useful); no raw URL settings.
-    assert line == "RESULT False False False [] True True"
+    assert line == "RESULT False False False [] True True True"
 
 
 def test_url_passwords_are_scrubbed_in_logs_too():
