@@ -1,14 +1,29 @@
-"""Admin for API tokens: issue (the key is shown once, on the next page) and revoke; keys are never stored."""
+"""Core admin: API tokens (issued with the key shown once, revoked; keys never stored), and helpers
+shared by the apps' read-only admins."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from core.models import ApiToken
 from core.tokens import api_token_key_set
+
+
+class OrderKeySearchMixin:
+    """Search by order key: a full UUID is an indexed exact match; anything else matches text fields."""
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        term = search_term.strip()
+        try:
+            key = uuid.UUID(term)
+        except ValueError:
+            return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
+        return queryset.filter(order_key=key), False
 
 
 @admin.register(ApiToken)

@@ -1,4 +1,4 @@
-"""Admin for orders, events, trades, the fill ledger, dirty marks and circuit breakers — read-only.
+"""Admin for orders, events, dirty marks and circuit breakers — read-only.
 
 Orders move only through the queue and reconciliation services (each move writes its event and
 dirty mark in the same transaction); an edit or delete here would bypass them, so none is offered.
@@ -6,14 +6,14 @@ dirty mark in the same transaction); an edit or delete here would bypass them, s
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
+from core.admin import OrderKeySearchMixin
+from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -28,18 +28,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
-
-
-class OrderKeySearchMixin:
-    """Search by order key: a full UUID is an indexed exact match; anything else matches text fields."""
-
-    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        try:
-            key = uuid.UUID(term)
-        except ValueError:
-            return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
-        return queryset.filter(order_key=key), False
 
 
 ORDER_FIELDS = (
@@ -85,47 +73,6 @@ class OrderEventAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
     list_filter = ("kind",)
     list_select_related = ("account",)
     search_fields = ("symbol",)
-    ordering = ("-id",)
-
-
-@admin.register(Trade)
-class TradeAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
-    list_display = (
-        "exchange_order_id",
-        "strategy_account",
-        "symbol",
-        "market_type",
-        "side",
-        "cumulative_filled",
-        "average_price",
-        "fees",
-        "fee_currency",
-        "realized_pnl",
-        "updated_at",
-    )
-    list_filter = ("market_type", "side", "account")
-    list_select_related = ("strategy_account__strategy", "strategy_account__account")
-    search_fields = ("exchange_order_id", "symbol")
-    ordering = ("-id",)
-
-
-@admin.register(Fill)
-class FillAdmin(ReadOnlyAdmin):
-    list_display = (
-        "filled_at",
-        "strategy_account",
-        "symbol",
-        "delta_qty",
-        "price",
-        "fee",
-        "fee_currency",
-        "realized_pnl",
-        "source",
-        "trade",
-    )
-    list_filter = ("source",)
-    list_select_related = ("strategy_account__strategy", "strategy_account__account", "trade")
-    search_fields = ("symbol", "trade__exchange_order_id")
     ordering = ("-id",)
 
 

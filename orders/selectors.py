@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db.models import CharField, Count, F, Max, Min, Q, QuerySet, Value
 
@@ -63,6 +64,13 @@ OPEN_FIELDS = (
 
 
 # --- Queue pass reads -----------------------------------------------------------------------------
+
+
+def queue_slots_for(*, exchange: str, market_type: str) -> int:
+    """Live slots per bucket: ORDER_QUEUE_SLOTS["EXCHANGE:MARKET_TYPE"], else its "default", else 2."""
+    slots = settings.ORDER_QUEUE_SLOTS
+    value = slots.get(f"{exchange}:{market_type}", slots.get("default", 2))
+    return max(0, int(value))
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from django.db.models import Max, Min, Sum
 
 from accounts.models import StrategyCapital
 from core.db import DecimalAwareSum, decimal_collate
-from orders.models import Fill, PendingOrder
-from positions.models import Position
+from orders.models import PendingOrder
+from positions.models import Fill, Position
 from tests.orders.factories import PendingOrderFactory, StrategyAccountFactory
 
 D = Decimal

@@ -9,11 +9,11 @@ from decimal import Decimal
 import pytest
 import time_machine
 
-from accounts.allocation_services import capital_allocate_or_compound
 from accounts.models import CapitalSnapshot, StrategyCapital
 from positions.jobs import calculate_daily_performance
 from positions.models import StrategyDailyPerformance
 from positions.services import performance_capital_at
+from reporting.allocation import capital_allocate_or_compound
 from tests.orders.factories import StrategyAccountFactory, StrategyFactory
 from tests.positions.test_performance import fill, kst
 

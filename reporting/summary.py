@@ -29,19 +29,17 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Sum
-from django.utils import timezone
 
 from accounts.models import Account, Strategy
 from core.money import ZERO
 from notifications.models import SummarySent
 from notifications.services import outbox_enqueue, outbox_target
-from orders.models import Fill, OpenOrder, PendingOrder
-from positions.models import Position
+from orders.models import OpenOrder, PendingOrder
+from positions.models import Fill, Position
 from positions.performance import FillFacts, day_bounds, day_tally
 
 logger = logging.getLogger(__name__)
 
-JOB_ID = "send_daily_summary"
 SEND_AT = time(21, 3)  # the job's cron time (KST); the catch-up runs only after it, the same day
 HUNDRED = Decimal(100)
 CENT = Decimal("0.01")
@@ -298,32 +296,11 @@ def summary_send_all(*, day: date) -> SummaryReport:
     return report
 
 
-def summary_catch_up(*, host: Any) -> bool:
-    """Leader hook (SPEC §2.2, §4.9): a leader starting after 21:03 KST sends the day's summary.
+def summary_catch_up_due(*, now: datetime) -> bool:
+    """Leader catch-up condition (SPEC §2.2, §4.9): a leader starting after 21:03 KST sends the day's summary.
 
-    Runs send_daily_summary as a CATCHUP JobRun of the new term, through the wrapped function (the
-    job's lock, the term check), only between 21:03 and midnight KST: a summary missed yesterday
-    is not sent today. Users already served (SummarySent) are skipped, so a leader change after
-    the 21:03 run sends nothing again. Skipped when the job is disabled or paused. Returns whether
-    it ran.
+    Due only between 21:03 and midnight (SCHEDULER_TIMEZONE): a summary missed yesterday is not sent
+    today. Users already served (SummarySent) are skipped by the job, so a leader change after the
+    21:03 run sends nothing again.
     """
-    from scheduler.models import JobControl, JobRun
-    from scheduler.reconcile import job_function
-    from scheduler.registry import registry_spec
-    from scheduler.runs import JobFailedError, RunContext, run_in_context
-
-    term = host.term
-    spec = registry_spec(JOB_ID)
-    now = timezone.now()
-    local = now.astimezone(ZoneInfo(settings.SCHEDULER_TIMEZONE))
-    if term is None or spec is None or local.time() < SEND_AT:
-        return False
-    if not spec.enabled or JobControl.objects.filter(job_id=JOB_ID, paused=True).exists():
-        logger.info("daily summary catch-up (term %s): %s disabled or paused", term, JOB_ID)
-        return False
-    ctx = RunContext(scheduled_at=now, kind=JobRun.Kind.CATCHUP, term=term, lock_timeout=spec.budget)
-    try:
-        run_in_context(ctx, job_function(spec))
-    except JobFailedError as exc:
-        logger.warning("daily summary catch-up (term %s) failed: %s", term, exc)
-    return True
+    return now.astimezone(ZoneInfo(settings.SCHEDULER_TIMEZONE)).time() >= SEND_AT
