@@ -4,7 +4,6 @@ credentials kept out of the debug page."""
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from typing import Any
 
@@ -329,7 +328,3 @@ def test_url_passwords_are_scrubbed_in_logs_too():
     assert scrub("could not connect: postgres://u:hunter2-secret@h:5432/db") == (
         "could not connect: postgres://u:***@h:5432/db"
     )
-
-
-def test_subprocess_helper_python_is_this_one():
-    assert procs.sys.executable == sys.executable
