@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from axes.backends import AxesStandaloneBackend
-from django.http import HttpRequest
+from axes.helpers import get_cool_off
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
 
 
 class AxesLockoutBackend(AxesStandaloneBackend):
@@ -22,3 +24,18 @@ class AxesLockoutBackend(AxesStandaloneBackend):
         if request is None:
             return None
         return super().authenticate(request, username, password, **kwargs)
+
+
+def lockout_response(
+    request: HttpRequest, original_response: HttpResponse | None = None, credentials: dict | None = None
+) -> HttpResponse:
+    """AXES_LOCKOUT_CALLABLE: axes' 429, plus Retry-After (the cool-off) like the API throttles' 429."""
+    response = HttpResponse(
+        "Too many failed login attempts from this address; try again later.",
+        status=settings.AXES_HTTP_RESPONSE_CODE,
+        content_type="text/plain; charset=utf-8",
+    )
+    cool_off = get_cool_off(request)
+    if cool_off:
+        response["Retry-After"] = str(int(cool_off.total_seconds()))
+    return response

@@ -191,6 +191,7 @@ def test_admin_login_locks_out_after_failures(settings):  # noqa: ANN001
     assert codes == [200, 200, 429]  # the third failure reaches the limit and locks
     locked = guesser.post("/admin/login/", {"username": "admin1", "password": "right-pass-123"})
     assert locked.status_code == 429
+    assert locked["Retry-After"] == str(15 * 60)  # AXES_COOLOFF_MINUTES
     assert "_auth_user_id" not in guesser.session
     # The operator at another address still gets in (lockout by source IP).
     operator = Client(REMOTE_ADDR="198.51.100.20")
