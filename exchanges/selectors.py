@@ -140,6 +140,7 @@ def market_rule_any(*, exchange: str, market_type: str, symbol: str) -> MarketRu
         min_qty=row.min_qty,
         max_qty=row.max_qty,
         min_notional=row.min_notional,
+        max_price=row.max_price,
         price_precision=row.price_precision,
         amount_precision=row.amount_precision,
         active=row.active,

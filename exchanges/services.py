@@ -144,6 +144,7 @@ def _rule_fields(rule: MarketRule) -> dict[str, Any]:
         "min_qty": rule.min_qty,
         "max_qty": rule.max_qty,
         "min_notional": rule.min_notional,
+        "max_price": rule.max_price,
         "price_precision": rule.price_precision,
         "amount_precision": rule.amount_precision,
     }
@@ -155,6 +156,7 @@ NUMERIC_FIELDS = [
     "min_qty",
     "max_qty",
     "min_notional",
+    "max_price",
     "price_precision",
     "amount_precision",
 ]

@@ -14,7 +14,9 @@ from rest_framework.response import Response
 
 from core.api import (
     PAGINATION_PARAMETERS,
+    BoundedChoiceField,
     ErrorsSerializer,
+    IdField,
     PlainDecimalField,
     PositiveDecimalField,
     SymbolField,
@@ -25,10 +27,11 @@ from core.api import (
     paginated_response,
     request_user,
 )
+from orders.intake import IntakeRequest, order_intake
 from orders.models import OpenOrder, OrderType, PendingOrder, Side
 from orders.selectors import order_key_owned_by, order_list_for_user
 from orders.transitions import order_cancel_by_user
-from orders.validation import IntakeRequest, OrderRejectedError, order_intake
+from orders.validation import OrderRejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +50,11 @@ class OrderCreateApi(UserApi):
         class Meta:
             ref_name = "OrderCreateInput"
 
-        account = serializers.IntegerField(min_value=1, help_text="id of one of your accounts")
+        account = IdField(help_text="id of one of your accounts")
         strategy = serializers.CharField(max_length=100, help_text="strategy group_name; fixes the market type")
         symbol = SymbolField(help_text="canonical BASE/QUOTE, e.g. BTC/USDT")
-        side = serializers.ChoiceField(choices=Side.choices)
-        order_type = serializers.ChoiceField(choices=OrderType.choices)
+        side = BoundedChoiceField(choices=Side.choices)
+        order_type = BoundedChoiceField(choices=OrderType.choices)
         price = PositiveDecimalField(
             required=False, allow_null=True, help_text="limit price: LIMIT and STOP_LIMIT only; floored to the tick"
         )
@@ -118,11 +121,9 @@ class OrderListApi(UserApi):
     """GET /api/orders/: the user's queued and live orders, newest first, paginated."""
 
     class FilterSerializer(serializers.Serializer):
-        account = serializers.IntegerField(required=False, min_value=1)
+        account = IdField(required=False)
         symbol = SymbolField(required=False)
-        status = serializers.ChoiceField(
-            required=False, choices=[*PendingOrder.Status.choices, *OpenOrder.Status.choices]
-        )
+        status = BoundedChoiceField(required=False, choices=[*PendingOrder.Status.choices, *OpenOrder.Status.choices])
 
     class OutputSerializer(serializers.Serializer):
         class Meta:

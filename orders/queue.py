@@ -6,10 +6,14 @@ orders.ranking and moves orders only through orders.transitions, which own every
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -26,6 +30,7 @@ from exchanges.services import UnknownExchangeError, gateway_for
 from notifications.services import alert_raise
 from orders import selectors
 from orders.circuit import Breaker, account_scope, circuit_states, exchange_scope
+from orders.execution import execution_pool
 from orders.models import OpenOrder, PendingOrder, QueueDirty
 from orders.ranking import PairPlan, QueueEntry, Slot, bucket_for, plan_pair
 from orders.selectors import DirtyMark, Pair, PairRows, queue_slots_for
@@ -101,9 +106,17 @@ class QueueTally:
 class _CountingGateway:
     """Counts exchange calls and errors of one pass (written once per pass as per-minute counters)."""
 
-    def __init__(self, inner: ExchangeGateway, counts: Counter, troubled: set[str] | None = None, key: str = ""):
+    def __init__(
+        self,
+        inner: ExchangeGateway,
+        counts: Counter,
+        troubled: set[str] | None = None,
+        key: str = "",
+        lock: threading.Lock | None = None,
+    ):
         self._inner = inner
         self._counts = counts
+        self._lock = lock or threading.Lock()
         self._troubled = troubled if troubled is not None else set()
         self._key = key or inner.exchange
         self.exchange = inner.exchange
@@ -114,11 +127,13 @@ class _CountingGateway:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            self._counts[("exchange_calls", self.exchange)] += 1
+            with self._lock:
+                self._counts[("exchange_calls", self.exchange)] += 1
             try:
                 return attr(*args, **kwargs)
             except GatewayError as exc:
-                self._counts[("exchange_errors", self.exchange)] += 1
+                with self._lock:
+                    self._counts[("exchange_errors", self.exchange)] += 1
                 if isinstance(exc, TRANSPORT_FAILURES):
                     self._troubled.add(self._key)
                 raise
@@ -158,12 +173,16 @@ class QueueWork:
     counts: Counter = field(default_factory=Counter)
     troubled: set[str] = field(default_factory=set)  # exchanges that failed in transport this pass
     _gateways: dict[int, ExchangeGateway] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards `counts` across pair tasks
+    # The pass's time limits apply (inline: the tick waits for the pass). A pool task sets False: it
+    # runs beside the ticks, so it finishes its pair rather than leaving the rest for a later pass.
+    timed: bool = True
 
     def gateway(self, account_id: int) -> ExchangeGateway:
         if account_id not in self._gateways:
             account = self.accounts[account_id]
             self._gateways[account_id] = _CountingGateway(
-                gateway_for(account), self.counts, self.troubled, key=str(account.exchange)
+                gateway_for(account), self.counts, self.troubled, key=str(account.exchange), lock=self.lock
             )
         return self._gateways[account_id]
 
@@ -173,10 +192,12 @@ class QueueWork:
         return account is not None and str(account.exchange) in self.troubled
 
     def over_budget(self) -> bool:
-        return time.monotonic() - self.started > PASS_BUDGET_SECONDS
+        return self.timed and time.monotonic() - self.started > PASS_BUDGET_SECONDS
 
     def out_of_time(self) -> bool:
         """Whether an exchange call started now could outlast PASS_LIMIT_SECONDS (never before the budget)."""
+        if not self.timed:
+            return False
         cutoff = max(PASS_BUDGET_SECONDS, PASS_LIMIT_SECONDS - settings.EXCHANGE_QUEUE_TIMEOUT_MS / 1000)
         return time.monotonic() - self.started > cutoff
 
@@ -448,12 +469,21 @@ def queue_trouble_defer(*, work: QueueWork, pairs: Iterable[Pair], express: Iter
 
 def queue_pass_finish(*, work: QueueWork, tally: QueueTally) -> None:
     """Per-minute counters (moves, exchange calls) and, with the sweep, the congestion check."""
-    if tally.moves:
-        counter_add(name="queue_moves", labels="", value=tally.moves, now=work.now)
-    for (name, exchange), value in sorted(work.counts.items()):
-        counter_add(name=name, labels=f"exchange={exchange}", value=value, now=work.now)
+    queue_counts_flush(work=work, moves=tally.moves)
     if work.swept:
         queue_congestion_check(now=work.now)
+
+
+def queue_counts_flush(*, work: QueueWork, moves: int) -> None:
+    """Write the queue moves and the exchange calls counted so far as per-minute counters, then forget them
+    (a task that outlives its pass writes what it added when it ends)."""
+    if moves:
+        counter_add(name="queue_moves", labels="", value=moves, now=work.now)
+    with work.lock:
+        counts = sorted(work.counts.items())
+        work.counts.clear()
+    for (name, exchange), value in counts:
+        counter_add(name=name, labels=f"exchange={exchange}", value=value, now=work.now)
 
 
 def queue_congestion_check(*, now: datetime) -> int:
@@ -471,53 +501,129 @@ def queue_congestion_check(*, now: datetime) -> int:
     return congested
 
 
-def queue_pass(work: QueueWork) -> QueueTally:
-    """One pass of rebalance_order_queue over `work`: express orders first, then every pair due, then the
-    deferrals of what it had no time for or whose exchange is in trouble, then the per-minute counters.
+# The 1 s job waits this long for its pair tasks; the rest go on running beside the next ticks
+# (their pairs are busy until they end, so no later pass touches them meanwhile).
+PASS_WAIT_SECONDS = 0.5
+# A pair task that starts this long after its pass loaded the rows loads its pair's rows again.
+STALE_ROWS_SECONDS = 0.2
 
-    Exchange errors are outcomes of the order services; a pair without a gateway is logged and
-    retried QUEUE_PAIR_RETRY later.
+
+def _task_order(work: QueueWork) -> tuple[list[Pair], dict[Pair, list[PendingOrder]]]:
+    """Pairs in the order their tasks are started: those with express orders first, then the rest due."""
+    express: dict[Pair, list[PendingOrder]] = {}
+    for pending in work.express:
+        express.setdefault((pending.account_id, pending.market_type, pending.symbol), []).append(pending)
+    ordered = list(express) + [p for p in work.pairs if p not in express]
+    return ordered, express
+
+
+def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder], rebalance: bool) -> QueueTally:
+    """What one pass does for one pair, in a worker of the queue pool (or inline): its express orders,
+    then (`rebalance`) the moves toward its slots. Expected gateway errors end as outcomes or deferrals.
     """
     tally = QueueTally()
-    express_skipped: set = set()
-    express_late: set = set()
-    for pending in work.express:
-        pair = (pending.account_id, pending.market_type, pending.symbol)
+    if not execution_pool("queue").inline:
+        # A task beside the ticks: no pass time limits, and rows loaded by a pass that started a
+        # while ago are read again (the transitions' guarded updates make stale rows safe, but a
+        # fresh plan avoids needless moves).
+        if rebalance and time.monotonic() - work.started > STALE_ROWS_SECONDS:
+            work = dataclasses.replace(work, rows={**work.rows, **selectors.queue_rows_for_pairs(pairs=[pair])})
+        work = dataclasses.replace(work, timed=False)
+    for index, pending in enumerate(express):
         if work.in_trouble(pending.account_id):
-            express_skipped.add(pair)
-            continue
+            tally.add("trouble_deferred", queue_trouble_defer(work=work, pairs=[], express=[pair]))
+            return tally
         if work.out_of_time():
-            express_late.add(pair)
-            continue
+            queue_express_defer(work=work, pairs=[pair])
+            tally.add("express_late", len(express) - index)
+            return tally
         try:
             tally.add(queue_express_place(work=work, pending=pending))
         except (GatewayError, UnknownExchangeError) as exc:
             tally.errors.append(f"express {pending.order_key}: {type(exc).__name__}")
             logger.warning("queue: express order %s failed: %s: %s", pending.order_key, type(exc).__name__, exc)
-    if express_late:
-        queue_express_defer(work=work, pairs=express_late)
-        tally.errors.append(f"out of time: {len(express_late)} express pairs left for the next tick")
-    deferred = 0
-    troubled: list = []
-    for index, pair in enumerate(work.pairs):
-        if work.in_trouble(pair[0]):
-            troubled.append(pair)
+    if not rebalance:
+        return tally
+    if work.in_trouble(pair[0]):
+        tally.add("trouble_deferred", queue_trouble_defer(work=work, pairs=[pair]))
+        return tally
+    if work.over_budget():
+        queue_pass_defer(work=work, pairs=[pair])
+        tally.add("out_of_time")
+        return tally
+    try:
+        tally.merge(queue_pair_rebalance(work=work, pair=pair))
+    except (GatewayError, UnknownExchangeError) as exc:
+        queue_pair_defer(work=work, pair=pair, until=work.now + QUEUE_PAIR_RETRY)
+        tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
+        logger.warning("queue: pair %s failed: %s: %s", pair, type(exc).__name__, exc)
+    tally.pairs += 1
+    return tally
+
+
+def _late_task_done(work: QueueWork, pair: Pair, future: Future) -> None:
+    """A pair task that outlived its pass: log its outcome and write the exchange-call counters it added."""
+    try:
+        tally = future.result()
+    except Exception as exc:
+        # Outside the job wrapper: account for it here, as the wrapper would (log and throttled alert).
+        logger.exception("queue: pair %s failed after its pass: %s", pair, type(exc).__name__)
+        alert_raise(key="queue:execution", text=f"Order queue pair task failed: {type(exc).__name__}: {exc}")
+        return
+    logger.info("queue: pair %s finished after its pass: %s", pair, tally.summary())
+    queue_counts_flush(work=work, moves=tally.moves)
+
+
+def queue_pass(work: QueueWork) -> QueueTally:
+    """One pass of rebalance_order_queue over `work`: a task per pair on the queue pool (express orders
+    first), waiting up to PASS_WAIT_SECONDS for them; then the per-minute counters.
+
+    Pairs whose task from an earlier pass still runs are left as they are (their marks stay). Tasks
+    that outlive the wait go on beside the next ticks. The unexpected error of a task that ended
+    within the wait propagates (the job wrapper records and alerts); a later one is logged and alerted.
+    """
+    pool = execution_pool("queue")
+    tally = QueueTally()
+    ordered, express = _task_order(work)
+    pairs = set(work.pairs)
+    if pool.inline:
+        # One thread: every express order first, then the pairs in the order they became due.
+        tasks = [(p, express[p], False) for p in express] + [(p, [], True) for p in work.pairs]
+    else:
+        tasks = [(p, express.get(p, []), p in pairs) for p in ordered]
+    futures: dict[Future, Pair] = {}
+    busy = 0
+    for pair, orders, rebalance in tasks:
+        future = pool.submit(pair, queue_pair_task, work=work, pair=pair, express=orders, rebalance=rebalance)
+        if future is None:
+            busy += 1
+        else:
+            futures[future] = pair
+    done, running = wait(futures, timeout=PASS_WAIT_SECONDS) if futures else (set(), set())
+    failure: BaseException | None = None
+    for future in done:
+        if future.exception() is not None:
+            failure = failure or future.exception()
             continue
-        if work.over_budget():
-            deferred = queue_pass_defer(work=work, pairs=work.pairs[index:])
-            tally.errors.append(f"out of time: {len(work.pairs) - index} pairs left for the next tick")
-            break
-        try:
-            tally.merge(queue_pair_rebalance(work=work, pair=pair))
-        except (GatewayError, UnknownExchangeError) as exc:
-            queue_pair_defer(work=work, pair=pair, until=work.now + QUEUE_PAIR_RETRY)
-            tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
-            logger.warning("queue: pair %s failed: %s: %s", pair, type(exc).__name__, exc)
-        tally.pairs += 1
-    if troubled or express_skipped:
-        skipped = queue_trouble_defer(work=work, pairs=troubled, express=express_skipped)
-        tally.errors.append(f"{', '.join(sorted(work.troubled))} failing: {skipped} pairs deferred")
+        tally.merge(future.result())
+        tally.pairs += future.result().pairs
+    for future in running:
+        future.add_done_callback(functools.partial(_late_task_done, work, futures[future]))
+    express_late = tally.counts.pop("express_late", 0)
+    if express_late:
+        tally.errors.append(f"out of time: {express_late} express pairs left for the next tick")
+    late = tally.counts.pop("out_of_time", 0)
+    if late:
+        tally.errors.append(f"out of time: {late} pairs left for the next tick")
+    if work.troubled and "trouble_deferred" in tally.counts:
+        deferred = tally.counts.pop("trouble_deferred")
+        tally.errors.append(f"{', '.join(sorted(work.troubled))} failing: {deferred} pairs deferred")
+    tally.counts.pop("trouble_deferred", None)
+    if running:
+        tally.counts["still executing"] += len(running)
+    if busy:
+        tally.counts["busy from an earlier pass"] += busy
     queue_pass_finish(work=work, tally=tally)
-    if deferred:
-        logger.info("queue: %d swept pairs deferred to the next tick", deferred)
+    if failure is not None:
+        raise failure
     return tally

@@ -45,6 +45,7 @@ LEADER_THREADS: list[str] = [
     "scheduler.poller:CommandPoller",
     "notifications.sender:OutboxSender",
     "orders.streams:user_stream_manager",
+    "orders.execution:ExecutionPools",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
 # rows (JobSpec.on_leader), then the announcement.

@@ -79,6 +79,7 @@ def test_precision_cache_update_loads_every_market_once():
         True,
     )
     assert eth.updated_at == T0
+    assert (eth.max_qty, eth.max_price) == (Decimal("9000"), Decimal("10000000"))  # the catalog's maxima
     assert counter("exchange_calls") == 2  # one load per (exchange, market type)
 
 

@@ -266,7 +266,7 @@ class BinanceDialect:
                     {
                         "filterType": "PRICE_FILTER",
                         "minPrice": _s(rule.tick_size),
-                        "maxPrice": "10000000",
+                        "maxPrice": _s(rule.max_price) if rule.max_price is not None else "0",
                         "tickSize": _s(rule.tick_size),
                     },
                     {

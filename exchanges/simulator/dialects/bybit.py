@@ -34,6 +34,9 @@ from exchanges.simulator.server import WS_POLL_SECONDS, Faults, ServerConfig, db
 
 logger = logging.getLogger(__name__)
 
+# What a market without its own maximum price reports (the catalog's default).
+MAX_PRICE = Decimal("10000000")
+
 _STATUS = {
     OrderStatus.NEW: "New",
     OrderStatus.PARTIALLY_FILLED: "PartiallyFilled",
@@ -199,7 +202,11 @@ class BybitDialect:
                 "baseCoin": rule.base,
                 "quoteCoin": rule.quote,
                 "status": "Trading" if rule.active else "Closed",
-                "priceFilter": {"tickSize": _s(rule.tick_size), "minPrice": _s(rule.tick_size), "maxPrice": "10000000"},
+                "priceFilter": {
+                    "tickSize": _s(rule.tick_size),
+                    "minPrice": _s(rule.tick_size),
+                    "maxPrice": _s(rule.max_price or MAX_PRICE),
+                },
             }
             if market_type == MarketType.SPOT:
                 item.update(
