@@ -11,9 +11,12 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html_join
+from django.utils.safestring import mark_safe
 
 from core.admin import OrderKeySearchMixin
-from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty
+from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Signal, SignalOrder
+from orders.selectors import signal_execution
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -95,3 +98,50 @@ class CircuitStateAdmin(ReadOnlyAdmin):
     def close_circuit(self, request: HttpRequest, queryset: QuerySet) -> None:
         closed = queryset.update(failures=0, opened_until=None, cooldown_seconds=0)
         self.message_user(request, f"{closed} circuit(s) closed; the next run tries the exchange again.", messages.INFO)
+
+
+class SignalOrderInline(admin.TabularInline):
+    model = SignalOrder
+    fields = ("order_key", "account", "side", "order_type", "quantity", "reference_price")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Signal)
+class SignalAdmin(ReadOnlyAdmin):
+    """Each signal with its followers and the execution report (times, fills, slippage) read from their events."""
+
+    list_display = ("id", "received_at", "source", "strategy", "symbol", "side", "order_type", "price")
+    list_filter = ("source", "strategy", "order_type")
+    list_select_related = ("strategy",)
+    search_fields = ("symbol", "orders__order_key")
+    date_hierarchy = "received_at"
+    ordering = ("-received_at",)
+    readonly_fields = ("execution_report",)
+    inlines = (SignalOrderInline,)
+
+    @admin.display(description="execution")
+    def execution_report(self, obj: Signal) -> str:
+        summary = signal_execution(signal=obj).summary
+
+        def span(latency: Any) -> str:
+            if not latency.count:
+                return "none yet"
+            return (
+                f"{latency.count}: first {latency.first:.2f} s, median {latency.median:.2f} s, "
+                f"p99 {latency.p99:.2f} s, last {latency.last:.2f} s"
+            )
+
+        lines = [
+            f"followers: {summary.followers} ({', '.join(f'{k} {v}' for k, v in summary.by_outcome.items())})",
+            f"acknowledged by the exchange: {span(summary.acknowledged)}",
+            f"filled: {span(summary.filled)}",
+            f"slippage: average {summary.slippage_avg_bps} bps, worst {summary.slippage_worst_bps} bps",
+            *summary.failures[:20],
+        ]
+        return format_html_join(mark_safe("<br>"), "{}", ((line,) for line in lines))  # noqa: S308 - a constant

@@ -20,8 +20,8 @@ from accounts.models import Account, MarketType, StrategyAccount
 from core.text import echo
 from exchanges.gateway import MarketRule
 from exchanges.selectors import market_rule_any, price_for_trading
-from orders.models import OpenOrder, OrderType, PendingOrder, Side
-from orders.services import OrderSpec, orders_enqueue, pair_lock
+from orders.models import OpenOrder, OrderType, PendingOrder, Side, Signal
+from orders.services import OrderSpec, SignalSource, orders_enqueue, pair_lock, signal_record
 from orders.validation import (
     Errors,
     OrderRejectedError,
@@ -194,6 +194,9 @@ def order_check(*, draft: OrderDraft, now: datetime, private: bool = False) -> O
         price=check.price,
         stop_price=check.stop_price,
         priority=draft.priority,
+        reference_price=order_reference_price(
+            order_type=order_type, price=check.price, stop_price=check.stop_price, market_price=market_price
+        ),
     )
     if spec.market_type == MarketType.SPOT and spec.side == Side.SELL:
         held, in_orders = sell_exposure(strategy_account_id=spec.strategy_account_id, symbol=spec.symbol)
@@ -349,7 +352,22 @@ def order_intake(
     # Every field parsed and resolved without error, so the check produced a spec.
     assert check.spec is not None
     spec = check.spec
-    orders = orders_place(specs=[spec], now=now)
+    with transaction.atomic():
+        orders = orders_place(specs=[spec], now=now)
+        signal_record(
+            source=SignalSource(
+                source=Signal.Source.API,
+                strategy_id=strategy_account.strategy_id,  # type: ignore[union-attr]  # resolved: no errors
+                symbol=spec.symbol,
+                side=spec.side,
+                order_type=spec.order_type,
+                price=spec.stop_price or spec.price,
+                user_id=user.pk,
+            ),
+            orders=orders,
+            specs=[spec],
+            now=now,
+        )
     logger.info(
         "order %s accepted: %s %s %s %s on account %s",
         orders[0].order_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 
 from accounts.models import Account, MarketType, StrategyAccount, money
@@ -221,3 +222,48 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"webhook {self.delivery_id or self.payload_hash[:12]} of strategy {self.strategy_id}"
+
+
+class Signal(models.Model):
+    """One trading signal and the orders it fanned out to (a webhook delivery, or one API order).
+
+    The execution report (orders.selectors.signal_execution) reads its followers' times from their
+    OrderEvent history and their fills from the Trade ledger; only the membership and each order's
+    reference price are stored here, in the transaction that queued the orders.
+    """
+
+    class Source(models.TextChoices):
+        WEBHOOK = "webhook"
+        API = "api"
+
+    source = models.CharField(max_length=8, choices=Source.choices)
+    strategy = models.ForeignKey("accounts.Strategy", on_delete=models.PROTECT, related_name="+")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    symbol = models.CharField(max_length=32)
+    side = models.CharField(max_length=4, choices=Side.choices, blank=True)
+    order_type = models.CharField(max_length=12, choices=OrderType.choices)
+    price = money(null=True, blank=True, help_text="the signal's own price or stop price, if it had one")
+    received_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"signal {self.pk} {self.source} {self.side} {self.order_type} {self.symbol}"
+
+
+class SignalOrder(models.Model):
+    """One follower's order of a signal, with the price it was judged against when queued."""
+
+    signal = models.ForeignKey(Signal, on_delete=models.CASCADE, related_name="orders")
+    order_key = models.UUIDField(unique=True)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="+")
+    side = models.CharField(max_length=4, choices=Side.choices)
+    order_type = models.CharField(max_length=12, choices=OrderType.choices)
+    quantity = money()
+    reference_price = money(
+        null=True, blank=True, help_text="limit or stop price, or the market price at intake (MARKET): slippage base"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.order_key} of signal {self.signal_id}"

@@ -22,8 +22,8 @@ from accounts.services import (
     webhook_token_matches,
 )
 from orders.intake import OrderDraft, Sizing, SpotSellRejectedError, order_check, orders_place
-from orders.models import OpenOrder, OrderType, PendingOrder, WebhookDelivery
-from orders.services import OrderSpec, pair_lock
+from orders.models import OpenOrder, OrderType, PendingOrder, Signal, WebhookDelivery
+from orders.services import OrderSpec, SignalSource, pair_lock, signal_record
 from orders.transitions import order_cancel_by_user
 from orders.validation import Errors, errors_merge, order_range_check, order_shape_check
 
@@ -282,8 +282,11 @@ def _orders_plan(*, strategy: Strategy, signal: WebhookSignal, now: datetime) ->
     return plan
 
 
-def _orders_place(*, plan: _Plan, now: datetime) -> dict[str, list[str]]:
-    """Enqueue the plan's orders (caller's transaction); spot sells re-checked under their pair locks."""
+def _orders_place(
+    *, plan: _Plan, strategy: Strategy, signal: WebhookSignal, now: datetime
+) -> tuple[dict[str, list[str]], int | None]:
+    """Enqueue the plan's orders (caller's transaction), spot sells re-checked under their pair locks, and
+    record them as one Signal for the execution report. Returns the order keys per account and the signal id."""
     try:
         orders = orders_place(specs=plan.specs, now=now, private=True)
     except SpotSellRejectedError as exc:
@@ -291,7 +294,22 @@ def _orders_place(*, plan: _Plan, now: datetime) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {str(account_id): [] for account_id in plan.accounts}
     for order in orders:
         keys[str(order.account_id)].append(str(order.order_key))
-    return keys
+    if not orders:
+        return keys, None
+    recorded = signal_record(
+        source=SignalSource(
+            source=Signal.Source.WEBHOOK,
+            strategy_id=strategy.pk,
+            symbol=signal.symbol or "",
+            side=signal.side or "",
+            order_type=signal.order_type or "",
+            price=signal.stop_price or signal.price,
+        ),
+        orders=orders,
+        specs=plan.specs,
+        now=now,
+    )
+    return keys, recorded.pk
 
 
 def _cancel(*, strategy: Strategy, symbol: str | None, now: datetime) -> dict[str, dict[str, str]]:
@@ -369,7 +387,10 @@ def webhook_receive(
             logger.info("webhook of %s: concurrent duplicate delivery, replayed", strategy)
             return WebhookReply(body=replay, duplicate=True)
         if plan is not None:
-            body: dict[str, Any] = {"orders": _orders_place(plan=plan, now=now), "cancelled": {}}
+            keys, signal_id = _orders_place(plan=plan, strategy=strategy, signal=signal, now=now)
+            body: dict[str, Any] = {"orders": keys, "cancelled": {}}
+            if signal_id is not None:
+                body["signal"] = signal_id
         else:
             symbol = signal.symbol if signal.order_type == CANCEL else None
             body = {"orders": {}, "cancelled": _cancel(strategy=strategy, symbol=symbol, now=now)}

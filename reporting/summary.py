@@ -34,7 +34,9 @@ from accounts.models import Account, Strategy
 from core.money import ZERO
 from notifications.models import SummarySent
 from notifications.services import outbox_enqueue, outbox_target
-from orders.models import OpenOrder, PendingOrder
+from orders.models import OpenOrder, PendingOrder, Signal
+from orders.selectors import signal_execution
+from orders.signal_report import DayExecution, execution_day
 from positions.models import Fill, Position
 from positions.performance import FillFacts, day_bounds, day_tally
 
@@ -88,6 +90,7 @@ class SummaryFigures:
     queued_orders: int
     live_orders: int
     quote: str = ""  # the one quote currency of the figures, or "" when they mix several
+    execution: DayExecution | None = None  # the day's copy execution; None without signals
 
     @property
     def total_pnl(self) -> Decimal:
@@ -162,9 +165,33 @@ def summary_format(figures: SummaryFigures) -> str:
         f"Open positions: {figures.open_positions} · open orders: "
         f"{figures.queued_orders + figures.live_orders} ({figures.queued_orders} queued, {figures.live_orders} live)",
         "",
+        *_execution_lines(figures.execution),
         f"<b>Verdict</b>: {VERDICT_ICONS[verdict]} {html.escape(verdict)}",
     ]
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def _bps(value: Decimal | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f} bps"
+
+
+def _execution_lines(execution: DayExecution | None) -> list[str]:
+    """The copy-execution section: how fast and how close the day's followers traded (none without signals)."""
+    if execution is None or not execution.signals:
+        return []
+    outcomes = ", ".join(f"{n} {html.escape(k.replace('_', ' '))}" for k, n in execution.by_outcome.items())
+    ack = execution.acknowledged
+    return [
+        "<b>Copy execution</b>",
+        f"Signals: {execution.signals} · orders: {execution.orders} ({outcomes})",
+        f"Signal to exchange: median {_seconds(ack.median)} · p99 {_seconds(ack.p99)} · last {_seconds(ack.last)}",
+        f"Slippage: average {_bps(execution.slippage_avg_bps)} · worst {_bps(execution.slippage_worst_bps)}",
+        "",
+    ]
 
 
 # --- Reads ---------------------------------------------------------------------------------------
@@ -231,7 +258,22 @@ def summary_figures(*, user: Any, day: date, tz: str) -> SummaryFigures:
         queued_orders=PendingOrder.objects.filter(account__user=user).count(),
         live_orders=OpenOrder.objects.filter(account__user=user).count(),
         quote=quotes.pop() if len(quotes) == 1 else "",
+        execution=summary_execution(user=user, day=day, tz=tz),
     )
+
+
+def summary_execution(*, user: Any, day: date, tz: str) -> DayExecution | None:
+    """The user's followers of the day's signals (their own accounts only); None when there were none."""
+    start, end = day_bounds(day, tz)
+    signals = (
+        Signal.objects.filter(received_at__gte=start, received_at__lt=end, orders__account__user=user)
+        .distinct()
+        .order_by("received_at")
+    )
+    executions = [signal_execution(signal=signal, user=user) for signal in signals]
+    if not executions:
+        return None
+    return execution_day([(e.signal.received_at, e.followers) for e in executions])
 
 
 # --- Sending -------------------------------------------------------------------------------------
