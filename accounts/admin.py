@@ -21,7 +21,7 @@ from accounts.models import (
 )
 from accounts.services import (
     account_credentials_set,
-    api_token_issue,
+    api_token_new,
     strategy_account_ref,
     strategy_webhook_token_set,
 )
@@ -239,27 +239,29 @@ admin.site.unregister(User)
 
 @admin.register(User)
 class TradingUserAdmin(UserAdmin):
-    """Django's user admin plus actions that issue or rotate a user's API token and show it once."""
+    """Django's user admin plus actions that issue (or rotate) users' API tokens and show each key once."""
 
     actions = ["issue_api_token", "rotate_api_token"]
 
     def has_issue_token_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("authtoken.add_token")
+        return request.user.has_perm("core.add_apitoken")
 
     def _tokens(self, request: HttpRequest, queryset: QuerySet, *, rotate: bool) -> None:
         for user in queryset.order_by("username"):
-            key, created = api_token_issue(user=user, rotate=rotate)
-            verb = "new" if created else "existing"
+            key = api_token_new(user=user, name=f"admin ({request.user.get_username()})", rotate=rotate)
             self.message_user(
                 request,
-                f"API token of {user.get_username()} ({verb}): {key} — send it as `Authorization: Token <key>`",
-                messages.SUCCESS,
+                f"API token of {user.get_username()}: {key} — shown once (stored hashed); "
+                "send it as `Authorization: Token <key>`",
+                messages.WARNING,
             )
 
-    @admin.action(description="Issue API token (show the existing one, or create it)", permissions=["issue_token"])
+    @admin.action(description="Issue API token (a new one; the key is shown once)", permissions=["issue_token"])
     def issue_api_token(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._tokens(request, queryset, rotate=False)
 
-    @admin.action(description="Rotate API token (the old one stops working)", permissions=["issue_token"])
+    @admin.action(
+        description="Rotate API tokens (revoke the user's tokens, issue a new one)", permissions=["issue_token"]
+    )
     def rotate_api_token(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._tokens(request, queryset, rotate=True)

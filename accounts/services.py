@@ -13,6 +13,8 @@ from django.contrib.auth.models import User
 from django.db import transaction
 
 from accounts.models import Account, Exchange, Strategy, StrategyAccount, StrategyCapital
+from core.models import ApiToken
+from core.tokens import api_token_issue
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +146,11 @@ def strategy_account_create(
     return strategy_account
 
 
-def api_token_issue(*, user: User, rotate: bool = False) -> tuple[str, bool]:
-    """The user's DRF API token, created when missing; `rotate` replaces an existing one (the old key
-    stops working at once). Returns (key, created). One short transaction; the key is never logged."""
-    from rest_framework.authtoken.models import Token
-
+def api_token_new(*, user: User, name: str, rotate: bool = False) -> str:
+    """Issue a new API token for `user` and return its key (shown once: only its digest is stored);
+    `rotate` first revokes every other token of the user. One short transaction; the key is never logged."""
     with transaction.atomic():
-        if rotate:
-            Token.objects.filter(user=user).delete()
-        token, created = Token.objects.get_or_create(user=user)
-    logger.info("API token of user %s %s", user.pk, "issued" if created else "shown again")
-    return token.key, created
+        revoked = ApiToken.objects.filter(user=user).delete()[0] if rotate else 0
+        token, key = api_token_issue(user=user, name=name)
+    logger.info("API token %s… issued to user %s (%d revoked)", token.prefix, user.pk, revoked)
+    return key

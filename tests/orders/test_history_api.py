@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,9 +15,9 @@ from django.contrib.messages.storage.fallback import FallbackStorage
 from django.core.management import CommandError, call_command
 from django.test import RequestFactory
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from core.models import ApiToken
 from orders.models import OrderEvent
 from orders.services import OrderSpec, orders_enqueue
 from positions.models import Fill, Trade
@@ -166,21 +167,27 @@ def test_price_endpoint_reports_the_stored_price_and_its_freshness(user_client):
 # --- API tokens --------------------------------------------------------------------------------------
 
 
-def test_issue_api_token_command_creates_shows_and_rotates(plain_user):  # noqa: ANN001
+def _works(key: str) -> bool:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    return client.get("/api/orders/").status_code == 200
+
+
+def test_issue_api_token_command_issues_a_working_key_and_rotates(plain_user):  # noqa: ANN001
     out = StringIO()
     call_command("issue_api_token", plain_user.username, stdout=out, stderr=StringIO())
-    key = out.getvalue().strip()
-    assert Token.objects.get(user=plain_user).key == key
-    again = StringIO()
-    call_command("issue_api_token", plain_user.username, stdout=again, stderr=StringIO())
-    assert again.getvalue().strip() == key
+    first = out.getvalue().strip()
+    assert _works(first)
+    token = ApiToken.objects.get(user=plain_user)
+    assert token.prefix == first[:8] and first not in (token.digest, token.name)  # stored hashed
+    second = StringIO()
+    call_command("issue_api_token", plain_user.username, "--name", "bot", stdout=second, stderr=StringIO())
+    assert _works(first) and _works(second.getvalue().strip())  # a second token; the first still works
     rotated = StringIO()
     call_command("issue_api_token", plain_user.username, "--rotate", stdout=rotated, stderr=StringIO())
-    assert rotated.getvalue().strip() != key
-    assert Token.objects.get(user=plain_user).key == rotated.getvalue().strip()
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {rotated.getvalue().strip()}")
-    assert client.get("/api/orders/").status_code == 200
+    assert _works(rotated.getvalue().strip())
+    assert not _works(first) and not _works(second.getvalue().strip())
+    assert ApiToken.objects.filter(user=plain_user).count() == 1
     with pytest.raises(CommandError, match="no user"):
         call_command("issue_api_token", "nobody", stdout=StringIO(), stderr=StringIO())
 
@@ -193,10 +200,11 @@ def test_admin_action_issues_a_token_and_shows_it_once(plain_user, django_user_m
     request.session = {}
     request._messages = FallbackStorage(request)
     model_admin.issue_api_token(request, get_user_model().objects.filter(pk=plain_user.pk))
-    key = Token.objects.get(user=plain_user).key
     [message] = [str(m) for m in request._messages]
-    assert key in message and plain_user.username in message
+    key = re.search(r"API token of viewer: (\S+) ", message)[1]
+    assert _works(key)
+    assert ApiToken.objects.get(user=plain_user).prefix == key[:8]
     assert "issue_api_token" in model_admin.get_actions(request)
     staff_only = django_user_model.objects.create_user("clerk", password="clerk-pass-123", is_staff=True)
     request.user = staff_only
-    assert "issue_api_token" not in model_admin.get_actions(request)  # needs authtoken.add_token
+    assert "issue_api_token" not in model_admin.get_actions(request)  # needs core.add_apitoken
