@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 from django.db import close_old_connections, connections
 
+from exchanges.gateway import MarketType
 from exchanges.models import SimFault
 from exchanges.simulator.engine import FaultHit, SimEngine, default_engine
 
@@ -41,16 +42,44 @@ DEFAULT_TIMEOUT_HOLD = 15.0
 WS_POLL_SECONDS = 0.25
 
 
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """The limits the server enforces; the defaults are the ones the real exchanges publish.
+
+    Binance counts request weight per IP per minute (spot, USDⓈ-M and /sapi separately) and
+    new orders per account (spot: 10 s and day; USDⓈ-M: 10 s and minute); a client that keeps
+    calling after its 429s is banned with HTTP 418 after `binance_ban_after` refusals in a row.
+    Bybit counts per UID, per endpoint, per second (orders and queries), and 600 requests per
+    IP per 5 s.
+    """
+
+    enabled: bool = True
+    binance_spot_weight_per_minute: int = 6000
+    binance_futures_weight_per_minute: int = 2400
+    binance_sapi_weight_per_minute: int = 12000
+    binance_spot_orders_per_10s: int = 100
+    binance_spot_orders_per_day: int = 200_000
+    binance_futures_orders_per_10s: int = 300
+    binance_futures_orders_per_minute: int = 1200
+    binance_ban_after: int | None = 10
+    binance_ban_seconds: float = 120.0
+    bybit_orders_per_second: int = 10  # /v5/order/create, cancel, cancel-all (linear; spot allows 20)
+    bybit_queries_per_second: int = 50  # order, position, execution and wallet queries
+    bybit_ip_per_5s: int = 600
+
+
 @dataclass
 class ServerConfig:
-    """Credentials the server accepts (one key pair per server) and engine exchange names."""
+    """Credentials the server accepts (one key pair per server), engine exchange names and limits."""
 
     api_key: str
     api_secret: str
     binance_exchange: str = "BINANCE"
     bybit_exchange: str = "BYBIT"
     timeout_hold: float = DEFAULT_TIMEOUT_HOLD
-    listen_keys: dict[str, str] = field(default_factory=dict)  # listen key → account
+    listen_keys: dict[str, str] = field(default_factory=dict)  # listen key → account (USDⓈ-M and spot)
+    listen_key_markets: dict[str, MarketType] = field(default_factory=dict)  # listen key → its market
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 
 async def db_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -137,12 +166,16 @@ class DbExecutor(ThreadPoolExecutor):
 def build_app(config: ServerConfig, engine: SimEngine | None = None) -> web.Application:
     """The aiohttp application serving both dialects over `engine`."""
     from exchanges.simulator.dialects import binance, bybit
+    from exchanges.simulator.ratelimit import RateLimiter
 
     engine = engine or default_engine
     app = web.Application()
     faults = Faults(engine, config)
-    binance.BinanceDialect(engine, config, faults).register(app)
-    bybit.BybitDialect(engine, config, faults).register(app)
+    limits = config.rate_limits
+    # Binance and Bybit are different hosts: each has its own counters.
+    binance_limiter = RateLimiter(ban_after=limits.binance_ban_after, ban_seconds=limits.binance_ban_seconds)
+    binance.BinanceDialect(engine, config, faults, binance_limiter).register(app)
+    bybit.BybitDialect(engine, config, faults, RateLimiter()).register(app)
     return app
 
 

@@ -75,11 +75,15 @@ def test_binance_listen_key_stream_sends_order_updates(sim_urls):
                     client_order_id="ws-1",
                 ),
             )
-            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
 
-    event = asyncio.run(run())
-    assert event["e"] == "ORDER_TRADE_UPDATE"
-    assert event["o"]["c"] == "ws-1" and event["o"]["X"] == "FILLED" and event["o"]["z"] == "0.1"
+    new, trade, account = asyncio.run(run())
+    # Like the real stream: NEW first, then the fill (TRADE), then the balance and position it changed.
+    assert new["e"] == "ORDER_TRADE_UPDATE" and new["o"]["c"] == "ws-1"
+    assert (new["o"]["x"], new["o"]["X"], new["o"]["z"]) == ("NEW", "NEW", "0")
+    assert (trade["o"]["x"], trade["o"]["X"], trade["o"]["z"], trade["o"]["l"]) == ("TRADE", "FILLED", "0.1", "0.1")
+    assert account["e"] == "ACCOUNT_UPDATE" and account["a"]["m"] == "ORDER"
+    assert [(p["s"], p["pa"]) for p in account["a"]["P"]] == [("ETHUSDT", "0.1")]
 
 
 def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
@@ -106,13 +110,15 @@ def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
                     client_order_id="ws-2",
                 ),
             )
-            push = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            return auth, subscribed, pong, push
+            pushes = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+            return auth, subscribed, pong, pushes
 
-    auth, subscribed, pong, push = asyncio.run(run())
+    auth, subscribed, pong, pushes = asyncio.run(run())
     assert auth["success"] is True and subscribed["success"] is True and pong["op"] == "pong"
-    assert push["topic"] == "order" and push["data"][0]["orderLinkId"] == "ws-2"
-    assert push["data"][0]["orderStatus"] == "Filled"
+    assert [p["topic"] for p in pushes] == ["order", "order"]
+    assert {p["data"][0]["orderLinkId"] for p in pushes} == {"ws-2"}
+    # Every state in order: New, then Filled (a market order fills at once, still reported New first).
+    assert [p["data"][0]["orderStatus"] for p in pushes] == ["New", "Filled"]
 
 
 def test_bybit_private_stream_rejects_bad_auth(sim_urls):
