@@ -252,6 +252,8 @@ class BinanceDialect(Dialect):
         # What default ccxt reads while loading markets: currencies (signed), and the coin-margined
         # and options catalogues, which the simulator lists empty.
         r.add_get("/sapi/v1/capital/config/getall", self.route(self.currencies, None, weight=10, **sg))
+        r.add_get("/sapi/v1/margin/allPairs", self.route(self.empty_list, None, **sg))
+        r.add_get("/sapi/v1/margin/isolated/allPairs", self.route(self.empty_list, None, weight=10, **sg))
         r.add_get("/dapi/v1/exchangeInfo", self.route(self.empty_exchange_info, None))
         r.add_get("/eapi/v1/exchangeInfo", self.route(self.empty_options_info, None))
         r.add_get("/ws/{listen_key}", self.user_stream)
@@ -425,6 +427,9 @@ class BinanceDialect(Dialect):
 
     async def server_time(self, call: Call) -> Any:
         return {"serverTime": now_ms()}
+
+    async def empty_list(self, call: Call) -> Any:
+        return []
 
     async def empty_exchange_info(self, call: Call) -> Any:
         return {"timezone": "UTC", "serverTime": now_ms(), "rateLimits": [], "exchangeFilters": [], "symbols": []}

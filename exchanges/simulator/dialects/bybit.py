@@ -53,6 +53,7 @@ _TIF = {
 }
 _TIF_TEXT = {TimeInForce.POST_ONLY_EXPIRE: "PostOnly", TimeInForce.POST_ONLY: "PostOnly"}
 LEVERAGE_DEFAULT = 10
+UNLISTED_CATEGORIES = ("inverse", "option")  # real categories the simulator lists nothing in
 
 
 class BybitError(DialectError):
@@ -223,8 +224,10 @@ class BybitDialect(Dialect):
 
     async def instruments(self, call: Call) -> Any:
         params = call.params
+        category = params.get("category")
+        if category in UNLISTED_CATEGORIES:
+            return {"category": category, "list": [], "nextPageCursor": ""}
         market_type = self._market_type(params)
-        category = params["category"]
         if params.get("status") == "PreLaunch":
             return {"category": category, "list": []}
         rules = await db_call(self.engine.market_list, self.exchange, market_type)
@@ -276,6 +279,8 @@ class BybitDialect(Dialect):
     async def tickers(self, call: Call) -> Any:
         """Last price now and the path's price 24 h ago; no trade tape, so volumes are 0."""
         params = call.params
+        if params.get("category") in UNLISTED_CATEGORIES:
+            return {"category": params["category"], "list": []}
         market_type = self._market_type(params)
         wanted = [self._engine_symbol(params["symbol"], market_type)] if params.get("symbol") else None
         now = timezone.now()
@@ -299,7 +304,16 @@ class BybitDialect(Dialect):
                 "turnover24h": "0",
             }
             if market_type == MarketType.FUTURES:
-                row.update({"markPrice": _s(p), "indexPrice": _s(p), "fundingRate": "0", "openInterest": "0"})
+                row.update(
+                    {
+                        "markPrice": _s(p),
+                        "indexPrice": _s(p),
+                        "fundingRate": "0",
+                        "nextFundingTime": "0",
+                        "openInterest": "0",
+                        "openInterestValue": "0",  # ccxt tells a contract ticker from a spot one by this field
+                    }
+                )
             rows.append(row)
         return {"category": params["category"], "list": rows}
 
