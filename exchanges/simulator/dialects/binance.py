@@ -971,8 +971,9 @@ class BinanceDialect(Dialect):
         state = await db_call(
             self.engine.order_create, self.exchange, call.account, request, time_in_force=tif, quote_order=quote_order
         )
-        # USDⓈ-M answers ACK by default: the order as accepted (NEW, nothing executed), fills follow on the
-        # stream and on lookup. Spot answers FULL (final state and fills) unless asked for ACK or RESULT.
+        # USDⓈ-M answers with the order as accepted (NEW, nothing executed) whatever newOrderRespType asks
+        # (ccxt sends RESULT): matching is asynchronous there, and fills follow on the stream and on lookup.
+        # Spot answers FULL (final state and fills) unless asked for ACK or RESULT.
         default = "ACK" if market_type == MarketType.FUTURES else "FULL"
         kind = params.get("newOrderRespType", default).upper()
         return await db_call(self._create_reply, call.account, market_type, int(state.exchange_order_id), kind)
@@ -980,8 +981,6 @@ class BinanceDialect(Dialect):
     def _create_reply(self, account: str, market_type: MarketType, pk: int, kind: str) -> dict[str, Any]:
         order = SimOrder.objects.get(pk=pk, exchange=self.exchange, account=account)
         if market_type == MarketType.FUTURES:
-            if kind == "RESULT":
-                return self._order_view(order, market_type)
             accepted = SimOrder(**{f.attname: getattr(order, f.attname) for f in SimOrder._meta.concrete_fields})
             accepted.status, accepted.filled_quantity, accepted.cost = OrderStatus.NEW.value, Decimal(0), Decimal(0)
             accepted.updated_at = order.created_at
