@@ -128,6 +128,7 @@ class Faults:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LIMITERS = web.AppKey("limiters", tuple)  # the app's rate limiters (Binance, Bybit)
 
 
 class DbExecutor(ThreadPoolExecutor):
@@ -174,8 +175,10 @@ def build_app(config: ServerConfig, engine: SimEngine | None = None) -> web.Appl
     limits = config.rate_limits
     # Binance and Bybit are different hosts: each has its own counters.
     binance_limiter = RateLimiter(ban_after=limits.binance_ban_after, ban_seconds=limits.binance_ban_seconds)
+    bybit_limiter = RateLimiter()
     binance.BinanceDialect(engine, config, faults, binance_limiter).register(app)
-    bybit.BybitDialect(engine, config, faults, RateLimiter()).register(app)
+    bybit.BybitDialect(engine, config, faults, bybit_limiter).register(app)
+    app[LIMITERS] = (binance_limiter, bybit_limiter)
     return app
 
 
@@ -195,6 +198,7 @@ class ServerThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._executor = DbExecutor()
+        self.app: web.Application | None = None
 
     @property
     def base_url(self) -> str:
@@ -228,7 +232,7 @@ class ServerThread:
         loop.close()
 
     async def _start(self) -> None:
-        app = build_app(self.config, self.engine)
+        app = self.app = build_app(self.config, self.engine)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -236,6 +240,12 @@ class ServerThread:
         sockets = site._server.sockets  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1]
         logger.info("sim dialect server listening on %s", self.base_url)
+
+    def rate_limits_reset(self) -> None:
+        """Forget every request counted and every ban (tests)."""
+        if self.app is not None:
+            for limiter in self.app[LIMITERS]:
+                limiter.reset()
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
