@@ -173,3 +173,113 @@ def test_no_api_secret_in_simulator_tables(make_gateway):
     dumped = serializers.serialize("json", [row for model_rows in rows.values() for row in model_rows])
     assert API_KEY in dumped  # the account key: the server's own, public half of the pair
     assert API_SECRET not in dumped
+
+
+def _bybit_auth_frame() -> str:
+    expires = int(time.time() * 1000) + 10_000
+    sign = hmac.new(API_SECRET.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"op": "auth", "args": [API_KEY, expires, sign]})
+
+
+def test_bybit_stream_shows_new_for_an_order_cancelled_inside_one_poll(sim_urls):
+    def create_and_cancel() -> None:
+        default_engine.price_script("BYBIT", "ETH/USDT", ["3000"])
+        state = default_engine.order_create(
+            "BYBIT",
+            API_KEY,
+            OrderRequest(
+                symbol="ETH/USDT",
+                market_type=MarketType.FUTURES,
+                side=Side.BUY,
+                order_type=OrderType.LIMIT,
+                quantity=Decimal("0.1"),
+                price=Decimal("2500"),
+                client_order_id="ws-quick",
+            ),
+        )
+        default_engine.order_cancel(
+            "BYBIT",
+            API_KEY,
+            symbol="ETH/USDT",
+            market_type=MarketType.FUTURES,
+            exchange_order_id=state.exchange_order_id,
+        )
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            await ws.send(_bybit_auth_frame())
+            await ws.recv()
+            await ws.send(json.dumps({"op": "subscribe", "args": ["order"]}))
+            await ws.recv()
+            await asyncio.to_thread(create_and_cancel)  # both well inside one 250 ms poll
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+
+    pushes = asyncio.run(run())
+    assert [(p["data"][0]["orderLinkId"], p["data"][0]["orderStatus"]) for p in pushes] == [
+        ("ws-quick", "New"),
+        ("ws-quick", "Cancelled"),
+    ]
+    assert pushes[0]["data"][0]["category"] == "linear" and pushes[0]["data"][0]["cumExecQty"] == "0"
+
+
+def test_binance_spot_user_stream_on_the_combined_path(sim_urls):
+    base = sim_urls.base_url
+    headers = {"X-MBX-APIKEY": API_KEY}
+    key = requests.post(f"{base}/api/v3/userDataStream", headers=headers, timeout=5).json()["listenKey"]
+    futures_key = requests.post(f"{base}/fapi/v1/listenKey", headers=headers, timeout=5).json()["listenKey"]
+    assert key != futures_key  # spot and USDⓈ-M streams are separate
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/stream?streams={key}") as ws:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(
+                default_engine.order_create,
+                "BINANCE",
+                API_KEY,
+                OrderRequest(
+                    symbol="ETH/USDT",
+                    market_type=MarketType.SPOT,
+                    side=Side.BUY,
+                    order_type=OrderType.MARKET,
+                    quantity=Decimal("0.1"),
+                    client_order_id="ws-spot",
+                ),
+            )
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+
+    messages = asyncio.run(run())
+    assert {m["stream"] for m in messages} == {key}
+    new, trade, account = (m["data"] for m in messages)
+    assert (new["e"], new["c"], new["x"], new["X"]) == ("executionReport", "ws-spot", "NEW", "NEW")
+    assert (trade["x"], trade["X"], trade["l"], trade["z"]) == ("TRADE", "FILLED", "0.1", "0.1")
+    assert account["e"] == "outboundAccountPosition" and {b["a"] for b in account["B"]} >= {"ETH", "USDT"}
+
+
+def test_binance_ws_subscribe_by_listen_key(sim_urls):
+    base = sim_urls.base_url
+    key = requests.post(f"{base}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": API_KEY}, timeout=5).json()["listenKey"]
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/ws") as ws:
+            await ws.send(json.dumps({"method": "SUBSCRIBE", "params": [key], "id": 7}))
+            reply = json.loads(await ws.recv())
+            await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 8}))
+            listing = json.loads(await ws.recv())
+            await asyncio.to_thread(
+                default_engine.order_create,
+                "BINANCE",
+                API_KEY,
+                OrderRequest(
+                    symbol="ETH/USDT",
+                    market_type=MarketType.FUTURES,
+                    side=Side.SELL,
+                    order_type=OrderType.MARKET,
+                    quantity=Decimal("0.1"),
+                    client_order_id="ws-sub",
+                ),
+            )
+            return reply, listing, json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+    reply, listing, event = asyncio.run(run())
+    assert reply == {"result": None, "id": 7} and listing == {"result": [key], "id": 8}
+    assert (event["e"], event["o"]["c"], event["o"]["x"]) == ("ORDER_TRADE_UPDATE", "ws-sub", "NEW")
