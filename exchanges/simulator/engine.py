@@ -121,6 +121,9 @@ ENDPOINTS = (
     "fetch_open_orders",
     "ws",
 )
+# Exchanges whose accounts have one wallet for spot and futures (Bybit's unified trading account): the
+# futures margin and PnL come from, and go to, the same balances spot trades use.
+UNIFIED_WALLETS = frozenset({"BYBIT"})
 WS_FAULTS = (SimFault.Kind.WS_DROP, SimFault.Kind.WS_SILENT)
 # Walk octaves: (period in seconds, relative amplitude). Sums of interpolated hash noise at
 # three scales look like a walk, stay within ±5.2 % of the base and cost O(1) at any time.
@@ -272,10 +275,12 @@ class SimEngine:
         clock: Callable[[], datetime] = timezone.now,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        unified_wallets: frozenset[str] = UNIFIED_WALLETS,
     ):
         self.clock = clock
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self.unified_wallets = unified_wallets
 
     # --- configuration and scripting -------------------------------------------------
 
@@ -417,8 +422,13 @@ class SimEngine:
 
     # --- balances ----------------------------------------------------------------------
 
+    def wallet_of(self, exchange: str, market_type: MarketType | str) -> MarketType:
+        """The wallet a market type's balances live in: its own, or on a unified exchange the spot wallet."""
+        return MarketType.SPOT if exchange in self.unified_wallets else MarketType(market_type)
+
     def _ensure_balances(self, exchange: str, account: str, market_type: MarketType) -> None:
         """A never-seen account starts with DEFAULT_BALANCES (balance_set opts out by creating rows)."""
+        market_type = self.wallet_of(exchange, market_type)
         if SimBalance.objects.filter(exchange=exchange, account=account, market_type=market_type).exists():
             return
         SimBalance.objects.bulk_create(
@@ -433,7 +443,8 @@ class SimEngine:
         market_type = MarketType(market_type)
         with transaction.atomic():
             self._ensure_balances(exchange, account, market_type)
-        rows = SimBalance.objects.filter(exchange=exchange, account=account, market_type=market_type)
+        wallet = self.wallet_of(exchange, market_type)
+        rows = SimBalance.objects.filter(exchange=exchange, account=account, market_type=wallet)
         return Balance(
             market_type=market_type,
             assets={r.currency: AssetBalance(currency=r.currency, free=r.free, used=r.used) for r in rows},
@@ -458,14 +469,14 @@ class SimEngine:
             SimBalance.objects.update_or_create(
                 exchange=exchange,
                 account=account,
-                market_type=MarketType(market_type),
+                market_type=self.wallet_of(exchange, market_type),
                 currency=currency,
                 defaults=defaults,
             )
 
     def _balance_row(self, exchange: str, account: str, market_type: str, currency: str) -> SimBalance:
         row, _ = SimBalance.objects.select_for_update().get_or_create(
-            exchange=exchange, account=account, market_type=market_type, currency=currency
+            exchange=exchange, account=account, market_type=self.wallet_of(exchange, market_type), currency=currency
         )
         return row
 

@@ -121,3 +121,15 @@ def test_stream_cursor_starts_after_existing_history(engine):
     cursor = engine.stream_cursor(EX, ACC)
     assert cursor != StreamCursor() and cursor.fill_id > 0
     assert engine.order_events_since(EX, ACC, cursor)[0] == []
+
+
+def test_bybit_has_one_wallet_for_spot_and_futures(engine):
+    engine.price_script("BYBIT", "ETH/USDT", ["3000"])
+    spot_before = engine.balance_get("BYBIT", ACC, MarketType.SPOT)
+    assert engine.balance_get("BYBIT", ACC, MarketType.FUTURES).assets == spot_before.assets  # same wallet
+    engine.order_create(
+        "BYBIT", ACC, order("ETH/USDT", "BUY", "LIMIT", "1", price="2000", market_type=MarketType.FUTURES)
+    )
+    # The futures order's margin is held in the wallet spot trades use.
+    assert engine.balance_get("BYBIT", ACC, MarketType.SPOT).used("USDT") > 0
+    assert engine.balance_get("BINANCE", ACC, MarketType.SPOT).used("USDT") == 0  # Binance keeps two wallets

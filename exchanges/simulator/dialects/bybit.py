@@ -379,14 +379,11 @@ class BybitDialect(Dialect):
         return {"rows": [{"name": c, "coin": c, "remainAmount": "0", "chains": [chain]} for c in coins]}
 
     async def wallet_balance(self, call: Call) -> Any:
-        # One unified wallet: the engine's spot and futures balances of the account, added up, valued in USD
-        # at the last spot price (USDT and USDC at 1).
+        # The unified trading account: one engine wallet serves spot and linear (engine.UNIFIED_WALLETS);
+        # coins valued in USD at the last spot price (USDT and USDC at 1), equity with the positions' PnL.
         def combined() -> tuple[dict[str, tuple[Decimal, Decimal]], dict[str, Decimal]]:
-            totals: dict[str, tuple[Decimal, Decimal]] = {}
-            for market_type in (MarketType.SPOT, MarketType.FUTURES):
-                for asset in self.engine.balance_get(self.exchange, call.account, market_type).assets.values():
-                    total, used = totals.get(asset.currency, (Decimal(0), Decimal(0)))
-                    totals[asset.currency] = (total + asset.total, used + asset.used)
+            wallet = self.engine.balance_get(self.exchange, call.account, MarketType.SPOT)
+            totals = {a.currency: (a.total, a.used) for a in wallet.assets.values()}
             prices = self.engine.prices_last(self.exchange, MarketType.SPOT, [f"{c}/USDT" for c in totals])
             return totals, {s.split("/")[0]: p for s, p in prices.items()}
 
