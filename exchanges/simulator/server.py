@@ -6,13 +6,8 @@ Django URL routing; a Django ASGI app under daphne would drag the middleware sta
 channels routing into what is a small protocol adapter. Engine calls are synchronous ORM
 work, so every one runs in a worker thread bracketed by close_old_connections.
 
-Routes (real API paths, so ccxt with EXCHANGE_URL_OVERRIDES talks to it unchanged):
-  Binance spot     /api/v3/{ping,time,exchangeInfo,ticker/price,account,order,openOrders,allOrders}
-  Binance USDⓈ-M   /fapi/v1/{ping,time,exchangeInfo,ticker/price,order,openOrders,allOrders,algoOrder,
-                   openAlgoOrders,allAlgoOrders,listenKey}, /fapi/v2/{ticker/price,account,balance},
-                   /fapi/v3/{account,balance}, WS /ws/<listenKey>
-  Bybit v5         /v5/market/{time,instruments-info,tickers}, /v5/account/wallet-balance,
-                   /v5/order/{create,cancel,realtime,history}, WS /v5/private
+Routes (real API paths, so ccxt with EXCHANGE_URL_OVERRIDES talks to it unchanged): see the dialect
+modules' `register` and the README's "Simulated exchange: endpoints served" table.
 """
 
 from __future__ import annotations
