@@ -170,9 +170,9 @@ def test_default_ccxt_bybit(sim):
 
 
 def test_binance_futures_connector_rest_and_user_stream(sim):
-    from binance.error import ClientError
-    from binance.um_futures import UMFutures
-    from binance.websocket.um_futures.websocket_client import UMFuturesWebsocketClient
+    from binance.error import ClientError  # type: ignore[import-untyped]
+    from binance.um_futures import UMFutures  # type: ignore[import-untyped]
+    from binance.websocket.um_futures.websocket_client import UMFuturesWebsocketClient  # type: ignore[import-untyped]
 
     client = UMFutures(key=API_KEY, secret=API_SECRET, base_url=sim)
     listen_key = client.new_listen_key()["listenKey"]
@@ -223,8 +223,8 @@ def test_binance_futures_connector_rest_and_user_stream(sim):
 
 
 def test_binance_spot_connector(sim):
-    from binance.error import ClientError
-    from binance.spot import Spot
+    from binance.error import ClientError  # type: ignore[import-untyped]
+    from binance.spot import Spot  # type: ignore[import-untyped]
 
     client = Spot(api_key=API_KEY, api_secret=API_SECRET, base_url=sim)
     price = Decimal(client.ticker_price("BNBUSDT")["price"])
@@ -250,7 +250,7 @@ def test_binance_spot_connector(sim):
 
 
 def test_python_binance(sim):
-    from binance.client import Client
+    from binance.client import Client  # type: ignore[import-untyped]
 
     client = Client(API_KEY, API_SECRET, ping=False)
     client.API_URL, client.FUTURES_URL = f"{sim}/api", f"{sim}/fapi"
@@ -271,7 +271,7 @@ def test_python_binance(sim):
 
 
 def test_pybit_spot_market_buy_is_in_quote_coin(sim):
-    from pybit.unified_trading import HTTP
+    from pybit.unified_trading import HTTP  # type: ignore[import-untyped]
 
     session = HTTP(api_key=API_KEY, api_secret=API_SECRET)
     session.endpoint = sim  # the only change: where to send requests
