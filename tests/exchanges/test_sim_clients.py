@@ -10,7 +10,6 @@ use distinct symbols or client order ids so they do not see each other's orders.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -28,16 +27,10 @@ API_KEY = "clients-sim-key-0123456789"
 API_SECRET = "clients-sim-secret-abcdefghijklmnop"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sim(proc_sqlite_template, tmp_path_factory):  # noqa: ANN001
     db = procs.sqlite_db(proc_sqlite_template, tmp_path_factory.mktemp("sim-clients"))
-    port = _free_port()
+    port = procs.free_port()
     base = f"http://127.0.0.1:{port}"
     proc = procs.spawn(
         db, "runsimexchange", "--port", str(port), "--api-key", API_KEY, "--api-secret", API_SECRET, name="sim"

@@ -23,6 +23,23 @@ sim_urls = ccxt_sim_support.sim_urls
 make_gateway = ccxt_sim_support.make_gateway
 
 
+def _place(exchange, symbol, market_type, side, order_type, quantity, client_order_id, price=None):  # noqa: ANN001, ANN202
+    """An order straight into the engine, as another client of the same exchange would place it."""
+    return default_engine.order_create(
+        exchange,
+        API_KEY,
+        OrderRequest(
+            symbol=symbol,
+            market_type=market_type,
+            side=side,
+            order_type=order_type,
+            quantity=Decimal(quantity),
+            price=Decimal(price) if price else None,
+            client_order_id=client_order_id,
+        ),
+    )
+
+
 def _binance_signed(base, path, params, secret=API_SECRET, method="GET"):
     query = "&".join(f"{k}={v}" for k, v in {**params, "timestamp": int(time.time() * 1000)}.items())
     signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
@@ -63,17 +80,7 @@ def test_binance_listen_key_stream_sends_order_updates(sim_urls):
         async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/ws/{key}") as ws:
             await asyncio.sleep(0.3)
             await asyncio.to_thread(
-                default_engine.order_create,
-                "BINANCE",
-                API_KEY,
-                OrderRequest(
-                    symbol="ETH/USDT",
-                    market_type=MarketType.FUTURES,
-                    side=Side.BUY,
-                    order_type=OrderType.MARKET,
-                    quantity=Decimal("0.1"),
-                    client_order_id="ws-1",
-                ),
+                _place, "BINANCE", "ETH/USDT", MarketType.FUTURES, Side.BUY, OrderType.MARKET, "0.1", "ws-1"
             )
             return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
 
@@ -98,17 +105,7 @@ def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
             await ws.send(json.dumps({"op": "ping"}))
             pong = json.loads(await ws.recv())
             await asyncio.to_thread(
-                default_engine.order_create,
-                "BYBIT",
-                API_KEY,
-                OrderRequest(
-                    symbol="ETH/USDT",
-                    market_type=MarketType.SPOT,
-                    side=Side.BUY,
-                    order_type=OrderType.MARKET,
-                    quantity=Decimal("0.1"),
-                    client_order_id="ws-2",
-                ),
+                _place, "BYBIT", "ETH/USDT", MarketType.SPOT, Side.BUY, OrderType.MARKET, "0.1", "ws-2"
             )
             pushes = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
             return auth, subscribed, pong, pushes
@@ -184,19 +181,7 @@ def _bybit_auth_frame() -> str:
 def test_bybit_stream_shows_new_for_an_order_cancelled_inside_one_poll(sim_urls):
     def create_and_cancel() -> None:
         default_engine.price_script("BYBIT", "ETH/USDT", ["3000"])
-        state = default_engine.order_create(
-            "BYBIT",
-            API_KEY,
-            OrderRequest(
-                symbol="ETH/USDT",
-                market_type=MarketType.FUTURES,
-                side=Side.BUY,
-                order_type=OrderType.LIMIT,
-                quantity=Decimal("0.1"),
-                price=Decimal("2500"),
-                client_order_id="ws-quick",
-            ),
-        )
+        state = _place("BYBIT", "ETH/USDT", MarketType.FUTURES, Side.BUY, OrderType.LIMIT, "0.1", "ws-quick", "2500")
         default_engine.order_cancel(
             "BYBIT",
             API_KEY,
@@ -233,17 +218,7 @@ def test_binance_spot_user_stream_on_the_combined_path(sim_urls):
         async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/stream?streams={key}") as ws:
             await asyncio.sleep(0.3)
             await asyncio.to_thread(
-                default_engine.order_create,
-                "BINANCE",
-                API_KEY,
-                OrderRequest(
-                    symbol="ETH/USDT",
-                    market_type=MarketType.SPOT,
-                    side=Side.BUY,
-                    order_type=OrderType.MARKET,
-                    quantity=Decimal("0.1"),
-                    client_order_id="ws-spot",
-                ),
+                _place, "BINANCE", "ETH/USDT", MarketType.SPOT, Side.BUY, OrderType.MARKET, "0.1", "ws-spot"
             )
             return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
 
@@ -266,17 +241,7 @@ def test_binance_ws_subscribe_by_listen_key(sim_urls):
             await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 8}))
             listing = json.loads(await ws.recv())
             await asyncio.to_thread(
-                default_engine.order_create,
-                "BINANCE",
-                API_KEY,
-                OrderRequest(
-                    symbol="ETH/USDT",
-                    market_type=MarketType.FUTURES,
-                    side=Side.SELL,
-                    order_type=OrderType.MARKET,
-                    quantity=Decimal("0.1"),
-                    client_order_id="ws-sub",
-                ),
+                _place, "BINANCE", "ETH/USDT", MarketType.FUTURES, Side.SELL, OrderType.MARKET, "0.1", "ws-sub"
             )
             return reply, listing, json.loads(await asyncio.wait_for(ws.recv(), 5))
 

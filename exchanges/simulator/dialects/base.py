@@ -50,6 +50,18 @@ def ms(moment: Any) -> int:
     return int(moment.timestamp() * 1000)
 
 
+@dataclass(frozen=True)
+class MarkedPosition:
+    symbol: str
+    quantity: Decimal  # signed
+    entry_price: Decimal
+    mark_price: Decimal
+
+    @property
+    def unrealized(self) -> Decimal:
+        return self.quantity * (self.mark_price - self.entry_price)
+
+
 class DialectError(Exception):
     """An error reply in a dialect's own shape; subclasses render it."""
 
@@ -178,6 +190,31 @@ class Dialect:
         if reply is not None:
             return reply
         return result if isinstance(result, web.StreamResponse) else self.reply(result)
+
+    # --- shared views -------------------------------------------------------------------------
+
+    def marked_positions(self, account: str, symbols: list[str] | None = None) -> list[MarkedPosition]:
+        """Futures positions marked at the last price: the held ones, or every listed symbol in `symbols`
+        (None: every catalogue symbol), flat ones with quantity 0. Synchronous: call it in db_call."""
+        held = {p.symbol: p for p in self.engine.position_list(self.exchange, account)}
+        marks = self.engine.prices_last(self.exchange, MarketType.FUTURES, symbols)
+        return [
+            MarkedPosition(
+                symbol=symbol,
+                quantity=held[symbol].quantity if symbol in held else Decimal(0),
+                entry_price=held[symbol].entry_price if symbol in held else Decimal(0),
+                mark_price=mark,
+            )
+            for symbol, mark in marks.items()
+        ]
+
+    async def listed_coins(self) -> list[str]:
+        """Every coin of a listed spot market (the currencies endpoints)."""
+        rules = await db_call(self.engine.market_list, self.exchange, MarketType.SPOT)
+        return sorted({c for rule in rules for c in (rule.base, rule.quote)})
+
+    def held_symbols(self, account: str) -> list[str]:
+        return [p.symbol for p in self.engine.position_list(self.exchange, account)]
 
     # --- streams ---------------------------------------------------------------------------
 

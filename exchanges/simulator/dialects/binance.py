@@ -140,73 +140,29 @@ class BinanceDialect(Dialect):
     def register(self, app: web.Application) -> None:
         r = app.router
         spot, fut = MarketType.SPOT, MarketType.FUTURES
-        for prefix, mt, w in (("/api/v3", spot, {}), ("/fapi/v1", fut, {"futures": True})):
-            f = bool(w)
-            r.add_get(f"{prefix}/ping", self.route(self.ping, None, market_type=mt))
-            r.add_get(f"{prefix}/time", self.route(self.server_time, None, market_type=mt))
-            r.add_get(
-                f"{prefix}/exchangeInfo",
-                self.route(self.exchange_info, "load_markets", market_type=mt, weight=1 if f else 20),
-            )
-            r.add_get(
-                f"{prefix}/ticker/price",
-                self.route(
-                    self.ticker_price,
-                    "fetch_last_prices",
-                    market_type=mt,
-                    weight=1 if f else 2,
-                    extra={"weight_all": 2 if f else 4},
-                ),
-            )
-            r.add_get(
-                f"{prefix}/ticker/24hr",
-                self.route(
-                    self.ticker_24hr,
-                    "fetch_last_prices",
-                    market_type=mt,
-                    weight=1 if f else 2,
-                    extra={"weight_all": 40 if f else 80},
-                ),
-            )
-            r.add_get(
-                f"{prefix}/ticker/bookTicker",
-                self.route(
-                    self.book_ticker, "fetch_last_prices", market_type=mt, weight=2, extra={"weight_all": 5 if f else 4}
-                ),
-            )
-            r.add_post(
-                f"{prefix}/order",
-                self.route(
-                    self.order_create,
-                    "create_order",
-                    market_type=mt,
-                    auth="signed",
-                    weight=0 if f else 1,
-                    extra={"orders": True},
-                ),
-            )
-            r.add_delete(
-                f"{prefix}/order", self.route(self.order_cancel, "cancel_order", market_type=mt, auth="signed")
-            )
-            r.add_get(
-                f"{prefix}/order",
-                self.route(self.order_get, "fetch_order", market_type=mt, auth="signed", weight=1 if f else 4),
-            )
-            r.add_get(
-                f"{prefix}/openOrders",
-                self.route(
-                    self.open_orders,
-                    "fetch_open_orders",
-                    market_type=mt,
-                    auth="signed",
-                    weight=1 if f else 6,
-                    extra={"weight_all": 40 if f else 80},
-                ),
-            )
-            r.add_get(
-                f"{prefix}/allOrders",
-                self.route(self.all_orders, "fetch_order", market_type=mt, auth="signed", weight=5 if f else 20),
-            )
+        # Served on both /api/v3 (spot) and /fapi/v1 (USDⓈ-M): method, path, handler, fault endpoint, signed,
+        # request weight (spot, USDⓈ-M), and the weight without a symbol (all symbols) where it differs.
+        shared = (
+            ("GET", "ping", self.ping, None, False, (1, 1), None),
+            ("GET", "time", self.server_time, None, False, (1, 1), None),
+            ("GET", "exchangeInfo", self.exchange_info, "load_markets", False, (20, 1), None),
+            ("GET", "ticker/price", self.ticker_price, "fetch_last_prices", False, (2, 1), (4, 2)),
+            ("GET", "ticker/24hr", self.ticker_24hr, "fetch_last_prices", False, (2, 1), (80, 40)),
+            ("GET", "ticker/bookTicker", self.book_ticker, "fetch_last_prices", False, (2, 2), (4, 5)),
+            ("POST", "order", self.order_create, "create_order", True, (1, 0), None),
+            ("DELETE", "order", self.order_cancel, "cancel_order", True, (1, 1), None),
+            ("GET", "order", self.order_get, "fetch_order", True, (4, 1), None),
+            ("GET", "openOrders", self.open_orders, "fetch_open_orders", True, (6, 1), (80, 40)),
+            ("GET", "allOrders", self.all_orders, "fetch_order", True, (20, 5), None),
+        )
+        for prefix, mt, i in (("/api/v3", spot, 0), ("/fapi/v1", fut, 1)):
+            for method, path, fn, endpoint, signed, weight, weight_all in shared:
+                extra: dict[str, Any] = {"orders": True} if (method, path) == ("POST", "order") else {}
+                if weight_all:
+                    extra["weight_all"] = weight_all[i]
+                auth = "signed" if signed else "none"
+                handler = self.route(fn, endpoint, market_type=mt, auth=auth, weight=weight[i], extra=extra)
+                r.add_route(method, f"{prefix}/{path}", handler)
         sg = {"auth": "signed"}
         r.add_get("/api/v3/account", self.route(self.account, "fetch_balance", market_type=spot, weight=20, **sg))
         r.add_get("/api/v3/myTrades", self.route(self.my_trades, "fetch_order", market_type=spot, weight=20, **sg))
@@ -444,8 +400,7 @@ class BinanceDialect(Dialect):
         }
 
     async def currencies(self, call: Call) -> Any:
-        rules = await db_call(self.engine.market_list, self.exchange, MarketType.SPOT)
-        coins = sorted({c for rule in rules for c in (rule.base, rule.quote)})
+        coins = await self.listed_coins()
         network = {
             "network": "SIM",
             "coin": "",
@@ -640,13 +595,10 @@ class BinanceDialect(Dialect):
 
     def _positions(self, account: str, *, all_symbols: bool) -> list[dict[str, Any]]:
         """USDⓈ-M positionRisk rows: the engine's positions marked at the last price (v2: every symbol)."""
-        held = {p.symbol: p for p in self.engine.position_list(self.exchange, account)}
-        prices = self.engine.prices_last(self.exchange, MarketType.FUTURES, None if all_symbols else list(held))
+        symbols = None if all_symbols else self.held_symbols(account)
         rows = []
-        for symbol, mark in prices.items():
-            position = held.get(symbol)
-            qty = position.quantity if position else Decimal(0)
-            entry = position.entry_price if position else Decimal(0)
+        for position in self.marked_positions(account, symbols):
+            symbol, qty, entry, mark = position.symbol, position.quantity, position.entry_price, position.mark_price
             sid = _symbol_id(symbol)
             leverage = self.leverage.get((account, sid), 20)
             rows.append(
@@ -656,7 +608,7 @@ class BinanceDialect(Dialect):
                     "entryPrice": _s(entry),
                     "breakEvenPrice": _s(entry),
                     "markPrice": _s(mark),
-                    "unRealizedProfit": _s(qty * (mark - entry)) if qty else "0",
+                    "unRealizedProfit": _s(position.unrealized) if qty else "0",
                     "liquidationPrice": "0",
                     "leverage": str(leverage),
                     "maxNotionalValue": "1000000",

@@ -362,8 +362,7 @@ class BybitDialect(Dialect):
         }
 
     async def coin_info(self, call: Call) -> Any:
-        rules = await db_call(self.engine.market_list, self.exchange, MarketType.SPOT)
-        coins = sorted({c for rule in rules for c in (rule.base, rule.quote)})
+        coins = await self.listed_coins()
         chain = {
             "chainType": "SIM",
             "confirmation": "1",
@@ -437,14 +436,14 @@ class BybitDialect(Dialect):
             raise BybitError(10001, "params error: category only support linear or option")
 
         def listing() -> list[dict[str, Any]]:
-            held = {p.symbol: p for p in self.engine.position_list(self.exchange, call.account)}
-            wanted = [self._engine_symbol(params["symbol"], MarketType.FUTURES)] if params.get("symbol") else list(held)
-            marks = self.engine.prices_last(self.exchange, MarketType.FUTURES, wanted)
+            wanted = (
+                [self._engine_symbol(params["symbol"], MarketType.FUTURES)]
+                if params.get("symbol")
+                else self.held_symbols(call.account)
+            )
             rows = []
-            for symbol, mark in marks.items():
-                held_row = held.get(symbol)
-                qty = held_row.quantity if held_row else Decimal(0)
-                entry = held_row.entry_price if held_row else Decimal(0)
+            for position in self.marked_positions(call.account, wanted):
+                symbol, qty, entry, mark = position.symbol, position.quantity, position.entry_price, position.mark_price
                 sid = symbol.replace("/", "")
                 leverage = self.leverage.get((call.account, sid), str(LEVERAGE_DEFAULT))
                 rows.append(
@@ -472,7 +471,7 @@ class BybitDialect(Dialect):
                         "takeProfit": "0",
                         "stopLoss": "0",
                         "trailingStop": "0",
-                        "unrealisedPnl": _s(qty * (mark - entry)),
+                        "unrealisedPnl": _s(position.unrealized),
                         "curRealisedPnl": "0",
                         "cumRealisedPnl": "0",
                         "seq": 0,
