@@ -100,22 +100,24 @@ def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
             sign = hmac.new(API_SECRET.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
             await ws.send(json.dumps({"op": "auth", "args": [API_KEY, expires, sign]}))
             auth = json.loads(await ws.recv())
-            await ws.send(json.dumps({"op": "subscribe", "args": ["order"]}))
+            await ws.send(json.dumps({"op": "subscribe", "args": ["order", "execution"]}))
             subscribed = json.loads(await ws.recv())
             await ws.send(json.dumps({"op": "ping"}))
             pong = json.loads(await ws.recv())
             await asyncio.to_thread(
                 _place, "BYBIT", "ETH/USDT", MarketType.SPOT, Side.BUY, OrderType.MARKET, "0.1", "ws-2"
             )
-            pushes = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+            pushes = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
             return auth, subscribed, pong, pushes
 
     auth, subscribed, pong, pushes = asyncio.run(run())
     assert auth["success"] is True and subscribed["success"] is True and pong["op"] == "pong"
-    assert [p["topic"] for p in pushes] == ["order", "order"]
+    assert [p["topic"] for p in pushes] == ["order", "order", "execution"]
     assert {p["data"][0]["orderLinkId"] for p in pushes} == {"ws-2"}
-    # Every state in order: New, then Filled (a market order fills at once, still reported New first).
-    assert [p["data"][0]["orderStatus"] for p in pushes] == ["New", "Filled"]
+    # Every state in order: New, then Filled (a market order fills at once, still reported New first),
+    # then the fill itself on the execution topic.
+    assert [p["data"][0].get("orderStatus") for p in pushes[:2]] == ["New", "Filled"]
+    assert (pushes[2]["data"][0]["execQty"], pushes[2]["data"][0]["execType"]) == ("0.1", "Trade")
 
 
 def test_bybit_private_stream_rejects_bad_auth(sim_urls):
