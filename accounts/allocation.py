@@ -6,7 +6,8 @@ from collections.abc import Hashable, Mapping
 from decimal import ROUND_DOWN, Decimal
 from typing import TypeVar
 
-ZERO = Decimal("0")
+from core.money import ZERO
+
 MIN_CHANGE = Decimal("10")  # quote currency
 MIN_CHANGE_RATIO = Decimal("0.001")  # 0.1 %, strictly exceeded
 PART_QUANTUM = Decimal("1e-8")

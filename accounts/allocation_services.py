@@ -14,15 +14,16 @@ from django.utils import timezone
 
 from accounts.allocation import allocate, should_rebalance
 from accounts.models import Account, CapitalSnapshot, StrategyAccount, StrategyCapital
+from core.counters import counter_add
+from core.money import ZERO
+from core.scrub import scrub
 from exchanges.gateway import GatewayError, MarketType
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
 from orders.models import Fill
 from positions.models import Position
-from scheduler.scrub import scrub
 
 logger = logging.getLogger(__name__)
 
-ZERO = Decimal("0")
 FALLBACK_MAX_AGE = timedelta(hours=24)
 # Fills carry the exchange's execution time and may be recorded minutes later (REST catch-up
 # after a dropped stream). Compounding stops this far before now so a late fill still lands
@@ -84,7 +85,6 @@ def capital_pairs_active() -> list[tuple[Account, str]]:
 def capital_total_read(*, account: Account, market_type: str) -> Decimal:
     """One balance call: spot free + used of the quote currency; futures the wallet balance of the
     quote currency (Balance.total, which leaves unrealized PnL out). Gateway errors propagate."""
-    from scheduler.services import counter_add
 
     counter_add(name="exchange_calls", labels=f"exchange={account.exchange}")
     balance = gateway_for(account).fetch_balance(MarketType(market_type))

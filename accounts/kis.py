@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import requests
 
-from scheduler.scrub import scrub, secret_register
+from core.scrub import scrub, secret_register
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-from accounts.fields import EncryptedTextField
+from core.fields import EncryptedTextField
 
 
 def money(**kwargs) -> models.DecimalField:  # noqa: ANN003

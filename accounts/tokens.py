@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts.kis import KisAuthError, KisError, KisThrottledError, kis_base_url, token_issue
 from accounts.models import Account, Exchange, SecuritiesToken
-from scheduler.scrub import scrub
+from core.scrub import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ from typing import Any
 
 from django.db.models import Count, Sum
 
+from core.models import MetricCounter
 from drill.chaos import ChaosEvent, Transition
 from exchanges.models import SimFault, SimOrder, SimPosition
 from orders.fills import position_matches_fills
 from orders.invariants import live_order_mismatches, order_invariant_problems
 from orders.models import OpenOrder, OrderEvent, PendingOrder
 from positions.models import Position
-from scheduler.models import JobRun, MetricCounter
+from scheduler.models import JobRun
 
 SIM_OPEN = ("NEW", "PARTIALLY_FILLED")
 ONE_SECOND_JOBS = ("scheduler_probe", "rebalance_order_queue")

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import ccxt
 from django.conf import settings
 
+from core.money import ZERO
+from core.scrub import scrub, secret_register
 from exchanges import gateway as gw
 from exchanges.gateway import (
     AssetBalance,
@@ -31,12 +33,10 @@ from exchanges.gateway import (
     call_policy,
     call_policy_current,
 )
-from scheduler.scrub import scrub, secret_register
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ZERO = Decimal("0")
 
 # --- Error mapping (SPEC §5) --------------------------------------------------------------
 

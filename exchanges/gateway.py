@@ -11,7 +11,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-ZERO = Decimal("0")
+from core.money import ZERO
 
 
 class MarketType(StrEnum):

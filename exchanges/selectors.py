@@ -12,6 +12,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from accounts.models import Account, StrategyAccount
+from core.counters import counter_add
 from exchanges.gateway import MarketRule, MarketType
 from exchanges.models import MarketInfo, PriceQuote
 from positions.models import Position
@@ -100,7 +101,6 @@ def quote_get(*, exchange: str, market_type: str, symbol: str) -> Quote | None:
 def _fresh_price(
     *, exchange: str, market_type: str, symbol: str, now: datetime, max_age: int, use: str
 ) -> Decimal | None:
-    from scheduler.services import counter_add
 
     quote = quote_get(exchange=exchange, market_type=market_type, symbol=symbol)
     if quote is None:

@@ -15,6 +15,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from core.counters import counter_add
 from exchanges.ccxt_gateway import ccxt_gateway_factory
 from exchanges.gateway import ExchangeGateway, MarketRule, MarketType
 from exchanges.models import MarketInfo, PriceQuote
@@ -80,13 +81,11 @@ def gateway_for(account_like: Any) -> ExchangeGateway:
 
 
 def _count_call(exchange: str) -> None:
-    from scheduler.services import counter_add
 
     counter_add(name="exchange_calls", labels=f"exchange={exchange}")
 
 
 def exchange_error_count(*, exchange: str) -> None:
-    from scheduler.services import counter_add
 
     counter_add(name="exchange_errors", labels=f"exchange={exchange}")
 

@@ -10,8 +10,12 @@ class NotificationsConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
-        from scheduler.scrub import secret_register
+        from core.alerts import alert_handler_set
+        from core.scrub import secret_register
+        from notifications.services import alert_raise
 
         # Every process (web, scheduler, commands) scrubs the global bot token; per-user tokens
         # are registered when EncryptedTextField decrypts them.
         secret_register(settings.TELEGRAM_BOT_TOKEN)
+        # Alerts raised below this layer (the scheduler's job wrapper and watchdog) go through the outbox.
+        alert_handler_set(alert_raise)

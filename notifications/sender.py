@@ -42,6 +42,7 @@ from typing import Any
 from django.db import DatabaseError, close_old_connections, connection
 from django.utils import timezone
 
+from core.scrub import scrub
 from notifications.models import OutboxMessage
 from notifications.selectors import outbox_chat_heads, outbox_last_sent_at
 from notifications.services import (
@@ -60,7 +61,6 @@ from notifications.telegram import (
     TelegramTemporaryError,
     send_message,
 )
-from scheduler.scrub import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from core.runtime import HOST
+from core.scrub import scrub
 from notifications.formatting import text_split
 from notifications.models import AlertThrottle, OutboxMessage, TelegramProfile
-from scheduler.scrub import scrub
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,6 @@ def alert_raise(*, key: str, text: str) -> bool:
 
 def leader_announce(*, host: Any) -> list[OutboxMessage]:
     """Leader hook (SPEC §2.2): queue "scheduler leader on <host> (term N)" once per term."""
-    from scheduler.runs import HOST
 
     term = host.term
     if term is None:

@@ -32,6 +32,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.models import Account, Strategy
+from core.money import ZERO
 from notifications.models import SummarySent
 from notifications.services import outbox_enqueue, outbox_target
 from orders.models import Fill, OpenOrder, PendingOrder
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 JOB_ID = "send_daily_summary"
 SEND_AT = time(21, 3)  # the job's cron time (KST); the catch-up runs only after it, the same day
-ZERO = Decimal(0)
 HUNDRED = Decimal(100)
 CENT = Decimal("0.01")
 TENTH = Decimal("0.1")

@@ -8,7 +8,7 @@ from typing import Any
 import requests
 from django.conf import settings
 
-from scheduler.scrub import REDACTED, scrub, secret_register
+from core.scrub import REDACTED, scrub, secret_register
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 
+from core.money import ZERO, quantize
 from exchanges.gateway import OrderState, OrderStatus
 from exchanges.models import MarketInfo
 from notifications.services import alert_raise
@@ -20,13 +21,6 @@ from positions.arithmetic import PositionState, apply_fill, fill_increment
 from positions.models import Position
 
 logger = logging.getLogger(__name__)
-
-ZERO = Decimal("0")
-QUANTUM = Decimal("1e-12")  # the money columns' decimal places: what is stored is what was computed
-
-
-def _q(value: Decimal) -> Decimal:
-    return value.quantize(QUANTUM, rounding=ROUND_HALF_UP)
 
 
 @dataclass(frozen=True)
@@ -74,7 +68,7 @@ def fill_apply(*, order: OpenOrder, state: OrderState, source: str, now: datetim
             return ZERO
         fee_delta = max(state.fee - trade.fees, ZERO) if state.fee_currency == trade.fee_currency else state.fee
         signed = increment.delta if state.side == "BUY" else -increment.delta
-        price = _q(increment.price)
+        price = quantize(increment.price)
         try:
             # Savepoint: a duplicate (cum_filled_after) is a no-op, not a broken transaction.
             with transaction.atomic():
@@ -102,7 +96,7 @@ def fill_apply(*, order: OpenOrder, state: OrderState, source: str, now: datetim
             now=now,
         )
         trade.cumulative_filled = state.filled_quantity
-        trade.average_price = _q(state.average_price or price)
+        trade.average_price = quantize(state.average_price or price)
         trade.fees = state.fee
         trade.fee_currency = state.fee_currency
         trade.realized_pnl = trade.realized_pnl + applied.realized_pnl
@@ -195,11 +189,11 @@ def position_apply_fill(
     effect = apply_fill(
         PositionState(position.quantity, position.average_entry), side=side, quantity=quantity, price=fill.price
     )
-    realized = _q(effect.realized_pnl)
+    realized = quantize(effect.realized_pnl)
     fill.realized_pnl = realized
     fill.save(update_fields=["realized_pnl"])
     position.quantity = effect.position.quantity
-    position.average_entry = _q(effect.position.average_entry)
+    position.average_entry = quantize(effect.position.average_entry)
     position.realized_pnl += realized
 
     adjustment = ZERO

@@ -20,6 +20,9 @@ from django.conf import settings
 from django.db import transaction
 
 from accounts.models import Account
+from core.counters import counter_add
+from core.models import MetricCounter
+from core.scrub import scrub
 from exchanges.gateway import (
     DuplicateClientId,
     ExchangeError,
@@ -48,9 +51,6 @@ from orders.ranking import Bucket, PairPlan, QueueEntry, Slot, bucket_for, plan_
 from orders.reconcile import order_state_apply, order_trigger_record
 from orders.selectors import DirtyMark, Pair, PairRows
 from orders.services import client_order_id_for, order_event_add, pair_lock, queue_mark_dirty, queue_mark_dirty_by
-from scheduler.models import MetricCounter
-from scheduler.scrub import scrub
-from scheduler.services import counter_add
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,6 @@ Errors = dict[str, list[str]]
 
 LIMIT_PRICED = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
 STOP_TYPES = frozenset({OrderType.STOP_LIMIT, OrderType.STOP_MARKET})
-# Largest value a money column (28 digits, 12 decimals) holds.
-COLUMN_LIMIT = Decimal(10) ** 16
 
 
 class OrderRejectedError(Exception):

@@ -19,9 +19,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orders.apis import PositiveDecimalField, SymbolField, errors_response, fields_parse
+from core.api import PositiveDecimalField, SymbolField, errors_response, fields_parse
+from core.money import COLUMN_LIMIT
 from orders.models import Side
-from orders.validation import COLUMN_LIMIT
 from orders.webhook import (
     WEBHOOK_ORDER_TYPES,
     WebhookRejectedError,

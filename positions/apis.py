@@ -7,7 +7,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from orders.apis import (
+from core.api import (
     PAGINATION_PARAMETERS,
     ErrorsSerializer,
     PlainDecimalField,

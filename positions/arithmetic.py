@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-ZERO = Decimal("0")
+from core.money import ZERO
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-ZERO = Decimal("0")
+from core.money import ZERO
+
 HUNDRED = Decimal("100")
 DAYS_PER_YEAR = Decimal("365")
 SQRT_YEAR = DAYS_PER_YEAR.sqrt()

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -15,6 +15,7 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from accounts.models import Strategy, StrategyCapital
+from core.money import ZERO, quantize
 from exchanges.selectors import price_for_valuation
 from orders.models import Fill
 from positions.arithmetic import unrealized_pnl
@@ -31,9 +32,6 @@ from positions.performance import (
 )
 
 logger = logging.getLogger(__name__)
-
-ZERO = Decimal("0")
-QUANTUM = Decimal("1e-12")
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ def positions_unrealized_update(*, now: datetime) -> UnrealizedReport:
             skipped.append(":".join(key))
             continue
         value = unrealized_pnl(quantity=position.quantity, average_entry=position.average_entry, last_price=last)
-        position.unrealized_pnl = value.quantize(QUANTUM, rounding=ROUND_HALF_UP)
+        position.unrealized_pnl = quantize(value)
         position.unrealized_updated_at = now
         changed.append(position)
         valued += 1

@@ -14,7 +14,8 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django_apscheduler.models import DjangoJob
 
-from scheduler.models import JobCommand, JobControl, JobRun, Leadership, MetricCounter, SchedulerInstance
+from core.models import MetricCounter
+from scheduler.models import JobCommand, JobControl, JobRun, Leadership, SchedulerInstance
 from scheduler.registry import JobSpec, registry_specs_lenient
 from scheduler.selectors import DISABLED_REASON, scheduler_leader
 from scheduler.services import jobcommand_request

@@ -10,7 +10,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django_apscheduler.models import DjangoJobExecution
 
-from scheduler.models import JobCommand, JobRun, MetricCounter, SchedulerInstance
+from core.models import MetricCounter
+from scheduler.models import JobCommand, JobRun, SchedulerInstance
 from scheduler.runs import JobResult, scheduler_job
 
 PRUNE_BATCH = 500

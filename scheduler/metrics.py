@@ -19,7 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from scheduler.models import JobRun, Leadership, MetricCounter, SchedulerInstance
+from core.models import MetricCounter
+from scheduler.models import JobRun, Leadership, SchedulerInstance
 from scheduler.selectors import STANDBY_HEARTBEAT_MAX_AGE, scheduler_running
 
 logger = logging.getLogger(__name__)

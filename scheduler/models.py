@@ -1,4 +1,4 @@
-"""Scheduler state: leadership term, instances, job runs, pause control, commands, counters."""
+"""Scheduler state: leadership term, instances, job runs, pause control, commands."""
 
 from __future__ import annotations
 
@@ -135,20 +135,3 @@ class JobCommand(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.job_id} ({self.status})"
-
-
-class MetricCounter(models.Model):
-    """Per-minute counters written by scheduler processes and summed by /metrics."""
-
-    minute = models.DateTimeField()
-    name = models.CharField(max_length=64)
-    labels = models.CharField(max_length=200, blank=True, default="")
-    value = models.BigIntegerField(default=0)
-
-    class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["minute", "name", "labels"], name="metriccounter_unique"),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.name}{{{self.labels}}} @ {self.minute}: {self.value}"

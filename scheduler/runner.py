@@ -21,12 +21,13 @@ from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 from django_apscheduler.models import DjangoJob
 
+from core.alerts import alert_raise
+from core.runtime import HOST
 from scheduler.executor import SafeDjangoJobStore, ScheduledTimeExecutor
 from scheduler.leadership import LeaderLock, leader_lock_for_database
 from scheduler.models import SchedulerInstance
 from scheduler.reconcile import reconcile
 from scheduler.registry import JobSpec
-from scheduler.runs import HOST
 from scheduler.services import instance_heartbeat, jobrun_close_abandoned, leadership_begin_term
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,6 @@ class SchedulerHost:
         self._restart_scheduler(problem)
 
     def _restart_scheduler(self, problem: str) -> None:
-        from notifications.services import alert_raise
 
         now = timezone.now()
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW:

@@ -6,7 +6,6 @@ import contextvars
 import functools
 import logging
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -18,13 +17,14 @@ from django.db import close_old_connections as _close_old_connections
 from django.db import connection
 from django.utils import timezone
 
+from core.alerts import alert_raise
+from core.counters import counter_add
+from core.runtime import HOST
+from core.scrub import scrub
 from scheduler.locks import JobLock
 from scheduler.models import JobRun, Leadership
-from scheduler.scrub import scrub
 
 logger = logging.getLogger(__name__)
-
-HOST = socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,6 @@ def _budget(job_id: str) -> float:
 
 
 def run_wrapped(job_id: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    from notifications.services import alert_raise
-    from scheduler.services import counter_add
 
     started_at = timezone.now()
     ctx = current_run.get() or RunContext(scheduled_at=started_at, kind=JobRun.Kind.MANUAL, lock_timeout=60.0)

@@ -1,28 +1,16 @@
-"""Scheduler services: leadership terms, heartbeats, counters, pause control, commands."""
+"""Scheduler services: leadership terms, heartbeats, pause control, commands."""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from scheduler.models import JobCommand, JobControl, JobRun, Leadership, SchedulerInstance
 
 logger = logging.getLogger(__name__)
-
-
-def counter_add(*, name: str, labels: str = "", value: int = 1, now: datetime | None = None) -> None:
-    """Add `value` to this minute's counter row (one upsert statement; safe from any process)."""
-    minute = (now or timezone.now()).replace(second=0, microsecond=0)
-    adapt = connection.ops.adapt_datetimefield_value
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO scheduler_metriccounter (minute, name, labels, value) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (minute, name, labels) DO UPDATE SET value = scheduler_metriccounter.value + %s",
-            [adapt(minute), name, labels, value, value],
-        )
 
 
 def leadership_begin_term(*, instance_id: str, host: str, pid: int, backend_pid: int | None) -> int:

@@ -52,12 +52,15 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "channels",
     "django_apscheduler",
-    "scheduler",
+    # Domain apps in layer order, bottom to top (README "Where things are"): a lower layer never
+    # imports a higher one (tests/test_layers.py).
+    "core",
     "notifications",
+    "scheduler",
     "exchanges",
     "accounts",
-    "orders",
     "positions",
+    "orders",
 ]
 
 MIDDLEWARE = [
@@ -221,7 +224,7 @@ LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"scrub": {"()": "scheduler.scrub.ScrubFilter"}},
+    "filters": {"scrub": {"()": "core.scrub.ScrubFilter"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(process)d %(threadName)s %(name)s: %(message)s"},
     },

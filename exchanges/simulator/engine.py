@@ -70,7 +70,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from enum import StrEnum
 from typing import cast
 
@@ -79,6 +79,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from core.money import ZERO, quantize
 from exchanges.gateway import (
     AssetBalance,
     Balance,
@@ -105,9 +106,7 @@ from exchanges.simulator.catalog import DEFAULT_BALANCES, CatalogMarket, catalog
 
 logger = logging.getLogger(__name__)
 
-ZERO = Decimal("0")
 ONE = Decimal("1")
-QUANTUM = Decimal("1e-12")  # the Sim* tables' decimal places
 MATCH_INTERVAL = timedelta(seconds=1)
 FUTURES_MARGIN_RATE = Decimal("0.1")  # 10x: margin reserved per unit of notional on open futures orders
 OPEN = (OrderStatus.NEW.value, OrderStatus.PARTIALLY_FILLED.value)
@@ -200,10 +199,6 @@ class PositionRecord:
     entry_price: Decimal
 
 
-def _q(value: Decimal) -> Decimal:
-    return value.quantize(QUANTUM, rounding=ROUND_HALF_UP)
-
-
 def _noise(symbol: str, seed: int, period: int, bucket: int) -> Decimal:
     digest = hashlib.sha256(f"{seed}:{symbol}:{period}:{bucket}".encode()).digest()
     return Decimal(int.from_bytes(digest[:8], "big")) / Decimal(2**63) - ONE  # [-1, 1)
@@ -254,7 +249,7 @@ def _state_of(order: SimOrder) -> OrderState:
         status=OrderStatus(order.status),
         quantity=order.quantity,
         filled_quantity=filled,
-        average_price=_q(order.cost / filled) if filled else None,
+        average_price=quantize(order.cost / filled) if filled else None,
         price=order.price,
         stop_price=order.stop_price,
         fee=order.fee,
@@ -482,8 +477,8 @@ class SimEngine:
 
     def _move(self, order: SimOrder, currency: str, *, free: Decimal = ZERO, used: Decimal = ZERO) -> None:
         row = self._balance_row(order.exchange, order.account, order.market_type, currency)
-        row.free = _q(row.free + free)
-        row.used = _q(row.used + used)
+        row.free = quantize(row.free + free)
+        row.used = quantize(row.used + used)
         row.save(update_fields=["free", "used"])
 
     # --- orders ------------------------------------------------------------------------
@@ -500,9 +495,9 @@ class SimEngine:
         if order.market_type == MarketType.FUTURES:
             if order.reduce_only:
                 return market.quote, ZERO
-            return market.quote, _q(remaining * ref_price * (FUTURES_MARGIN_RATE + row.taker_fee_rate))
+            return market.quote, quantize(remaining * ref_price * (FUTURES_MARGIN_RATE + row.taker_fee_rate))
         if order.side == Side.BUY:
-            return market.quote, _q(remaining * ref_price * (ONE + row.taker_fee_rate))
+            return market.quote, quantize(remaining * ref_price * (ONE + row.taker_fee_rate))
         return market.base, remaining
 
     def _reserve(self, row: SimExchange, market: CatalogMarket, order: SimOrder, ref_price: Decimal) -> None:
@@ -519,15 +514,15 @@ class SimEngine:
                 code="-2019" if order.market_type == MarketType.FUTURES else "-2010",
                 exchange=row.exchange,
             )
-        balance.free = _q(balance.free - amount)
-        balance.used = _q(balance.used + amount)
+        balance.free = quantize(balance.free - amount)
+        balance.used = quantize(balance.used + amount)
         balance.save(update_fields=["free", "used"])
         order.reserved, order.reserved_currency = amount, currency
 
     def _release(self, order: SimOrder, amount: Decimal) -> None:
         if amount > 0:
             self._move(order, order.reserved_currency, free=amount, used=-amount)
-            order.reserved = _q(order.reserved - amount)
+            order.reserved = quantize(order.reserved - amount)
 
     def _fill(
         self,
@@ -545,9 +540,9 @@ class SimEngine:
         if qty <= 0:
             return
         rate = row.maker_fee_rate if maker else row.taker_fee_rate
-        notional = _q(qty * price)
-        fee = _q(notional * rate)
-        self._release(order, order.reserved if qty == remaining else _q(order.reserved * qty / remaining))
+        notional = quantize(qty * price)
+        fee = quantize(notional * rate)
+        self._release(order, order.reserved if qty == remaining else quantize(order.reserved * qty / remaining))
         if order.market_type == MarketType.FUTURES:
             realized = self._position_apply(order, market, qty, price)
             self._move(order, market.quote, free=realized - fee)
@@ -557,9 +552,9 @@ class SimEngine:
         else:
             self._move(order, market.base, free=-qty)
             self._move(order, market.quote, free=notional - fee)
-        order.filled_quantity = _q(order.filled_quantity + qty)
-        order.cost = _q(order.cost + notional)
-        order.fee = _q(order.fee + fee)
+        order.filled_quantity = quantize(order.filled_quantity + qty)
+        order.cost = quantize(order.cost + notional)
+        order.fee = quantize(order.fee + fee)
         order.fee_currency = market.quote
         order.status = (
             OrderStatus.FILLED.value if order.filled_quantity >= order.quantity else OrderStatus.PARTIALLY_FILLED.value
@@ -582,15 +577,15 @@ class SimEngine:
             q1, p1 = t, price
         elif (q0 > 0) == (t > 0):
             q1 = q0 + t
-            p1 = _q((abs(q0) * p0 + abs(t) * price) / (abs(q0) + abs(t)))
+            p1 = quantize((abs(q0) * p0 + abs(t) * price) / (abs(q0) + abs(t)))
         else:
             closed = min(abs(q0), abs(t))
             realized = closed * (price - p0) if q0 > 0 else closed * (p0 - price)
             q1 = q0 + t
             p1 = ZERO if q1 == 0 else (p0 if (q1 > 0) == (q0 > 0) else price)
-        position.quantity, position.entry_price = _q(q1), _q(p1)
+        position.quantity, position.entry_price = quantize(q1), quantize(p1)
         position.save(update_fields=["quantity", "entry_price"])
-        return _q(realized)
+        return quantize(realized)
 
     def _check_rules(self, row: SimExchange, market: CatalogMarket, request: OrderRequest, ref_price: Decimal) -> None:
         """Exchange filters, with Binance-like messages."""
@@ -602,7 +597,7 @@ class SimEngine:
                 raise Rejected(f"Filter failure: PRICE_FILTER ({value})", code="-1013", exchange=row.exchange)
         if qty * ref_price < market.min_notional:
             raise Rejected(
-                f"Filter failure: NOTIONAL ({_q(qty * ref_price).normalize()} < {market.min_notional})",
+                f"Filter failure: NOTIONAL ({quantize(qty * ref_price).normalize()} < {market.min_notional})",
                 code="-1013",
                 exchange=row.exchange,
             )
@@ -943,7 +938,7 @@ class SimEngine:
             for fill in new_fills:
                 filled, cost, fee = filled + fill.quantity, cost + fill.quantity * fill.price, fee + fill.fee
                 status = OrderStatus.FILLED if filled >= order.quantity else OrderStatus.PARTIALLY_FILLED
-                snapshot = _snapshot(order, status, filled, _q(cost), _q(fee), fill.created_at)
+                snapshot = _snapshot(order, status, filled, quantize(cost), quantize(fee), fill.created_at)
                 events.append(OrderEvent("TRADE", snapshot, fill, fill.created_at))
             if order.status not in (*OPEN, OrderStatus.FILLED.value):
                 events.append(OrderEvent(order.status, order, None, order.updated_at))

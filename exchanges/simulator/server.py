@@ -13,18 +13,17 @@ modules' `register` and the README's "Simulated exchange: endpoints served" tabl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from django.db import close_old_connections, connections
+from django.db import close_old_connections
 
+from core.executors import DbExecutor
 from exchanges.gateway import MarketType
 from exchanges.models import SimFault
 from exchanges.simulator.engine import FaultHit, SimEngine, default_engine
@@ -126,39 +125,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LIMITERS = web.AppKey("limiters", tuple)  # the app's rate limiters (Binance, Bybit)
 
 
-class DbExecutor(ThreadPoolExecutor):
-    """db_call's worker threads (the loop's default executor), able to close each one's DB connections."""
-
-    def __init__(self, max_workers: int = 8):
-        super().__init__(max_workers, thread_name_prefix="sim-db")
-        self._used: set[int] = set()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        def tracked() -> Any:
-            self._used.add(threading.get_ident())
-            return fn(*args, **kwargs)
-
-        return super().submit(tracked)
-
-    def close_connections(self, timeout: float = 5.0) -> None:
-        """Run connections.close_all() once in every worker that ever ran a call.
-
-        A barrier holds each worker on its first task until all have one, so every worker
-        (all idle by now) takes exactly one.
-        """
-        parties = len(self._used)
-        if not parties:
-            return
-        barrier = threading.Barrier(parties)
-
-        def close() -> None:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait(timeout)
-            connections.close_all()
-
-        wait([super(DbExecutor, self).submit(close) for _ in range(parties)], timeout=timeout * 2)
-
-
 def build_app(config: ServerConfig, engine: SimEngine | None = None) -> web.Application:
     """The aiohttp application serving both dialects over `engine`."""
     from exchanges.simulator.dialects import binance, bybit
@@ -192,7 +158,7 @@ class ServerThread:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._executor = DbExecutor()
+        self._executor = DbExecutor(8, thread_name_prefix="sim-db")
         self.app: web.Application | None = None
 
     @property
@@ -222,8 +188,7 @@ class ServerThread:
         loop.run_until_complete(self._runner.cleanup())  # type: ignore[union-attr]
         # The worker threads' database connections outlive the threads unless closed by them:
         # close them so a test database can be dropped once the server has stopped.
-        self._executor.close_connections()
-        loop.run_until_complete(loop.shutdown_default_executor())
+        self._executor.close()
         loop.close()
 
     async def _start(self) -> None:

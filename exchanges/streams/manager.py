@@ -15,18 +15,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
 from django.conf import settings
-from django.db import close_old_connections, connections
+from django.db import close_old_connections
 from django.utils import timezone
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from core.executors import DbExecutor
+from core.scrub import scrub, secret_register
 from exchanges.ccxt_gateway import _url_overrides
 from exchanges.models import StreamState
 from exchanges.streams import services
@@ -40,7 +41,6 @@ from exchanges.streams.messages import (
     stream_alive,
 )
 from exchanges.streams.services import StreamAccount
-from scheduler.scrub import scrub, secret_register
 
 logger = logging.getLogger(__name__)
 
@@ -128,46 +128,6 @@ class StreamError(Exception):
 
 def _describe(exc: BaseException) -> str:
     return scrub(f"{type(exc).__name__}: {exc}")[:300]
-
-
-class _DbExecutor(ThreadPoolExecutor):
-    """The manager's worker threads for ORM work; on stop every connection they opened is closed.
-
-    Connections live per thread and outlive an exited worker (keeping, among others, a test
-    database from being dropped). Each call records its thread's connections; once every
-    worker has finished (shutdown waits), they are closed from the stopping thread, with
-    Django's thread-sharing switch that exists for exactly this hand-over.
-    """
-
-    def __init__(self, max_workers: int):
-        super().__init__(max_workers, thread_name_prefix="user-streams-db")
-        self._connections: dict[int, Any] = {}
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        def tracked() -> Any:
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                opened = connections.all(initialized_only=True)
-                with self._lock:
-                    self._connections.update((id(conn), conn) for conn in opened)
-
-        return super().submit(tracked)
-
-    def close(self) -> None:
-        """Wait for the running calls (a cancelled await does not stop its thread), then close every connection."""
-        self.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            opened, self._connections = list(self._connections.values()), {}
-        for conn in opened:
-            conn.inc_thread_sharing()
-            try:
-                conn.close()
-            except Exception as exc:
-                logger.debug("closing a stream worker's connection failed: %s", exc)
-            finally:
-                conn.dec_thread_sharing()
 
 
 class AccountStream:
@@ -567,7 +527,7 @@ class UserStreamManager:
         self.clock = clock or StreamClock()
         self.streams: dict[int, AccountStream] = {}
         self.http: aiohttp.ClientSession
-        self._executor = _DbExecutor(self.config.db_workers)
+        self._executor = DbExecutor(self.config.db_workers, thread_name_prefix="user-streams-db")
         self._thread = threading.Thread(target=self._thread_main, name="user-streams", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()

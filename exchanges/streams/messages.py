@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from core.money import ZERO
 from exchanges.gateway import MarketType, OrderState, OrderStatus, OrderType, Side
 
-ZERO = Decimal("0")
 _QUOTES = ("USDT", "USDC", "BUSD", "FDUSD", "BTC", "ETH")
 
 # --- decisions ---------------------------------------------------------------------------

@@ -13,16 +13,16 @@ from django.db import transaction
 from django.db.models import F, Q
 
 from accounts.models import Account, StrategyAccount
+from core.money import ZERO
+from core.scrub import scrub, secret_register
 from exchanges.gateway import MarketType, OrderState, OrderStatus
 from exchanges.models import StreamState
 from exchanges.streams.messages import StreamUpdate, stream_alive
 from orders.models import Fill, OpenOrder, Trade
 from orders.reconcile import ReconcileReport, order_state_apply, order_trigger_record, orders_reconcile
-from scheduler.scrub import scrub, secret_register
 
 logger = logging.getLogger(__name__)
 
-ZERO = Decimal("0")
 STREAMED_EXCHANGES = ("BINANCE", "BYBIT")
 # Binance spot accounts rely on the REST poll; a Bybit stream carries spot and linear alike.
 STREAMED_MARKETS = {"BINANCE": (MarketType.FUTURES,), "BYBIT": (MarketType.SPOT, MarketType.FUTURES)}

@@ -21,7 +21,6 @@ import time_machine
 from django.contrib.auth import get_user_model
 from django.db import connection
 
-from accounts.fields import decrypt
 from accounts.jobs import securities_token_refresh
 from accounts.kis import (
     REAL_BASE_URL,
@@ -34,6 +33,7 @@ from accounts.kis import (
 )
 from accounts.models import Account, SecuritiesToken
 from accounts.tokens import TokenIssuePendingError, ensure_token
+from core.fields import decrypt
 from notifications.models import AlertThrottle
 from scheduler.models import JobRun
 from scheduler.runs import JobFailedError

@@ -9,13 +9,13 @@ from decimal import Decimal
 import ccxt
 import pytest
 
+from core.scrub import scrub
 from exchanges import ccxt_gateway
 from exchanges import gateway as gw
 from exchanges.ccxt_gateway import _rewrite_urls, map_ccxt_error
 from exchanges.gateway import CallPolicy, MarketType, OrderRequest, OrderStatus, OrderType, Side, call_policy
 from exchanges.models import SimFault, SimOrder
 from exchanges.simulator.engine import default_engine
-from scheduler.scrub import scrub
 from tests.exchanges import ccxt_sim_support
 from tests.exchanges.ccxt_sim_support import API_KEY, API_SECRET
 

@@ -13,6 +13,7 @@ from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
 
 from accounts.models import Account, Strategy, StrategyAccount
+from core.models import MetricCounter
 from exchanges.gateway import MarketType
 from exchanges.jobs import precision_cache_update, symbol_validator_refresh, update_price_cache
 from exchanges.models import MarketInfo, PriceQuote, SimFault
@@ -21,7 +22,7 @@ from exchanges.selectors import price_for_trading, price_for_valuation, price_ta
 from exchanges.services import PublicAccess, UnknownExchangeError, gateway_for
 from exchanges.simulator.catalog import FUTURES_MARKETS, SPOT_MARKETS
 from exchanges.simulator.engine import default_engine
-from scheduler.models import JobRun, MetricCounter
+from scheduler.models import JobRun
 from scheduler.runs import JobFailedError
 
 pytestmark = pytest.mark.django_db

@@ -15,11 +15,11 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
+from core.runtime import HOST
 from notifications.formatting import text_split, tg_len
 from notifications.models import AlertThrottle, OutboxMessage, TelegramProfile
 from notifications.services import alert_raise, leader_announce, outbox_enqueue
 from scheduler import runner
-from scheduler.runs import HOST
 from tests.notifications.conftest import BOT_TOKEN, CHAT_ID, USER_BOT_TOKEN
 
 pytestmark = pytest.mark.django_db

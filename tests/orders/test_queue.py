@@ -12,6 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from core.models import MetricCounter
 from exchanges.gateway import CallPolicy, InsufficientFunds, MarketType, Network, Rejected, call_policy_current
 from exchanges.models import SimFault, SimOrder
 from exchanges.simulator.engine import default_engine
@@ -29,7 +30,7 @@ from orders.queue import (
     queue_work_load,
 )
 from orders.selectors import DirtyMark
-from scheduler.models import JobRun, MetricCounter
+from scheduler.models import JobRun
 from tests.orders.factories import PendingOrderFactory, StrategyAccountFactory, paper_market_info
 from tests.orders.queue_support import (
     T0,

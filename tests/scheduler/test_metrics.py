@@ -11,9 +11,10 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django_apscheduler.models import DjangoJob
 
+from core.models import MetricCounter
 from scheduler import registry
 from scheduler.metrics import parse_labels
-from scheduler.models import JobRun, Leadership, MetricCounter, SchedulerInstance
+from scheduler.models import JobRun, Leadership, SchedulerInstance
 from scheduler.registry import JobSpec, cron, interval
 
 pytestmark = pytest.mark.django_db

@@ -14,11 +14,12 @@ from django.utils import timezone
 from django_apscheduler.jobstores import DjangoJobStore
 from django_apscheduler.models import DjangoJob, DjangoJobExecution
 
+from core.models import MetricCounter
+from core.scrub import ScrubFilter, scrub, secret_register
 from notifications.models import AlertThrottle
 from scheduler.executor import _run_with_scheduled_time
-from scheduler.models import JobRun, Leadership, MetricCounter
+from scheduler.models import JobRun, Leadership
 from scheduler.runs import JobFailedError, JobResult, RunContext, jobrun_claim, run_in_context, scheduler_job
-from scheduler.scrub import ScrubFilter, scrub, secret_register
 from scheduler.services import leadership_begin_term
 
 pytestmark = pytest.mark.django_db

@@ -8,9 +8,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from core.scrub import secret_register
 from exchanges.simulator.engine import default_engine
 from exchanges.simulator.server import RateLimitConfig, ServerConfig, serve_forever
-from scheduler.scrub import secret_register
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 from django_apscheduler.models import DjangoJob
 
+from core.scrub import secret_register_from_settings
 from scheduler.models import SchedulerInstance
 from scheduler.poller import run_manual
 from scheduler.reconcile import job_function, prune_stale
 from scheduler.registry import JobSpec, OverrideError, registry_specs
-from scheduler.scrub import secret_register_from_settings
 
 LEADER_ALIVE = timedelta(seconds=10)
 

@@ -9,7 +9,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
 from django.db import models
 
-from scheduler.scrub import secret_register
+from core.scrub import secret_register
 
 
 @lru_cache(maxsize=4)
