@@ -250,3 +250,24 @@ def test_binance_ws_subscribe_by_listen_key(sim_urls):
     reply, listing, event = asyncio.run(run())
     assert reply == {"result": None, "id": 7} and listing == {"result": [key], "id": 8}
     assert (event["e"], event["o"]["c"], event["o"]["x"]) == ("ORDER_TRADE_UPDATE", "ws-sub", "NEW")
+
+
+def test_bybit_stream_position_and_wallet_after_a_fill(sim_urls):
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            await ws.send(_bybit_auth_frame())
+            await ws.recv()
+            await ws.send(json.dumps({"op": "subscribe", "args": ["position", "wallet"]}))
+            await ws.recv()
+            await asyncio.to_thread(
+                _place, "BYBIT", "SOL/USDT", MarketType.FUTURES, Side.SELL, OrderType.MARKET, "2", "ws-pos"
+            )
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+
+    position, wallet = asyncio.run(run())
+    assert position["topic"] == "position"
+    assert [(p["symbol"], p["side"], p["size"], p["category"]) for p in position["data"]] == [
+        ("SOLUSDT", "Sell", "2", "linear")
+    ]
+    assert wallet["topic"] == "wallet" and wallet["data"][0]["accountType"] == "UNIFIED"
+    assert Decimal(wallet["data"][0]["totalEquity"]) > 0

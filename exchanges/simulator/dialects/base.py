@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from exchanges.gateway import GatewayError, MarketType
 from exchanges.models import SimFault
 from exchanges.simulator.engine import OrderEvent, SimEngine, StreamCursor
 from exchanges.simulator.ratelimit import Charge, RateLimiter, Verdict
-from exchanges.simulator.server import WS_POLL_SECONDS, Faults, ServerConfig, db_call, now_ms
+from exchanges.simulator.server import WS_POLL_SECONDS, Faults, ServerConfig, db_call
 
 logger = logging.getLogger(__name__)
 
@@ -233,14 +233,3 @@ class Dialect:
     @staticmethod
     async def poll_pause() -> None:
         await asyncio.sleep(WS_POLL_SECONDS)
-
-    @staticmethod
-    def now_ms() -> int:
-        return now_ms()
-
-
-async def drain(ws: web.WebSocketResponse) -> None:
-    """Read (and drop) client frames so pings are answered and a close is noticed."""
-    async for message in ws:
-        if message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
-            break

@@ -53,7 +53,20 @@ _TIF = {
 }
 _TIF_TEXT = {TimeInForce.POST_ONLY_EXPIRE: "PostOnly", TimeInForce.POST_ONLY: "PostOnly"}
 LEVERAGE_DEFAULT = 10
-UNLISTED_CATEGORIES = ("inverse", "option")  # real categories the simulator lists nothing in
+UNLISTED_CATEGORIES = ("inverse", "option")
+STREAM_TOPICS = frozenset(
+    {
+        "order",
+        "order.spot",
+        "order.linear",
+        "execution",
+        "execution.spot",
+        "execution.linear",
+        "position",
+        "position.linear",
+        "wallet",
+    }
+)  # real categories the simulator lists nothing in
 
 
 class BybitError(DialectError):
@@ -378,15 +391,16 @@ class BybitDialect(Dialect):
         return {"rows": [{"name": c, "coin": c, "remainAmount": "0", "chains": [chain]} for c in coins]}
 
     async def wallet_balance(self, call: Call) -> Any:
-        # The unified trading account: one engine wallet serves spot and linear (engine.UNIFIED_WALLETS);
-        # coins valued in USD at the last spot price (USDT and USDC at 1), equity with the positions' PnL.
-        def combined() -> tuple[dict[str, tuple[Decimal, Decimal]], dict[str, Decimal]]:
-            wallet = self.engine.balance_get(self.exchange, call.account, MarketType.SPOT)
-            totals = {a.currency: (a.total, a.used) for a in wallet.assets.values()}
-            prices = self.engine.prices_last(self.exchange, MarketType.SPOT, [f"{c}/USDT" for c in totals])
-            return totals, {s.split("/")[0]: p for s, p in prices.items()}
+        return {"list": [await db_call(self._wallet_view, call.account)]}
 
-        totals, prices = await db_call(combined)
+    def _wallet_view(self, account: str) -> dict[str, Any]:
+        """The unified trading account: one engine wallet serves spot and linear (engine.UNIFIED_WALLETS);
+        coins valued in USD at the last spot price (USDT and USDC at 1); equity adds the positions' PnL."""
+        wallet = self.engine.balance_get(self.exchange, account, MarketType.SPOT)
+        totals = {a.currency: (a.total, a.used) for a in wallet.assets.values()}
+        marks = self.engine.prices_last(self.exchange, MarketType.SPOT, [f"{c}/USDT" for c in totals])
+        prices = {s.split("/")[0]: p for s, p in marks.items()}
+        unrealized = sum((p.unrealized for p in self.marked_positions(account, self.held_symbols(account))), Decimal(0))
         coins = []
         total_usd = Decimal(0)
         for c, (t, u) in totals.items():
@@ -410,24 +424,20 @@ class BybitDialect(Dialect):
                     "collateralSwitch": True,
                 }
             )
-        total = _s(total_usd)
+        equity = _s(total_usd + unrealized)
         return {
-            "list": [
-                {
-                    "accountType": "UNIFIED",
-                    "totalEquity": total,
-                    "totalWalletBalance": total,
-                    "totalMarginBalance": total,
-                    "totalAvailableBalance": total,
-                    "totalPerpUPL": "0",
-                    "totalInitialMargin": "0",
-                    "totalMaintenanceMargin": "0",
-                    "accountIMRate": "0",
-                    "accountMMRate": "0",
-                    "accountLTV": "0",
-                    "coin": coins,
-                }
-            ]
+            "accountType": "UNIFIED",
+            "totalEquity": equity,
+            "totalWalletBalance": _s(total_usd),
+            "totalMarginBalance": equity,
+            "totalAvailableBalance": _s(total_usd),
+            "totalPerpUPL": _s(unrealized),
+            "totalInitialMargin": "0",
+            "totalMaintenanceMargin": "0",
+            "accountIMRate": "0",
+            "accountMMRate": "0",
+            "accountLTV": "0",
+            "coin": coins,
         }
 
     async def position_list(self, call: Call) -> Any:
@@ -436,53 +446,54 @@ class BybitDialect(Dialect):
             raise BybitError(10001, "params error: category only support linear or option")
 
         def listing() -> list[dict[str, Any]]:
-            wanted = (
-                [self._engine_symbol(params["symbol"], MarketType.FUTURES)]
-                if params.get("symbol")
-                else self.held_symbols(call.account)
-            )
-            rows = []
-            for position in self.marked_positions(call.account, wanted):
-                symbol, qty, entry, mark = position.symbol, position.quantity, position.entry_price, position.mark_price
-                sid = symbol.replace("/", "")
-                leverage = self.leverage.get((call.account, sid), str(LEVERAGE_DEFAULT))
-                rows.append(
-                    {
-                        "positionIdx": 0,
-                        "riskId": 1,
-                        "riskLimitValue": "2000000",
-                        "symbol": sid,
-                        "side": "" if qty == 0 else ("Buy" if qty > 0 else "Sell"),
-                        "size": _s(abs(qty)),
-                        "avgPrice": _s(entry),
-                        "positionValue": _s(abs(qty) * entry),
-                        "tradeMode": 0,
-                        "positionStatus": "Normal",
-                        "autoAddMargin": 0,
-                        "adlRankIndicator": 0,
-                        "leverage": leverage,
-                        "positionBalance": "0",
-                        "markPrice": _s(mark),
-                        "liqPrice": "",
-                        "bustPrice": "",
-                        "positionMM": "0",
-                        "positionIM": _s(abs(qty) * mark / Decimal(leverage)),
-                        "tpslMode": "Full",
-                        "takeProfit": "0",
-                        "stopLoss": "0",
-                        "trailingStop": "0",
-                        "unrealisedPnl": _s(position.unrealized),
-                        "curRealisedPnl": "0",
-                        "cumRealisedPnl": "0",
-                        "seq": 0,
-                        "isReduceOnly": False,
-                        "createdTime": "0",
-                        "updatedTime": str(now_ms()),
-                    }
-                )
-            return rows
+            if params.get("symbol"):
+                return self._position_rows(call.account, [self._engine_symbol(params["symbol"], MarketType.FUTURES)])
+            return self._position_rows(call.account, self.held_symbols(call.account))
 
         return {"category": "linear", "list": await db_call(listing), "nextPageCursor": ""}
+
+    def _position_rows(self, account: str, symbols: list[str]) -> list[dict[str, Any]]:
+        """position/list rows (and the stream's position topic) of the given linear symbols, flat ones included."""
+        rows = []
+        for position in self.marked_positions(account, symbols):
+            symbol, qty, entry, mark = position.symbol, position.quantity, position.entry_price, position.mark_price
+            sid = symbol.replace("/", "")
+            leverage = self.leverage.get((account, sid), str(LEVERAGE_DEFAULT))
+            rows.append(
+                {
+                    "positionIdx": 0,
+                    "riskId": 1,
+                    "riskLimitValue": "2000000",
+                    "symbol": sid,
+                    "side": "" if qty == 0 else ("Buy" if qty > 0 else "Sell"),
+                    "size": _s(abs(qty)),
+                    "avgPrice": _s(entry),
+                    "positionValue": _s(abs(qty) * entry),
+                    "tradeMode": 0,
+                    "positionStatus": "Normal",
+                    "autoAddMargin": 0,
+                    "adlRankIndicator": 0,
+                    "leverage": leverage,
+                    "positionBalance": "0",
+                    "markPrice": _s(mark),
+                    "liqPrice": "",
+                    "bustPrice": "",
+                    "positionMM": "0",
+                    "positionIM": _s(abs(qty) * mark / Decimal(leverage)),
+                    "tpslMode": "Full",
+                    "takeProfit": "0",
+                    "stopLoss": "0",
+                    "trailingStop": "0",
+                    "unrealisedPnl": _s(position.unrealized),
+                    "curRealisedPnl": "0",
+                    "cumRealisedPnl": "0",
+                    "seq": 0,
+                    "isReduceOnly": False,
+                    "createdTime": "0",
+                    "updatedTime": str(now_ms()),
+                }
+            )
+        return rows
 
     async def set_leverage(self, call: Call) -> Any:
         params = call.params
@@ -837,7 +848,7 @@ class BybitDialect(Dialect):
             if fault == SimFault.Kind.WS_SILENT:
                 state["silent"] = True
             topics = state["topics"]
-            if state["silent"] or not topics & {"order", "execution", "order.spot", "order.linear"}:
+            if state["silent"] or not topics & STREAM_TOPICS:
                 continue
             events, state["cursor"] = await self.order_events(account, state["cursor"])
             for topic, data in await db_call(self._pushes, events, topics):
@@ -846,8 +857,9 @@ class BybitDialect(Dialect):
                 )
 
     def _pushes(self, events: list[OrderEvent], topics: set[str]) -> list[tuple[str, list[dict[str, Any]]]]:
-        """One "order" push per state each order went through (Bybit sends each change), and one
-        "execution" push per fill; a spawned order is reported under its conditional's id."""
+        """One "order" push per state each order went through (Bybit sends each change); per fill one
+        "execution" push, then the fill's "position" (linear) and "wallet" as they stand now. A spawned
+        order is reported under its conditional's id."""
         pushes: list[tuple[str, list[dict[str, Any]]]] = []
         for event in events:
             snapshot = event.order
@@ -862,6 +874,13 @@ class BybitDialect(Dialect):
                     untriggered = snapshot.conditional and snapshot.status == OrderStatus.NEW
                     view = self._view(snapshot, category, stop_filter=untriggered, shown=snapshot)
                 pushes.append(("order", [view]))
-            if event.fill is not None and "execution" in topics:
+            if event.fill is None:
+                continue
+            if "execution" in topics or f"execution.{category}" in topics:
                 pushes.append(("execution", [self._execution(event.fill, snapshot, category)]))
+            if category == "linear" and topics & {"position", "position.linear"}:
+                rows = self._position_rows(snapshot.account, [snapshot.symbol])
+                pushes.append(("position", [{**row, "category": "linear"} for row in rows]))
+            if "wallet" in topics:
+                pushes.append(("wallet", [self._wallet_view(snapshot.account)]))
         return pushes
