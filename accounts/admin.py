@@ -16,7 +16,7 @@ from accounts.models import (
     StrategyAccount,
     StrategyCapital,
 )
-from accounts.services import account_credentials_set, strategy_webhook_token_set
+from accounts.services import account_credentials_set, strategy_account_ref, strategy_webhook_token_set
 
 CREDENTIAL_LABELS = {
     "api_key": "API key",
@@ -112,8 +112,14 @@ class AccountAdmin(admin.ModelAdmin):
 class StrategyAccountInline(admin.TabularInline):
     model = StrategyAccount
     extra = 0
-    fields = ("account", "weight", "leverage", "is_active")
+    fields = ("account", "weight", "leverage", "is_active", "webhook_ref")
+    readonly_fields = ("webhook_ref",)
     autocomplete_fields = ("account",)
+
+    @admin.display(description="webhook reference")
+    def webhook_ref(self, obj: StrategyAccount) -> str:
+        """How a webhook 400 names this account to the sender (accounts.services.strategy_account_ref)."""
+        return strategy_account_ref(obj.pk) if obj.pk else "-"
 
 
 class StrategyAdminForm(forms.ModelForm):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
+from core.choices import text_choices
 from core.fields import EncryptedTextField
+from exchanges import gateway
 
 
 def money(**kwargs) -> models.DecimalField:  # noqa: ANN003
@@ -19,9 +21,8 @@ class Exchange(models.TextChoices):
     KIS = "KIS"
 
 
-class MarketType(models.TextChoices):
-    SPOT = "SPOT"
-    FUTURES = "FUTURES"
+# Model choices of the gateway's enum (defined once, in exchanges.gateway): same values and labels.
+MarketType = text_choices(gateway.MarketType)
 
 
 class Account(models.Model):

@@ -7,6 +7,7 @@ import hmac
 import logging
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.auth.hashers import check_password
 from django.contrib.auth.models import User
 from django.db import transaction
@@ -99,6 +100,18 @@ def strategy_webhook_token_check(*, strategy: Strategy, token: str) -> bool:
     if not strategy.webhook_token_hash or not token:
         return False
     return webhook_token_matches(token=token, stored=strategy.webhook_token_hash)
+
+
+def strategy_account_ref(strategy_account_id: int) -> str:
+    """The opaque, stable name of one strategy account in webhook replies ("acct-3f9a1c2d7e").
+
+    A webhook's sender holds a strategy token, not a user login: a 400 names a failing account by
+    this reference (an HMAC of its id under SECRET_KEY), which the operator finds in the admin's
+    strategy page and in the log line of the rejection, while the sender learns no account ids.
+    """
+    key = settings.SECRET_KEY.encode()
+    digest = hmac.new(key, f"strategy-account:{strategy_account_id}".encode(), hashlib.sha256).hexdigest()
+    return f"acct-{digest[:10]}"
 
 
 def strategy_create(

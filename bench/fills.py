@@ -137,8 +137,9 @@ def apply_all(orders: list, states: list[list], now: datetime) -> tuple[int, Dec
 def child(backend: str) -> int:
     """One backend, in this process (the parent set DATABASE_URL): prints its figure lines."""
     django_start({})
-    from orders.fills import position_matches_fills
-    from orders.models import Fill, OpenOrder
+    from orders.models import OpenOrder
+    from positions.fills import position_matches_fills
+    from positions.models import Fill
 
     n_orders = int(os.environ.get("BENCH_FILL_ORDERS", "500"))
     increments = int(os.environ.get("BENCH_FILL_INCREMENTS", "4"))

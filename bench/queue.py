@@ -286,9 +286,9 @@ def per_pair_orm(pairs: list[tuple[int, str, str]]) -> tuple[int, int]:
     from accounts.models import Account
     from orders import selectors
     from orders.models import OpenOrder, PendingOrder
-    from orders.queue import _entries, queue_slots_for
+    from orders.queue import _entries
     from orders.ranking import plan_pair
-    from orders.selectors import OPEN_FIELDS, PENDING_FIELDS, PairRows
+    from orders.selectors import OPEN_FIELDS, PENDING_FIELDS, PairRows, queue_slots_for
 
     now = timezone.now()
     accounts = Account.objects.in_bulk({p[0] for p in pairs})

@@ -18,8 +18,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.money import COLUMN_LIMIT
+from core.text import echo
 
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,12}$")
+# Database ids are 64-bit: a bigger number is refused as a bad parameter before it reaches a query
+# (SQLite raises OverflowError on it).
+ID_MAX = 2**63 - 1
+# The longest message one field's error may carry (a last guard for messages that quote the input).
+MESSAGE_LIMIT = 300
 
 
 class PlainDecimalField(serializers.DecimalField):
@@ -55,9 +61,29 @@ class PositiveDecimalField(serializers.DecimalField):
         value = super().to_internal_value(data)
         if value <= 0:
             self.fail("not_positive")
+        # What a money column can hold; the domain checks refuse from 10^15 up (core.money.INTAKE_LIMIT).
         if value >= COLUMN_LIMIT:
             self.fail("too_large")
         return value
+
+
+class IdField(serializers.IntegerField):
+    """A database id: a whole number from 1 to 2^63 - 1."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", ID_MAX)
+        super().__init__(**kwargs)
+
+
+class BoundedChoiceField(serializers.ChoiceField):
+    """A ChoiceField whose "not a valid choice" message quotes at most ECHO_LIMIT characters of the input."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError:
+            self.fail("invalid_choice", input=echo(data))
 
 
 class SymbolField(serializers.CharField):
@@ -107,7 +133,8 @@ def fields_parse(serializer_class: type[serializers.Serializer], data: Any) -> t
             values[name] = None
         except serializers.ValidationError as exc:
             detail = exc.detail
-            errors[name] = [str(message) for message in (detail if isinstance(detail, list) else [detail])]
+            messages = detail if isinstance(detail, list) else [detail]
+            errors[name] = [echo(message, MESSAGE_LIMIT) for message in messages]
     return values, errors
 
 

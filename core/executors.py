@@ -1,14 +1,16 @@
-"""A thread pool for ORM work driven from an asyncio loop, whose DB connections are closed on stop."""
+"""Thread pools for ORM and exchange work, whose DB connections are closed on stop."""
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from django.db import connections
+from django.db import close_old_connections, connections
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +53,79 @@ class DbExecutor(ThreadPoolExecutor):
                 logger.debug("closing a worker's connection failed: %s", exc)
             finally:
                 conn.dec_thread_sharing()
+
+
+class KeyedPool:
+    """A bounded pool of worker threads that runs at most one task per key at a time.
+
+    `submit` refuses (returns None) while a task of the same key is in flight, so work on one key
+    is serialized without a lock held over its I/O. Each task runs in a copy of the submitter's
+    contextvars (call policies, the current job run) with `close_old_connections` around it, on
+    a DbExecutor whose connections `close()` closes. With `max_workers=0` tasks run inline in the
+    submitting thread (tests that hold their data in one uncommitted transaction use this).
+    """
+
+    def __init__(self, max_workers: int, *, name: str):
+        self.max_workers = max_workers
+        self.name = name
+        self._executor = DbExecutor(max_workers, thread_name_prefix=name) if max_workers > 0 else None
+        self._inflight: dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def inline(self) -> bool:
+        return self._executor is None
+
+    def busy(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._inflight
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def submit(self, key: Hashable, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future | None:
+        """Start `fn(*args, **kwargs)` for `key`; None when a task of `key` is still in flight."""
+        if self._executor is None:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the caller through the future, as a worker would
+                future.set_exception(exc)
+            return future
+        context = contextvars.copy_context()
+        with self._lock:
+            if key in self._inflight:
+                return None
+            future = self._executor.submit(_run_in_context, context, fn, args, kwargs)
+            self._inflight[key] = future
+        future.add_done_callback(functools.partial(self._done, key))
+        return future
+
+    def _done(self, key: Hashable, future: Future) -> None:
+        with self._lock:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every task in flight; True when none is left."""
+        with self._lock:
+            futures = list(self._inflight.values())
+        _, pending = wait(futures, timeout=timeout)
+        return not pending
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let the tasks in flight finish (up to `timeout`), then stop the workers and close their connections."""
+        if self._executor is None:
+            return
+        if not self.drain(timeout):
+            logger.warning("pool %s: tasks still running after %.0f s; closing anyway", self.name, timeout)
+        self._executor.close()
+
+
+def _run_in_context(context: contextvars.Context, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    close_old_connections()
+    try:
+        return context.run(fn, *args, **kwargs)
+    finally:
+        close_old_connections()

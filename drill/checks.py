@@ -18,9 +18,9 @@ from django.db.models import Count, Sum
 from core.models import MetricCounter
 from drill.chaos import ChaosEvent, Transition
 from exchanges.models import SimFault, SimOrder, SimPosition
-from orders.fills import position_matches_fills
 from orders.invariants import live_order_mismatches, order_invariant_problems
 from orders.models import OpenOrder, OrderEvent, PendingOrder
+from positions.fills import position_matches_fills
 from positions.models import Position
 from scheduler.models import JobRun
 

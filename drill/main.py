@@ -279,7 +279,7 @@ def _drill(run: Run) -> int:
         "a scheduler leader",
     )
     webhook = any((ROOT / "orders").glob("webhook*.py")) and webhook_available(run.base_web)
-    streams = _leader_thread_present("exchanges.streams")
+    streams = _leader_thread_present("orders.streams")
     if not webhook:
         run.notes.append("no POST /api/webhook/ in this tree: webhooks not exercised")
     if not streams:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import ccxt
 from django.conf import settings
 
-from core.money import ZERO
+from core.money import COLUMN_LIMIT, ZERO
 from core.scrub import scrub, secret_register
 from exchanges import gateway as gw
 from exchanges.gateway import (
@@ -33,6 +33,7 @@ from exchanges.gateway import (
     call_policy,
     call_policy_current,
 )
+from exchanges.ratelimit import rate_budget
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,34 @@ def _error_code(text: str) -> str | None:
 class _ErrorKwargs(TypedDict):
     code: str | None
     exchange: str
+
+
+def _header(client: Any, name: str) -> str | None:
+    headers = getattr(client, "last_response_headers", None) or {}
+    for key, value in headers.items():
+        if str(key).lower() == name:
+            return str(value)
+    return None
+
+
+def _retry_after(client: Any, exc: BaseException) -> float:
+    """Seconds a 429/418 asks us to wait: its Retry-After header, else 1 s (60 s for a 418 ban)."""
+    value = _header(client, "retry-after")
+    try:
+        if value is not None:
+            return max(0.0, float(value))
+    except ValueError:
+        pass
+    return 60.0 if "418" in str(exc) else 1.0
+
+
+def _used_weight(client: Any) -> int | None:
+    """Binance's X-MBX-USED-WEIGHT-1M of the instance's last reply (None when absent)."""
+    value = _header(client, "x-mbx-used-weight-1m")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def map_ccxt_error(exc: BaseException, *, exchange: str = "") -> gw.GatewayError:
@@ -263,6 +292,15 @@ def _decimal(value: Any) -> Decimal | None:
         return None
 
 
+def _upper_limit(value: Any) -> Decimal | None:
+    """A market's maximum (amount or price), or None for no limit: absent, 0 (Binance's "disabled"),
+    not finite, or too large for a money column (no order can reach it anyway)."""
+    limit = _decimal(value)
+    if limit is None or not limit.is_finite() or limit <= 0 or limit >= COLUMN_LIMIT:
+        return None
+    return limit
+
+
 def _decimals_of(step: Decimal | None) -> int:
     if step is None or step <= 0:
         return 8
@@ -387,20 +425,50 @@ class CcxtGateway:
                 # A separate, key-less instance loads the public market list once for every account.
                 loader = _make_exchange(self.family, market_type, "", "", self.testnet)
                 with call_policy():  # a one-off load for the process, not the caller's call: own timeout, retries
-                    markets = self._call(lambda: loader.load_markets(), retry=True)
+                    markets = self._call(
+                        lambda: loader.load_markets(), retry=True, endpoint="load_markets", client=loader
+                    )
                 _markets[key] = markets
                 logger.info("loaded %d %s %s markets", len(markets), self.exchange, market_type)
             return markets
 
-    def _call(self, fn: Callable[[], T], *, retry: bool) -> T:
-        retries = call_policy_current().retries
-        retries = self.retries if retries is None else min(retries, self.retries)
+    def _call(self, fn: Callable[[], T], *, retry: bool, endpoint: str, client: Any = None) -> T:
+        """Run one ccxt call within the process's rate budget (exchanges.ratelimit), mapping its errors.
+
+        Short of budget the call waits (at most EXCHANGE_RATE_WAIT_MAX, or the caller's shorter
+        call-policy timeout) or fails as RateLimited without reaching the exchange. A 429/418
+        reply blocks the exchange market for its Retry-After; the used-weight header keeps the
+        local count at least the exchange's. Reads are retried on Network and RateLimited.
+        """
+        policy = call_policy_current()
+        retries = self.retries if policy.retries is None else min(policy.retries, self.retries)
+        patience = float(getattr(settings, "EXCHANGE_RATE_WAIT_MAX", 2.0))
+        if policy.timeout_ms is not None:
+            patience = min(patience, policy.timeout_ms / 1000)
+        budget = rate_budget()
+        market = self.market_type.value
         attempt = 0
         while True:
+            wait = budget.reserve(
+                exchange=self.exchange, market_type=market, account_key=self.account_key, endpoint=endpoint
+            )
+            if wait > 0:
+                if wait > patience:
+                    raise gw.RateLimited(
+                        f"{self.exchange} {market} {endpoint}: request budget spent here; next call in {wait:.2f} s",
+                        code="budget",
+                        exchange=self.exchange,
+                    )
+                self._sleep(wait)
+                continue
             try:
-                return fn()
+                result = fn()
             except ccxt.BaseError as exc:
                 error = map_ccxt_error(exc, exchange=self.exchange)
+                if isinstance(error, gw.RateLimited):
+                    block = _retry_after(client, exc)
+                    budget.block(exchange=self.exchange, market_type=market, seconds=block)
+                    logger.warning("%s %s rate limited: no calls for %.1f s", self.exchange, market, block)
                 if retry and isinstance(error, gw.Network | gw.RateLimited) and attempt < retries:
                     delay = self.backoff_seconds * (2**attempt)
                     attempt += 1
@@ -415,6 +483,10 @@ class CcxtGateway:
                     self._sleep(delay)
                     continue
                 raise error from None
+            used = _used_weight(client)
+            if used is not None:
+                budget.observe_used_weight(exchange=self.exchange, market_type=market, used=used)
+            return result
 
     def _ccxt_symbol(self, symbol: str, market_type: MarketType) -> str:
         if market_type == MarketType.FUTURES and ":" not in symbol:
@@ -452,8 +524,9 @@ class CcxtGateway:
                     tick_size=tick,
                     step_size=step,
                     min_qty=_decimal((limits.get("amount") or {}).get("min")) or step,
-                    max_qty=_decimal((limits.get("amount") or {}).get("max")),
+                    max_qty=_upper_limit((limits.get("amount") or {}).get("max")),
                     min_notional=_decimal((limits.get("cost") or {}).get("min")),
+                    max_price=_upper_limit((limits.get("price") or {}).get("max")),
                     price_precision=_decimals_of(tick),
                     amount_precision=_decimals_of(step),
                     active=market.get("active") is not False,
@@ -466,10 +539,12 @@ class CcxtGateway:
         market_type = MarketType(market_type)
         client = self._client(market_type)
         if self.family == "binance":
-            raw = self._call(lambda: client.fetch_last_prices(), retry=True)
+            raw = self._call(
+                lambda: client.fetch_last_prices(), retry=True, endpoint="fetch_last_prices", client=client
+            )
             pairs = {sym: entry.get("price") for sym, entry in raw.items()}
         else:
-            raw = self._call(lambda: client.fetch_tickers(), retry=True)
+            raw = self._call(lambda: client.fetch_tickers(), retry=True, endpoint="fetch_last_prices", client=client)
             pairs = {sym: entry.get("last") for sym, entry in raw.items()}
         wanted = set(symbols) if symbols is not None else None
         prices: dict[str, Decimal] = {}
@@ -488,7 +563,7 @@ class CcxtGateway:
         """Free and used per currency of the market type's wallet; retried on Network/RateLimited."""
         market_type = MarketType(market_type)
         client = self._client(market_type)
-        raw = self._call(lambda: client.fetch_balance(), retry=True)
+        raw = self._call(lambda: client.fetch_balance(), retry=True, endpoint="fetch_balance", client=client)
         assets: dict[str, AssetBalance] = {}
         for currency, entry in raw.items():
             if currency in ("info", "free", "used", "total", "timestamp", "datetime", "debt") or not isinstance(
@@ -533,6 +608,8 @@ class CcxtGateway:
                 symbol, "market" if is_market else "limit", request.side.lower(), float(request.quantity), price, params
             ),
             retry=False,
+            endpoint="create_order",
+            client=client,
         )
         state = self._to_state(raw, market_type, conditional=request.conditional, request=request)
         logger.info(
@@ -568,7 +645,12 @@ class CcxtGateway:
         if self.family == "bybit" and "clientOrderId" in params:
             params["orderLinkId"] = params.pop("clientOrderId")  # ccxt's Bybit cancel reads only orderLinkId
         order_ref = exchange_order_id or (None if self.family == "bybit" else "")
-        raw = self._call(lambda: client.cancel_order(order_ref, ccxt_symbol, params), retry=False)
+        raw = self._call(
+            lambda: client.cancel_order(order_ref, ccxt_symbol, params),
+            retry=False,
+            endpoint="cancel_order",
+            client=client,
+        )
         if raw.get("amount") is None:
             # Bybit and the USDⓈ-M algo endpoint acknowledge with ids only: read the order back.
             order_id = str(raw.get("id") or exchange_order_id or "") or None
@@ -606,7 +688,12 @@ class CcxtGateway:
         if self.family == "binance":
             # Binance's order query answers for open and closed orders alike.
             params = self._lookup_params(conditional, client_order_id)
-            raw = self._call(lambda: client.fetch_order(exchange_order_id or "", ccxt_symbol, params), retry=True)
+            raw = self._call(
+                lambda: client.fetch_order(exchange_order_id or "", ccxt_symbol, params),
+                retry=True,
+                endpoint="fetch_order",
+                client=client,
+            )
             return self._to_state(raw, market_type, conditional=conditional)
         filter_params: dict[str, Any] = {"orderFilter": "StopOrder" if conditional else "Order"}
         if exchange_order_id:
@@ -618,7 +705,7 @@ class CcxtGateway:
             def fetch_orders(fetch: Callable[..., Any] = fetch) -> Any:
                 return fetch(ccxt_symbol, None, None, dict(filter_params))
 
-            found = self._call(fetch_orders, retry=True)
+            found = self._call(fetch_orders, retry=True, endpoint="fetch_order", client=client)
             for raw in found:
                 if (exchange_order_id and str(raw.get("id")) == str(exchange_order_id)) or (
                     client_order_id and raw.get("clientOrderId") == client_order_id
@@ -641,7 +728,12 @@ class CcxtGateway:
             params = {"trigger": True} if conditional and market_type == MarketType.FUTURES else {}
         else:
             params = {"orderFilter": "StopOrder" if conditional else "Order"}
-        raw_orders = self._call(lambda: client.fetch_open_orders(ccxt_symbol, None, None, params), retry=True)
+        raw_orders = self._call(
+            lambda: client.fetch_open_orders(ccxt_symbol, None, None, params),
+            retry=True,
+            endpoint="fetch_open_orders" if ccxt_symbol else "fetch_open_orders_all",
+            client=client,
+        )
         states = [self._to_state(raw, market_type, conditional=conditional) for raw in raw_orders]
         if self.family == "binance" and market_type == MarketType.SPOT:
             # Binance spot lists stop orders among regular ones: untriggered stops are the

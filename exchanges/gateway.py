@@ -69,6 +69,7 @@ class MarketRule:
     min_qty: Decimal
     max_qty: Decimal | None = None
     min_notional: Decimal | None = None
+    max_price: Decimal | None = None
     price_precision: int = 8
     amount_precision: int = 8
     active: bool = True

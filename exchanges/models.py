@@ -29,6 +29,7 @@ class MarketInfo(models.Model):
     min_qty = money()
     max_qty = money(null=True, blank=True)
     min_notional = money(null=True, blank=True)
+    max_price = money(null=True, blank=True)
     price_precision = models.PositiveSmallIntegerField(default=8)
     amount_precision = models.PositiveSmallIntegerField(default=8)
     active = models.BooleanField(default=True)

@@ -1,4 +1,7 @@
-"""Exchange readers: price quotes with freshness limits, market rules, and the work lists of the jobs."""
+"""Exchange readers: price quotes with freshness limits, market rules, the pairs MarketInfo knows.
+
+Which pairs the business trades or holds is decided above this layer (positions.selectors).
+"""
 
 from __future__ import annotations
 
@@ -10,17 +13,17 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db.models import Max
 
-from accounts.models import Account, StrategyAccount
 from core.counters import counter_add
 from exchanges.gateway import MarketRule, MarketType
 from exchanges.models import MarketInfo, PriceQuote
-from positions.models import Position
 
 logger = logging.getLogger(__name__)
 
 # The embedded default exchange always has its market rules refreshed, so a fresh install has markets to trade.
 EMBEDDED_TARGETS: tuple[tuple[str, MarketType], ...] = (("PAPER", MarketType.SPOT), ("PAPER", MarketType.FUTURES))
+MARKET_INFO_MAX_AGE = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -33,55 +36,23 @@ def price_cache_key(*, exchange: str, market_type: str, symbol: str) -> str:
     return f"price:{exchange}:{market_type}:{symbol}".replace(" ", "_")
 
 
-@dataclass(frozen=True)
-class PriceTargets:
-    """What update_price_cache refreshes (SPEC §4.4), one bulk call per pair.
-
-    `in_use`: (exchange, market_type) pairs of active crypto accounts trading through an
-    active StrategyAccount of an active Strategy (the market type is the strategy's).
-    `positions_only`: pairs holding open positions (quantity ≠ 0) but used by no active
-    account — refreshed too, so PnL of a paused account keeps its prices.
-    """
-
-    in_use: list[tuple[str, MarketType]]
-    positions_only: list[tuple[str, MarketType]]
-
-    @property
-    def pairs(self) -> list[tuple[str, MarketType, str]]:
-        """Every pair once, with the reason it is refreshed ("accounts" or "positions")."""
-        return [(e, m, "accounts") for e, m in self.in_use] + [(e, m, "positions") for e, m in self.positions_only]
-
-
-def _pairs(rows: Iterable[tuple[str, str]]) -> set[tuple[str, MarketType]]:
+def exchange_pairs(rows: Iterable[tuple[str, str]]) -> set[tuple[str, MarketType]]:
+    """(exchange, market_type) rows as normalized pairs: the exchange upper-cased, the market type typed."""
     return {(str(exchange).upper(), MarketType(market_type)) for exchange, market_type in rows}
 
 
-def price_targets() -> PriceTargets:
-    """The (exchange, market_type) pairs whose prices are refreshed: used by active accounts, plus pairs
-    that only positions need. Two DISTINCT queries; no exchange calls."""
-    crypto = Account.AccountType.CRYPTO
-    in_use = _pairs(
-        StrategyAccount.objects.filter(
-            is_active=True, strategy__is_active=True, account__is_active=True, account__account_type=crypto
-        )
-        .values_list("account__exchange", "strategy__market_type")
-        .distinct()
-    )
-    held = _pairs(
-        Position.objects.exclude(quantity=0)
-        .filter(strategy_account__account__account_type=crypto)
-        .values_list("strategy_account__account__exchange", "market_type")
-        .distinct()
-    )
-    return PriceTargets(in_use=sorted(in_use), positions_only=sorted(held - in_use))
+def market_pairs_known() -> set[tuple[str, MarketType]]:
+    """Every (exchange, market_type) pair MarketInfo holds rules for. One DISTINCT query."""
+    return exchange_pairs(MarketInfo.objects.values_list("exchange", "market_type").distinct())
 
 
-def market_targets() -> list[tuple[str, MarketType]]:
-    """(exchange, market_type) pairs whose market rules are refreshed: every pair known to MarketInfo, the
-    pairs prices are refreshed for, and the embedded PAPER exchange (so a fresh install has markets)."""
-    known = _pairs(MarketInfo.objects.values_list("exchange", "market_type").distinct())
-    targets = price_targets()
-    return sorted(known | set(targets.in_use) | set(targets.positions_only) | set(EMBEDDED_TARGETS))
+def market_info_is_stale(*, now: datetime) -> bool:
+    """Whether MarketInfo is empty or its newest row is older than MARKET_INFO_MAX_AGE.
+
+    The leader catch-up condition of precision_cache_update (SPEC §2.2, scheduler registry).
+    """
+    newest = MarketInfo.objects.aggregate(newest=Max("updated_at"))["newest"]
+    return newest is None or now - newest > MARKET_INFO_MAX_AGE
 
 
 def quote_get(*, exchange: str, market_type: str, symbol: str) -> Quote | None:
@@ -169,6 +140,7 @@ def market_rule_any(*, exchange: str, market_type: str, symbol: str) -> MarketRu
         min_qty=row.min_qty,
         max_qty=row.max_qty,
         min_notional=row.min_notional,
+        max_price=row.max_price,
         price_precision=row.price_precision,
         amount_precision=row.amount_precision,
         active=row.active,

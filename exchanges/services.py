@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models import Max
-from django.utils import timezone
 
 from core.counters import counter_add
 from exchanges.ccxt_gateway import ccxt_gateway_factory
@@ -146,6 +144,7 @@ def _rule_fields(rule: MarketRule) -> dict[str, Any]:
         "min_qty": rule.min_qty,
         "max_qty": rule.max_qty,
         "min_notional": rule.min_notional,
+        "max_price": rule.max_price,
         "price_precision": rule.price_precision,
         "amount_precision": rule.amount_precision,
     }
@@ -157,6 +156,7 @@ NUMERIC_FIELDS = [
     "min_qty",
     "max_qty",
     "min_notional",
+    "max_price",
     "price_precision",
     "amount_precision",
 ]
@@ -204,54 +204,3 @@ def market_info_refresh(
     if deactivated:
         logger.warning("%s %s: %d symbols delisted, marked inactive", exchange, market_type, deactivated)
     return MarketRefresh(upserted=len(rows) + reactivated, added=added, deactivated=deactivated)
-
-
-# --- leader warm-up (SPEC §2.2) -------------------------------------------------------------
-
-MARKET_INFO_MAX_AGE = timedelta(hours=24)
-
-
-def market_info_is_stale(*, now: datetime) -> bool:
-    """Whether MarketInfo is empty or its newest row is older than MARKET_INFO_MAX_AGE."""
-    newest = MarketInfo.objects.aggregate(newest=Max("updated_at"))["newest"]
-    return newest is None or now - newest > MARKET_INFO_MAX_AGE
-
-
-def leader_warmup(*, host: Any) -> list[str]:
-    """Leader hook (SPEC §2.2): precision_cache_update when MarketInfo is empty or older than 24 h,
-    then update_price_cache, each as a CATCHUP JobRun of the leader's term.
-
-    The jobs run through their wrapped functions (resolved from the registry's text
-    reference), so each takes its job lock (waiting up to its budget, never overlapping a
-    scheduled run) and its claim is refused once the term is no longer current. A failed
-    step is recorded on its JobRun and does not stop the next. Returns the job ids run.
-    """
-    from scheduler.models import JobControl, JobRun
-    from scheduler.reconcile import job_function
-    from scheduler.registry import registry_spec
-    from scheduler.runs import JobFailedError, RunContext, run_in_context
-
-    term = host.term
-    if term is None:
-        return []
-    steps = ["update_price_cache"]
-    if market_info_is_stale(now=timezone.now()):
-        steps.insert(0, "precision_cache_update")
-    paused = set(JobControl.objects.filter(job_id__in=steps, paused=True).values_list("job_id", flat=True))
-    ran = []
-    for job_id in steps:
-        spec = registry_spec(job_id)
-        if spec is None or not spec.enabled or job_id in paused:
-            logger.info("leader warm-up (term %s): %s skipped, disabled or paused", term, job_id)
-            continue
-        if host.term != term:
-            logger.info("leader warm-up stopped: term %s is over", term)
-            break
-        ctx = RunContext(scheduled_at=timezone.now(), kind=JobRun.Kind.CATCHUP, term=term, lock_timeout=spec.budget)
-        try:
-            run_in_context(ctx, job_function(spec))
-        except JobFailedError as exc:
-            # The wrapper stored, counted and alerted it; the next step still runs.
-            logger.warning("leader warm-up (term %s): %s failed: %s", term, job_id, exc)
-        ran.append(job_id)
-    return ran

@@ -15,7 +15,6 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from core.runtime import HOST
 from core.scrub import scrub
 from notifications.formatting import text_split
 from notifications.models import AlertThrottle, OutboxMessage, TelegramProfile
@@ -149,20 +148,6 @@ def alert_raise(*, key: str, text: str) -> bool:
     suffix = f" (+{suppressed} suppressed)" if suppressed else ""
     logger.error("ALERT %s: %s%s", key, text, suffix)
     return True
-
-
-def leader_announce(*, host: Any) -> list[OutboxMessage]:
-    """Leader hook (SPEC §2.2): queue "scheduler leader on <host> (term N)" once per term."""
-
-    term = host.term
-    if term is None:
-        return []
-    rows = outbox_enqueue(
-        text=f"scheduler leader on {html.escape(HOST)} (term {term})", dedupe_key=f"leader-term-{term}"
-    )
-    if not rows:
-        logger.info("leader announce for term %s not queued: no Telegram configured", term)
-    return rows
 
 
 # --- delivery state (called by notifications.sender; each is one short UPDATE) -------------------

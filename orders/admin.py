@@ -1,4 +1,4 @@
-"""Admin for orders, events, trades, the fill ledger, dirty marks and circuit breakers — read-only.
+"""Admin for orders, events, dirty marks and circuit breakers — read-only.
 
 Orders move only through the queue and reconciliation services (each move writes its event and
 dirty mark in the same transaction); an edit or delete here would bypass them, so none is offered.
@@ -6,14 +6,17 @@ dirty mark in the same transaction); an edit or delete here would bypass them, s
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html_join
+from django.utils.safestring import mark_safe
 
-from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Trade
+from core.admin import OrderKeySearchMixin
+from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty, Signal, SignalOrder
+from orders.selectors import signal_execution
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -28,18 +31,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
-
-
-class OrderKeySearchMixin:
-    """Search by order key: a full UUID is an indexed exact match; anything else matches text fields."""
-
-    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        try:
-            key = uuid.UUID(term)
-        except ValueError:
-            return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
-        return queryset.filter(order_key=key), False
 
 
 ORDER_FIELDS = (
@@ -88,47 +79,6 @@ class OrderEventAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
     ordering = ("-id",)
 
 
-@admin.register(Trade)
-class TradeAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
-    list_display = (
-        "exchange_order_id",
-        "strategy_account",
-        "symbol",
-        "market_type",
-        "side",
-        "cumulative_filled",
-        "average_price",
-        "fees",
-        "fee_currency",
-        "realized_pnl",
-        "updated_at",
-    )
-    list_filter = ("market_type", "side", "account")
-    list_select_related = ("strategy_account__strategy", "strategy_account__account")
-    search_fields = ("exchange_order_id", "symbol")
-    ordering = ("-id",)
-
-
-@admin.register(Fill)
-class FillAdmin(ReadOnlyAdmin):
-    list_display = (
-        "filled_at",
-        "strategy_account",
-        "symbol",
-        "delta_qty",
-        "price",
-        "fee",
-        "fee_currency",
-        "realized_pnl",
-        "source",
-        "trade",
-    )
-    list_filter = ("source",)
-    list_select_related = ("strategy_account__strategy", "strategy_account__account", "trade")
-    search_fields = ("symbol", "trade__exchange_order_id")
-    ordering = ("-id",)
-
-
 @admin.register(QueueDirty)
 class QueueDirtyAdmin(ReadOnlyAdmin):
     list_display = ("account", "market_type", "symbol", "marked_at")
@@ -148,3 +98,50 @@ class CircuitStateAdmin(ReadOnlyAdmin):
     def close_circuit(self, request: HttpRequest, queryset: QuerySet) -> None:
         closed = queryset.update(failures=0, opened_until=None, cooldown_seconds=0)
         self.message_user(request, f"{closed} circuit(s) closed; the next run tries the exchange again.", messages.INFO)
+
+
+class SignalOrderInline(admin.TabularInline):
+    model = SignalOrder
+    fields = ("order_key", "account", "side", "order_type", "quantity", "reference_price")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Signal)
+class SignalAdmin(ReadOnlyAdmin):
+    """Each signal with its followers and the execution report (times, fills, slippage) read from their events."""
+
+    list_display = ("id", "received_at", "source", "strategy", "symbol", "side", "order_type", "price")
+    list_filter = ("source", "strategy", "order_type")
+    list_select_related = ("strategy",)
+    search_fields = ("symbol", "orders__order_key")
+    date_hierarchy = "received_at"
+    ordering = ("-received_at",)
+    readonly_fields = ("execution_report",)
+    inlines = (SignalOrderInline,)
+
+    @admin.display(description="execution")
+    def execution_report(self, obj: Signal) -> str:
+        summary = signal_execution(signal=obj).summary
+
+        def span(latency: Any) -> str:
+            if not latency.count:
+                return "none yet"
+            return (
+                f"{latency.count}: first {latency.first:.2f} s, median {latency.median:.2f} s, "
+                f"p99 {latency.p99:.2f} s, last {latency.last:.2f} s"
+            )
+
+        lines = [
+            f"followers: {summary.followers} ({', '.join(f'{k} {v}' for k, v in summary.by_outcome.items())})",
+            f"acknowledged by the exchange: {span(summary.acknowledged)}",
+            f"filled: {span(summary.filled)}",
+            f"slippage: average {summary.slippage_avg_bps} bps, worst {summary.slippage_worst_bps} bps",
+            *summary.failures[:20],
+        ]
+        return format_html_join(mark_safe("<br>"), "{}", ((line,) for line in lines))  # noqa: S308 - a constant

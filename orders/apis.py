@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
@@ -14,7 +15,9 @@ from rest_framework.response import Response
 
 from core.api import (
     PAGINATION_PARAMETERS,
+    BoundedChoiceField,
     ErrorsSerializer,
+    IdField,
     PlainDecimalField,
     PositiveDecimalField,
     SymbolField,
@@ -25,10 +28,11 @@ from core.api import (
     paginated_response,
     request_user,
 )
+from orders.intake import IntakeRequest, order_intake
 from orders.models import OpenOrder, OrderType, PendingOrder, Side
-from orders.queue import order_cancel_by_user
-from orders.selectors import order_key_owned_by, order_list_for_user
-from orders.validation import IntakeRequest, OrderRejectedError, order_intake
+from orders.selectors import order_key_owned_by, order_list_for_user, signal_execution, signal_list_for_user
+from orders.transitions import order_cancel_by_user
+from orders.validation import OrderRejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +51,11 @@ class OrderCreateApi(UserApi):
         class Meta:
             ref_name = "OrderCreateInput"
 
-        account = serializers.IntegerField(min_value=1, help_text="id of one of your accounts")
+        account = IdField(help_text="id of one of your accounts")
         strategy = serializers.CharField(max_length=100, help_text="strategy group_name; fixes the market type")
         symbol = SymbolField(help_text="canonical BASE/QUOTE, e.g. BTC/USDT")
-        side = serializers.ChoiceField(choices=Side.choices)
-        order_type = serializers.ChoiceField(choices=OrderType.choices)
+        side = BoundedChoiceField(choices=Side.choices)
+        order_type = BoundedChoiceField(choices=OrderType.choices)
         price = PositiveDecimalField(
             required=False, allow_null=True, help_text="limit price: LIMIT and STOP_LIMIT only; floored to the tick"
         )
@@ -118,11 +122,9 @@ class OrderListApi(UserApi):
     """GET /api/orders/: the user's queued and live orders, newest first, paginated."""
 
     class FilterSerializer(serializers.Serializer):
-        account = serializers.IntegerField(required=False, min_value=1)
+        account = IdField(required=False)
         symbol = SymbolField(required=False)
-        status = serializers.ChoiceField(
-            required=False, choices=[*PendingOrder.Status.choices, *OpenOrder.Status.choices]
-        )
+        status = BoundedChoiceField(required=False, choices=[*PendingOrder.Status.choices, *OpenOrder.Status.choices])
 
     class OutputSerializer(serializers.Serializer):
         class Meta:
@@ -200,3 +202,115 @@ class OrderCancelApi(UserApi):
             raise NotFound(f"no order {order_key}")
         code = status.HTTP_409_CONFLICT if state == "ended" else status.HTTP_202_ACCEPTED
         return Response(OrderCancelApi.OutputSerializer({"order_key": order_key, "state": state}).data, status=code)
+
+
+# --- Signals: the per-signal execution report -------------------------------------------------------
+
+
+class LatencySerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="followers that reached this step")
+    first = serializers.FloatField(allow_null=True, help_text="seconds from the signal to the first follower")
+    median = serializers.FloatField(allow_null=True)
+    p99 = serializers.FloatField(allow_null=True)
+    last = serializers.FloatField(allow_null=True)
+
+
+class SignalSerializer(serializers.Serializer):
+    class Meta:
+        ref_name = "Signal"
+
+    id = serializers.IntegerField()
+    # A declared field, popped from the class by SerializerMetaclass: Field.source is not shadowed.
+    source = serializers.CharField()  # type: ignore[assignment]
+    strategy = serializers.CharField(source="strategy.group_name")
+    symbol = serializers.CharField()
+    side = serializers.CharField()
+    order_type = serializers.CharField()
+    price = PlainDecimalField(allow_null=True)
+    received_at = serializers.DateTimeField()
+
+
+class SignalListApi(UserApi):
+    """GET /api/signals/: signals with orders on the user's accounts (staff: all), newest first, paginated;
+    `?order_key=` finds the signal of one order."""
+
+    @extend_schema(
+        operation_id="signals_list",
+        parameters=[
+            OpenApiParameter("order_key", uuid.UUID, description="the signal of this order"),
+            *PAGINATION_PARAMETERS,
+        ],
+        responses={200: page_serializer("SignalPage", SignalSerializer)},
+    )
+    def get(self, request: Request) -> Response:
+        raw_key = request.query_params.get("order_key")
+        order_key = None
+        if raw_key is not None:
+            try:
+                order_key = str(uuid.UUID(raw_key))
+            except ValueError:
+                return errors_response({"order_key": ["must be an order key (a UUID)"]})
+        signals = signal_list_for_user(user=request_user(request), order_key=order_key)
+        return paginated_response(request=request, view=self, queryset=signals, serializer=SignalSerializer)
+
+
+class SignalExecutionApi(UserApi):
+    """GET /api/signals/{id}/execution: each follower's queued → submitted → acknowledged → filled times, its fill
+    price against the price it was judged at (slippage in basis points; positive is worse) and how it ended,
+    with the signal's latency percentiles. A user sees only their own accounts' followers (staff: all)."""
+
+    class FollowerSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "SignalFollower"
+
+        order_key = serializers.CharField()
+        account_id = serializers.IntegerField()
+        side = serializers.CharField()
+        order_type = serializers.CharField()
+        quantity = PlainDecimalField()
+        reference_price = PlainDecimalField(allow_null=True)
+        queued_at = serializers.DateTimeField(allow_null=True)
+        submitted_at = serializers.DateTimeField(allow_null=True)
+        acknowledged_at = serializers.DateTimeField(allow_null=True)
+        filled_at = serializers.DateTimeField(allow_null=True)
+        filled_quantity = PlainDecimalField()
+        fill_price = PlainDecimalField(allow_null=True)
+        slippage_bps = PlainDecimalField(allow_null=True)
+        outcome = serializers.CharField()
+        failure = serializers.CharField()
+
+    class SummarySerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "SignalExecutionSummary"
+
+        followers = serializers.IntegerField()
+        by_outcome = serializers.DictField(child=serializers.IntegerField())
+        submitted = LatencySerializer()
+        acknowledged = LatencySerializer()
+        filled = LatencySerializer()
+        slippage_avg_bps = PlainDecimalField(allow_null=True, help_text="weighted by filled quantity")
+        slippage_worst_bps = PlainDecimalField(allow_null=True)
+        failures = serializers.ListField(child=serializers.CharField())
+
+    class OutputSerializer(serializers.Serializer):
+        class Meta:
+            ref_name = "SignalExecution"
+
+        signal = SignalSerializer()
+        summary = serializers.SerializerMethodField()
+        followers = serializers.SerializerMethodField()
+
+        def get_summary(self, execution: Any) -> dict:
+            return SignalExecutionApi.SummarySerializer(execution.summary).data
+
+        def get_followers(self, execution: Any) -> list:
+            return list(SignalExecutionApi.FollowerSerializer(execution.followers, many=True).data)
+
+    @extend_schema(operation_id="signals_execution", responses={200: OutputSerializer, 404: None})
+    def get(self, request: Request, signal_id: int) -> Response:
+        user = request_user(request)
+        signal = signal_list_for_user(user=user).filter(pk=signal_id).first()
+        if signal is None:
+            raise NotFound(f"no signal {signal_id}")
+        execution = signal_execution(signal=signal, user=user)
+        return Response(SignalExecutionApi.OutputSerializer(execution).data)

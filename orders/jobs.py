@@ -1,9 +1,13 @@
-"""Order jobs: rebalance_order_queue (1 s) and update_open_orders (29 s)."""
+"""Order jobs: rebalance_order_queue (1 s), update_open_orders (29 s) and check_websocket_health (60 s)."""
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import threading
+from concurrent.futures import wait
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -12,25 +16,14 @@ from accounts.models import Account
 from exchanges.gateway import Auth, GatewayError, call_policy
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
 from orders.circuit import account_scope, circuit_record, circuit_states, exchange_scope
+from orders.execution import execution_pool
 from orders.models import OpenOrder, PendingOrder
-from orders.queue import (
-    QueueTally,
-    QueueWork,
-    queue_express_defer,
-    queue_express_place,
-    queue_pair_defer,
-    queue_pair_rebalance,
-    queue_pass_defer,
-    queue_pass_finish,
-    queue_trouble_defer,
-    queue_work_load,
-)
+from orders.queue import queue_pass, queue_work_load
 from orders.reconcile import EXCHANGE_FAILURES, ReconcileReport, orders_reconcile
+from orders.streams import stream_health_check
 from scheduler.runs import JobResult, current_run, scheduler_job
 
 logger = logging.getLogger(__name__)
-
-QUEUE_PAIR_RETRY = timedelta(seconds=30)  # a pair whose account has no gateway is retried this much later
 
 
 @scheduler_job("rebalance_order_queue")
@@ -50,64 +43,73 @@ def rebalance_order_queue() -> JobResult:
     # exchange costs one short timeout (its pairs then wait TROUBLE_RETRY), not the next ticks.
     # Unknown outcomes are settled by lookup, so nothing is lost by giving up early.
     with call_policy(timeout_ms=settings.EXCHANGE_QUEUE_TIMEOUT_MS, retries=0):
-        tally = _queue_pass(work)
+        tally = queue_pass(work)
     return JobResult(summary=tally.summary(), noop=tally.noop)
 
 
-def _queue_pass(work: QueueWork) -> QueueTally:
-    tally = QueueTally()
-    express_skipped: set = set()
-    express_late: set = set()
-    for pending in work.express:
-        pair = (pending.account_id, pending.market_type, pending.symbol)
-        if work.in_trouble(pending.account_id):
-            express_skipped.add(pair)
-            continue
-        if work.out_of_time():
-            express_late.add(pair)
-            continue
-        try:
-            tally.add(queue_express_place(work=work, pending=pending))
-        except (GatewayError, UnknownExchangeError) as exc:
-            tally.errors.append(f"express {pending.order_key}: {type(exc).__name__}")
-            logger.warning("queue: express order %s failed: %s: %s", pending.order_key, type(exc).__name__, exc)
-    if express_late:
-        queue_express_defer(work=work, pairs=express_late)
-        tally.errors.append(f"out of time: {len(express_late)} express pairs left for the next tick")
-    deferred = 0
-    troubled: list = []
-    for index, pair in enumerate(work.pairs):
-        if work.in_trouble(pair[0]):
-            troubled.append(pair)
-            continue
-        if work.over_budget():
-            deferred = queue_pass_defer(work=work, pairs=work.pairs[index:])
-            tally.errors.append(f"out of time: {len(work.pairs) - index} pairs left for the next tick")
-            break
-        try:
-            tally.merge(queue_pair_rebalance(work=work, pair=pair))
-        except (GatewayError, UnknownExchangeError) as exc:
-            queue_pair_defer(work=work, pair=pair, until=work.now + QUEUE_PAIR_RETRY)
-            tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
-            logger.warning("queue: pair %s failed: %s: %s", pair, type(exc).__name__, exc)
-        tally.pairs += 1
-    if troubled or express_skipped:
-        skipped = queue_trouble_defer(work=work, pairs=troubled, express=express_skipped)
-        tally.errors.append(f"{', '.join(sorted(work.troubled))} failing: {skipped} pairs deferred")
-    queue_pass_finish(work=work, tally=tally)
-    if deferred:
-        logger.info("queue: %d swept pairs deferred to the next tick", deferred)
-    return tally
+# update_open_orders waits this long for its account markets (its budget is 20 s); the rest go on
+# reconciling beside the next runs, and a later run skips them while they do.
+RECONCILE_WAIT_SECONDS = 18.0
+
+
+@dataclass
+class _ReconcileRun:
+    """Shared state of one update_open_orders run across its account-market tasks."""
+
+    now: datetime
+    breakers: dict
+    outcomes: dict[str, tuple[bool, str]] = field(default_factory=dict)  # scope → (failed, error)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _reconcile_account_market(
+    *, run: _ReconcileRun, account: Account, market_type: str, scopes: tuple[str, str]
+) -> tuple[str, Any]:
+    """Reconcile one (account, market type) in a worker of the reconcile pool (or inline).
+
+    Returns ("done", report), ("skipped", reason) or ("failed", reason); expected exchange failures
+    become outcomes of the breakers' scopes, recorded once per run by the job.
+    """
+    ex_scope, acc_scope = scopes
+    label = f"{account.pk}/{market_type}"
+    open_scopes = [s for s in scopes if s in run.breakers and run.breakers[s].is_open(run.now)]
+    if open_scopes:
+        return "skipped", f"{label} (circuit open: {', '.join(open_scopes)})"
+    with run.lock:
+        if run.outcomes.get(ex_scope, (False, ""))[0]:
+            return "skipped", f"{label} ({ex_scope} failed this run)"
+    try:
+        gateway = gateway_for(account)
+        report = orders_reconcile(account=account, market_type=market_type, gateway=gateway, now=run.now)
+    except Auth as exc:
+        with run.lock:
+            run.outcomes[acc_scope] = (True, f"Auth: {exc}")
+        logger.warning("reconcile %s: authentication failed: %s", label, exc)
+        return "failed", f"{label}: Auth"
+    except EXCHANGE_FAILURES as exc:
+        exchange_error_count(exchange=account.exchange)
+        with run.lock:
+            run.outcomes[ex_scope] = (True, f"{type(exc).__name__}: {exc}")
+        logger.warning("reconcile %s failed: %s: %s", label, type(exc).__name__, exc)
+        return "failed", f"{label}: {type(exc).__name__}"
+    except (GatewayError, UnknownExchangeError) as exc:
+        logger.warning("reconcile %s failed: %s: %s", label, type(exc).__name__, exc)
+        return "failed", f"{label}: {type(exc).__name__}"
+    with run.lock:
+        run.outcomes.setdefault(ex_scope, (False, ""))
+        run.outcomes[acc_scope] = (False, "")
+    return "done", report
 
 
 @scheduler_job("update_open_orders")
 def update_open_orders() -> JobResult:
-    """Reconcile live orders per (account, market type) with the exchange (SPEC §4.2).
+    """Reconcile live orders per (account, market type) with the exchange (SPEC §4.2), the account
+    markets at the same time on the reconcile pool (one task per account market at a time).
 
     Exchange failures are caught per pair and fed to the circuit breakers: (exchange, market
     type) for network, rate-limit, maintenance and exchange errors, the account for Auth. A
-    pair whose breaker is open is skipped; after an exchange failure the remaining pairs of
-    that exchange market are skipped for this run. Each breaker records one outcome per run.
+    pair whose breaker is open is skipped; after an exchange failure the pairs of that exchange
+    market not yet started are skipped for this run. Each breaker records one outcome per run.
     """
     now = timezone.now()
     pairs = sorted(
@@ -128,42 +130,40 @@ def update_open_orders() -> JobResult:
         )
         for account_id, market_type in pairs
     }
-    breakers = circuit_states(scopes=sorted({scope for pair in scopes.values() for scope in pair}))
-    outcomes: dict[str, tuple[bool, str]] = {}  # scope → (failed, error) for this run
+    run = _ReconcileRun(
+        now=now, breakers=circuit_states(scopes=sorted({scope for pair in scopes.values() for scope in pair}))
+    )
+    pool = execution_pool("reconcile")
+    futures = {}
+    busy = 0
+    for account_id, market_type in pairs:
+        future = pool.submit(
+            ("reconcile", account_id, market_type),
+            _reconcile_account_market,
+            run=run,
+            account=accounts[account_id],
+            market_type=market_type,
+            scopes=scopes[(account_id, market_type)],
+        )
+        if future is None:
+            busy += 1
+        else:
+            futures[future] = (account_id, market_type)
+    finished, running = wait(futures, timeout=RECONCILE_WAIT_SECONDS) if futures else (set(), set())
     total = ReconcileReport()
     skipped: list[str] = []
     failed: list[str] = []
     done = 0
-    for account_id, market_type in pairs:
-        account = accounts[account_id]
-        ex_scope, acc_scope = scopes[(account_id, market_type)]
-        open_scopes = [s for s in (ex_scope, acc_scope) if s in breakers and breakers[s].is_open(now)]
-        if open_scopes:
-            skipped.append(f"{account_id}/{market_type} (circuit open: {', '.join(open_scopes)})")
-            continue
-        if outcomes.get(ex_scope, (False, ""))[0]:
-            skipped.append(f"{account_id}/{market_type} ({ex_scope} failed this run)")
-            continue
-        try:
-            gateway = gateway_for(account)
-            total.add(orders_reconcile(account=account, market_type=market_type, gateway=gateway, now=now))
-        except Auth as exc:
-            outcomes[acc_scope] = (True, f"Auth: {exc}")
-            failed.append(f"{account_id}/{market_type}: Auth")
-            logger.warning("reconcile %s/%s: authentication failed: %s", account_id, market_type, exc)
-        except EXCHANGE_FAILURES as exc:
-            exchange_error_count(exchange=account.exchange)
-            outcomes[ex_scope] = (True, f"{type(exc).__name__}: {exc}")
-            failed.append(f"{account_id}/{market_type}: {type(exc).__name__}")
-            logger.warning("reconcile %s/%s failed: %s: %s", account_id, market_type, type(exc).__name__, exc)
-        except (GatewayError, UnknownExchangeError) as exc:
-            failed.append(f"{account_id}/{market_type}: {type(exc).__name__}")
-            logger.warning("reconcile %s/%s failed: %s: %s", account_id, market_type, type(exc).__name__, exc)
-        else:
+    for future in sorted(finished, key=lambda f: futures[f]):
+        kind, value = future.result()  # an unexpected error propagates to the job wrapper, as before
+        if kind == "done":
+            total.add(value)
             done += 1
-            outcomes.setdefault(ex_scope, (False, ""))
-            outcomes[acc_scope] = (False, "")
-    for scope, (scope_failed, error) in sorted(outcomes.items()):
+        else:
+            (skipped if kind == "skipped" else failed).append(value)
+    with run.lock:
+        outcomes = sorted(run.outcomes.items())
+    for scope, (scope_failed, error) in outcomes:
         circuit_record(scope=scope, failed=scope_failed, now=now, error=error)
     summary = (
         f"{done}/{len(pairs)} account markets, {total.orders} orders: {total.fills} fills, {total.filled} filled, "
@@ -178,4 +178,23 @@ def update_open_orders() -> JobResult:
         summary += "; skipped " + "; ".join(skipped)
     if failed:
         summary += "; failed " + "; ".join(failed)
+    if running:
+        summary += f"; {len(running)} still reconciling"
+    if busy:
+        summary += f"; {busy} busy from an earlier run"
     return JobResult(summary=summary)
+
+
+@scheduler_job("check_websocket_health")
+def check_websocket_health() -> JobResult:
+    """Report the leader's user-data streams from their StreamState rows (SPEC §4.6), for every account that
+    should have one (orders.streams.stream_account_list).
+
+    Repairs only through the stream manager's single flight: an open but stale stream is
+    flagged (once) for the manager to replace; a stream already reconnecting is left alone,
+    so repeated checks never add reconnects. No exchange call.
+    """
+    report = stream_health_check(now=timezone.now())
+    if report.requested:
+        logger.warning("websocket health: %d open but stale streams flagged for reconnect", report.requested)
+    return JobResult(summary=report.summary(), noop=report.expected == 0)

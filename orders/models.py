@@ -1,24 +1,19 @@
-"""Orders from arrival to fill: queued and live orders, their event history, trades and the fill ledger."""
+"""Orders from arrival to their end: queued and live orders, their event history, dirty marks, breakers, webhooks."""
 
 from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 
 from accounts.models import Account, MarketType, StrategyAccount, money
+from core.choices import text_choices
+from exchanges import gateway
 
-
-class Side(models.TextChoices):
-    BUY = "BUY"
-    SELL = "SELL"
-
-
-class OrderType(models.TextChoices):
-    MARKET = "MARKET"
-    LIMIT = "LIMIT"
-    STOP_LIMIT = "STOP_LIMIT"
-    STOP_MARKET = "STOP_MARKET"
+# Model choices of the gateway's enums (defined once, in exchanges.gateway): same values and labels.
+Side = text_choices(gateway.Side)
+OrderType = text_choices(gateway.OrderType)
 
 
 class CancelRequestedBy(models.TextChoices):
@@ -176,61 +171,6 @@ class QueueDirty(models.Model):
         return f"{self.account_id} {self.market_type} {self.symbol}"
 
 
-class Trade(models.Model):
-    """One per (strategy account, exchange order): cumulative fill, average price, fees, realized PnL."""
-
-    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="trades")
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
-    exchange_order_id = models.CharField(max_length=64)
-    order_key = models.UUIDField(null=True, blank=True, db_index=True)
-    symbol = models.CharField(max_length=32)
-    market_type = models.CharField(max_length=8, choices=MarketType.choices)
-    side = models.CharField(max_length=4, choices=Side.choices)
-    cumulative_filled = money(default=0)
-    average_price = money(default=0)
-    fees = money(default=0)
-    fee_currency = models.CharField(max_length=16, blank=True)
-    realized_pnl = money(default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["strategy_account", "exchange_order_id"], name="trade_unique_order")
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.exchange_order_id} {self.side} {self.cumulative_filled} {self.symbol}"
-
-
-class Fill(models.Model):
-    """Append-only fill ledger; UNIQUE(trade, cum_filled_after) makes a fill seen twice a no-op."""
-
-    class Source(models.TextChoices):
-        REST = "REST"
-        STREAM = "STREAM"
-        ADJUSTMENT = "ADJUSTMENT"
-
-    trade = models.ForeignKey(Trade, null=True, blank=True, on_delete=models.PROTECT, related_name="fills")
-    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="fills")
-    symbol = models.CharField(max_length=32)
-    cum_filled_after = money()
-    delta_qty = money(help_text="signed: + buy, - sell")
-    price = money()
-    fee = money(default=0)
-    fee_currency = models.CharField(max_length=16, blank=True)
-    realized_pnl = money(default=0)
-    filled_at = models.DateTimeField(db_index=True)
-    source = models.CharField(max_length=10, choices=Source.choices)
-
-    class Meta:
-        constraints = [models.UniqueConstraint(fields=["trade", "cum_filled_after"], name="fill_unique_increment")]
-        indexes = [models.Index(fields=["strategy_account", "symbol"], name="fill_position_idx")]
-
-    def __str__(self) -> str:
-        return f"{self.symbol} {self.delta_qty} @ {self.price}"
-
-
 class CircuitState(models.Model):
     """A circuit breaker over exchange calls: per (exchange, market type), or per account for auth failures."""
 
@@ -282,3 +222,48 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"webhook {self.delivery_id or self.payload_hash[:12]} of strategy {self.strategy_id}"
+
+
+class Signal(models.Model):
+    """One trading signal and the orders it fanned out to (a webhook delivery, or one API order).
+
+    The execution report (orders.selectors.signal_execution) reads its followers' times from their
+    OrderEvent history and their fills from the Trade ledger; only the membership and each order's
+    reference price are stored here, in the transaction that queued the orders.
+    """
+
+    class Source(models.TextChoices):
+        WEBHOOK = "webhook"
+        API = "api"
+
+    source = models.CharField(max_length=8, choices=Source.choices)
+    strategy = models.ForeignKey("accounts.Strategy", on_delete=models.PROTECT, related_name="+")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    symbol = models.CharField(max_length=32)
+    side = models.CharField(max_length=4, choices=Side.choices, blank=True)
+    order_type = models.CharField(max_length=12, choices=OrderType.choices)
+    price = money(null=True, blank=True, help_text="the signal's own price or stop price, if it had one")
+    received_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"signal {self.pk} {self.source} {self.side} {self.order_type} {self.symbol}"
+
+
+class SignalOrder(models.Model):
+    """One follower's order of a signal, with the price it was judged against when queued."""
+
+    signal = models.ForeignKey(Signal, on_delete=models.CASCADE, related_name="orders")
+    order_key = models.UUIDField(unique=True)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="+")
+    side = models.CharField(max_length=4, choices=Side.choices)
+    order_type = models.CharField(max_length=12, choices=OrderType.choices)
+    quantity = money()
+    reference_price = money(
+        null=True, blank=True, help_text="limit or stop price, or the market price at intake (MARKET): slippage base"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.order_key} of signal {self.signal_id}"

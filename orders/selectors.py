@@ -10,12 +10,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db.models import CharField, Count, F, Max, Min, Q, QuerySet, Value
 
 from accounts.models import Account
 from exchanges.models import MarketInfo
-from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty
+from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, Signal
+from orders.signal_report import ExecutionSummary, FollowerExecution, execution_summarize
+from positions.models import Trade
 
 Pair = tuple[int, str, str]  # (account_id, market_type, symbol)
 
@@ -63,6 +66,13 @@ OPEN_FIELDS = (
 
 
 # --- Queue pass reads -----------------------------------------------------------------------------
+
+
+def queue_slots_for(*, exchange: str, market_type: str) -> int:
+    """Live slots per bucket: ORDER_QUEUE_SLOTS["EXCHANGE:MARKET_TYPE"], else its "default", else 2."""
+    slots = settings.ORDER_QUEUE_SLOTS
+    value = slots.get(f"{exchange}:{market_type}", slots.get("default", 2))
+    return max(0, int(value))
 
 
 @dataclass(frozen=True)
@@ -295,4 +305,110 @@ def order_key_owned_by(*, user: User, order_key: uuid.UUID) -> bool:
         PendingOrder.objects.filter(order_key=order_key, account__user=user).exists()
         or OpenOrder.objects.filter(order_key=order_key, account__user=user).exists()
         or OrderEvent.objects.filter(order_key=order_key, account__user=user).exists()
+    )
+
+
+# --- Signals: the per-signal execution report ------------------------------------------------------
+
+# The last event of an order → where it is now, in the report's words.
+_OUTCOME_OF_EVENT: dict[str, str] = {
+    OrderEvent.Kind.QUEUED: "queued",
+    OrderEvent.Kind.REQUEUED: "queued",
+    OrderEvent.Kind.DEMOTED: "queued",
+    OrderEvent.Kind.SUBMITTING: "submitting",
+    OrderEvent.Kind.PLACED: "live",
+    OrderEvent.Kind.TRIGGERED: "live",
+    OrderEvent.Kind.PARTIALLY_FILLED: "partially_filled",
+    OrderEvent.Kind.FILLED: "filled",
+    OrderEvent.Kind.CANCELLED: "cancelled",
+    OrderEvent.Kind.REJECTED: "rejected",
+    OrderEvent.Kind.FAILED: "failed",
+    OrderEvent.Kind.LOST: "lost",
+}
+_FAILURES = {OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED, OrderEvent.Kind.LOST}
+
+
+@dataclass(frozen=True)
+class SignalExecution:
+    signal: Signal
+    followers: list[FollowerExecution]
+    summary: ExecutionSummary
+
+
+def signal_list_for_user(*, user: User, order_key: str | None = None) -> QuerySet[Signal]:
+    """Signals with at least one order on the user's accounts (staff: every signal), newest first."""
+    signals = Signal.objects.all() if user.is_staff else Signal.objects.filter(orders__account__user=user).distinct()
+    if order_key is not None:
+        signals = signals.filter(orders__order_key=order_key)
+    return signals.select_related("strategy").order_by("-received_at", "-id")
+
+
+def signal_execution(*, signal: Signal, user: User | None = None) -> SignalExecution:
+    """The signal's followers (only `user`'s own accounts unless staff or None) with their times from the
+    order events, their average fill prices from the Trade ledger and, while an order is still being placed,
+    its last create error. Four queries."""
+    rows = signal.orders.order_by("id")
+    if user is not None and not user.is_staff:
+        rows = rows.filter(account__user=user)
+    members = list(rows)
+    keys = [m.order_key for m in members]
+    events: dict[str, list[tuple[str, datetime, dict]]] = {}
+    for key, kind, at, details in (
+        OrderEvent.objects.filter(order_key__in=keys)
+        .order_by("id")
+        .values_list("order_key", "kind", "created_at", "details")
+    ):
+        events.setdefault(str(key), []).append((kind, at, details))
+    # An order still being placed whose last create failed (e.g. refused for funds) says why meanwhile.
+    pending_errors = {
+        str(key): f"{kind or 'error'}: {error}"
+        for key, error, kind in PendingOrder.objects.filter(order_key__in=keys)
+        .exclude(last_error="")
+        .values_list("order_key", "last_error", "last_error_kind")
+    }
+    fills: dict[str, tuple[Decimal, Decimal]] = {}  # order_key → (filled quantity, Σ price × quantity)
+    for trade_key, filled, average in Trade.objects.filter(order_key__in=keys).values_list(
+        "order_key", "cumulative_filled", "average_price"
+    ):
+        quantity, notional = fills.get(str(trade_key), (Decimal(0), Decimal(0)))
+        fills[str(trade_key)] = (quantity + filled, notional + filled * average)
+    followers = []
+    for member in members:
+        history = events.get(str(member.order_key), [])
+
+        def first(kind: str, history: list = history) -> datetime | None:
+            return next((at for k, at, _ in history if k == kind), None)
+
+        failure = next(
+            (
+                f"{k}: {details.get('reason') or details.get('error') or k}"
+                for k, _, details in history
+                if k in _FAILURES
+            ),
+            "",
+        ) or pending_errors.get(str(member.order_key), "")
+
+        filled, notional = fills.get(str(member.order_key), (Decimal(0), Decimal(0)))
+        followers.append(
+            FollowerExecution(
+                order_key=str(member.order_key),
+                account_id=member.account_id,
+                side=member.side,
+                order_type=member.order_type,
+                quantity=member.quantity,
+                reference_price=member.reference_price,
+                queued_at=first(OrderEvent.Kind.QUEUED),
+                submitted_at=first(OrderEvent.Kind.SUBMITTING),
+                acknowledged_at=first(OrderEvent.Kind.PLACED),
+                filled_at=first(OrderEvent.Kind.FILLED),
+                filled_quantity=filled,
+                fill_price=(notional / filled).quantize(Decimal("1e-12")) if filled > 0 else None,
+                outcome=_OUTCOME_OF_EVENT.get(history[-1][0], history[-1][0]) if history else "queued",
+                failure=failure[:300],
+            )
+        )
+    return SignalExecution(
+        signal=signal,
+        followers=followers,
+        summary=execution_summarize(received_at=signal.received_at, followers=followers),
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from orders.models import OrderEvent, OrderIdentity, PendingOrder, QueueDirty
+from orders.models import OrderEvent, OrderIdentity, PendingOrder, QueueDirty, Signal, SignalOrder
 from scheduler.locks import PAIR_LOCK_CLASS, advisory_key
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class OrderSpec:
     price: Decimal | None = None
     stop_price: Decimal | None = None
     priority: int = 0
+    # The price the order was judged against at intake (limit, stop, or the market price for MARKET):
+    # the base of its slippage in the signal execution report. Not stored on the order itself.
+    reference_price: Decimal | None = None
 
 
 def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime) -> list[PendingOrder]:
@@ -143,3 +146,49 @@ def queue_mark_dirty_by(*, pairs: Iterable[tuple[int, str, str]], due_at: dateti
         [QueueDirty(account_id=a, market_type=m, symbol=s, marked_at=due_at) for a, m, s in pairs],
         ignore_conflicts=True,
     )
+
+
+@dataclass(frozen=True)
+class SignalSource:
+    """Where a batch of queued orders came from: one webhook signal, or one API order."""
+
+    source: str  # Signal.Source
+    strategy_id: int
+    symbol: str
+    side: str
+    order_type: str
+    price: Decimal | None = None
+    user_id: int | None = None
+
+
+def signal_record(*, source: SignalSource, orders: list[PendingOrder], specs: list[OrderSpec], now: datetime) -> Signal:
+    """Store the signal and its followers' orders (with their reference prices) for the execution report.
+
+    Two statements; call in the transaction that queued `orders` (built from `specs`, in that order).
+    """
+    signal = Signal.objects.create(
+        source=source.source,
+        strategy_id=source.strategy_id,
+        user_id=source.user_id,
+        symbol=source.symbol,
+        side=source.side,
+        order_type=source.order_type,
+        price=source.price,
+        received_at=now,
+    )
+    SignalOrder.objects.bulk_create(
+        [
+            SignalOrder(
+                signal=signal,
+                order_key=order.order_key,
+                account_id=order.account_id,
+                strategy_account_id=order.strategy_account_id,
+                side=order.side,
+                order_type=order.order_type,
+                quantity=order.quantity,
+                reference_price=spec.reference_price,
+            )
+            for order, spec in zip(orders, specs, strict=True)
+        ]
+    )
+    return signal

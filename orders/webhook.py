@@ -14,23 +14,18 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from accounts.models import Account, MarketType, Strategy, StrategyAccount
-from accounts.services import strategy_webhook_token_check, webhook_token_hash, webhook_token_matches
-from exchanges.rounding import floor_to_step
-from exchanges.selectors import price_for_trading
-from orders.models import OpenOrder, OrderType, PendingOrder, Side, WebhookDelivery
-from orders.queue import order_cancel_by_user
-from orders.services import OrderSpec, orders_enqueue, pair_lock
-from orders.validation import (
-    LIMIT_PRICED,
-    Errors,
-    market_rule_active,
-    order_market_check,
-    order_shape_check,
-    sell_exposure,
-    spot_sell_check,
+from accounts.models import Account, Strategy, StrategyAccount
+from accounts.services import (
+    strategy_account_ref,
+    strategy_webhook_token_check,
+    webhook_token_hash,
+    webhook_token_matches,
 )
-from positions.models import Position
+from orders.intake import OrderDraft, Sizing, SpotSellRejectedError, order_check, orders_place
+from orders.models import OpenOrder, OrderType, PendingOrder, Signal, WebhookDelivery
+from orders.services import OrderSpec, SignalSource, pair_lock, signal_record
+from orders.transitions import order_cancel_by_user
+from orders.validation import Errors, errors_merge, order_range_check, order_shape_check
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +34,18 @@ CANCEL_ALL = "CANCEL_ALL"
 WEBHOOK_ORDER_TYPES = (*OrderType.values, CANCEL, CANCEL_ALL)
 CLOSE_POSITION = Decimal(-100)
 HASH_WINDOW = timedelta(seconds=60)
-HUNDRED = Decimal(100)
 CLAIM_ATTEMPTS = 5
 
 
 class WebhookRejectedError(Exception):
     """The signal breaks a rule; nothing was written for any account.
 
-    `errors` names bad payload fields; `account_errors` names, per account id, the fields that
-    fail for that account (its market rules, capital, position).
+    `errors` names bad payload fields; `account_errors` names, per account reference
+    (accounts.services.strategy_account_ref: the sender learns no account ids), the rules that
+    fail for that account, without its capital, position or sized quantity.
     """
 
-    def __init__(self, errors: Errors | None = None, account_errors: dict[int, Errors] | None = None):
+    def __init__(self, errors: Errors | None = None, account_errors: dict[str, Errors] | None = None):
         self.errors = errors or {}
         self.account_errors = account_errors or {}
         parts = [f"{name}: {' '.join(msgs)}" for name, msgs in sorted(self.errors.items())]
@@ -95,7 +90,7 @@ class WebhookReply:
 class _Plan:
     specs: list[OrderSpec] = field(default_factory=list)
     accounts: list[int] = field(default_factory=list)  # every fanned-out account, in order
-    spot_sells: list[tuple[int, str, int]] = field(default_factory=list)  # (account_id, symbol, spec index)
+    refs: dict[int, str] = field(default_factory=dict)  # strategy account id → its reference in replies
 
 
 # --- Pure pieces ---------------------------------------------------------------------------------
@@ -109,11 +104,6 @@ def webhook_payload_hash(payload: Mapping[str, Any]) -> str:
     canonical = {k: v for k, v in payload.items() if k != "token"}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def webhook_quantity(*, capital: Decimal, qty_per: Decimal, price: Decimal, leverage: Decimal) -> Decimal:
-    """allocated capital × qty_per / 100 / price × leverage (before flooring to the step)."""
-    return capital * qty_per / HUNDRED / price * leverage
 
 
 def webhook_signal_check(*, signal: WebhookSignal) -> Errors:
@@ -135,15 +125,11 @@ def webhook_signal_check(*, signal: WebhookSignal) -> Errors:
         errors["qty_per"] = ["qty_per must be greater than 0, or -100 to close the position"]
     if not signal.closes:
         # A close is always a MARKET order on the opposite side: price fields do not apply to it.
-        for name, messages in order_shape_check(
-            order_type=signal.order_type, price=signal.price, stop_price=signal.stop_price
-        ).items():
-            errors.setdefault(name, []).extend(messages)
+        errors_merge(
+            errors, order_shape_check(order_type=signal.order_type, price=signal.price, stop_price=signal.stop_price)
+        )
+        errors_merge(errors, order_range_check(price=signal.price, stop_price=signal.stop_price))
     return errors
-
-
-def _fmt(value: Decimal) -> str:
-    return format(value.normalize(), "f")
 
 
 # --- Authentication ------------------------------------------------------------------------------
@@ -245,123 +231,85 @@ def _capital_of(strategy_account: StrategyAccount) -> Decimal:
         return Decimal(0)
 
 
-def _account_order(
-    *, strategy_account: StrategyAccount, market_type: str, signal: WebhookSignal, now: datetime
-) -> tuple[OrderSpec | None, Errors]:
-    """The one order of this account for `signal` (None: nothing to do), or the errors naming why not."""
-    account = strategy_account.account
-    assert signal.symbol is not None and signal.order_type is not None and signal.side is not None
-    rule, errors = market_rule_active(exchange=account.exchange, market_type=market_type, symbol=signal.symbol)
-    if rule is None:
-        return None, errors
-    order_type: str
-    side: str
-    if signal.closes:
-        held = (
-            Position.objects.filter(strategy_account=strategy_account, symbol=signal.symbol)
-            .values_list("quantity", flat=True)
-            .first()
-        ) or Decimal(0)
-        if held == 0:
-            return None, {}
-        order_type, side, price, stop_price = OrderType.MARKET, Side.SELL if held > 0 else Side.BUY, None, None
-        quantity: Decimal | None = abs(held)
-        sizing = f"closing the position {_fmt(held)}"
-    else:
-        order_type, side, price, stop_price = signal.order_type, signal.side, signal.price, signal.stop_price
-        quantity, sizing = None, ""
-    market_price = None
-    if order_type not in LIMIT_PRICED:
-        market_price = price_for_trading(
-            exchange=account.exchange, market_type=market_type, symbol=signal.symbol, now=now
-        )
-    if not signal.closes:
-        assert signal.qty_per is not None
-        sizing_price = floor_to_step(price, rule.tick_size) if price is not None else market_price
-        capital = _capital_of(strategy_account)
-        if capital <= 0:
-            errors["quantity"] = [f"no capital allocated to {signal.symbol} trading on account {account.pk}"]
-        elif sizing_price is not None and sizing_price > 0:
-            quantity = webhook_quantity(
-                capital=capital, qty_per=signal.qty_per, price=sizing_price, leverage=strategy_account.leverage
-            )
-            sizing = (
-                f"sized {_fmt(capital)} × {_fmt(signal.qty_per)} % ÷ {_fmt(sizing_price)} "
-                f"× leverage {_fmt(strategy_account.leverage)}"
-            )
-    check = order_market_check(
-        rule=rule,
-        order_type=order_type,
-        quantity=quantity,
-        price=price,
-        stop_price=stop_price,
-        market_price=market_price,
-    )
-    for name, messages in check.errors.items():
-        errors.setdefault(name, []).extend(messages)
-    if "quantity" in check.errors and sizing:
-        errors["quantity"].append(f"({sizing})")
-    if errors:
-        return None, errors
-    assert check.quantity is not None
-    spec = OrderSpec(
-        strategy_account_id=strategy_account.pk,
-        account_id=account.pk,
-        symbol=signal.symbol,
-        market_type=market_type,
-        side=side,
-        order_type=order_type,
-        quantity=check.quantity,
-        price=check.price,
-        stop_price=check.stop_price,
-    )
-    if market_type == MarketType.SPOT and side == Side.SELL:
-        held, in_orders = sell_exposure(strategy_account_id=strategy_account.pk, symbol=signal.symbol)
-        errors = spot_sell_check(quantity=spec.quantity, held=held, in_sell_orders=in_orders, symbol=signal.symbol)
-        if errors:
-            return None, errors
-    return spec, {}
-
-
 def _orders_plan(*, strategy: Strategy, signal: WebhookSignal, now: datetime) -> _Plan:
-    """Validate the fan-out: one order (or none) per active account; any account's error rejects all."""
+    """Validate the fan-out: one order (or none) per active account; any account's error rejects all.
+
+    Each account goes through the intake pipeline (orders.intake.order_check) with its own capital
+    and leverage; the reply names a failing account by its reference and the rule only, and the
+    log line gives the operator the account id and the figures.
+    """
     accounts = _fan_out(strategy)
     if not accounts:
         raise WebhookRejectedError({"group_name": [f"strategy {strategy.group_name!r} has no active accounts"]})
+    assert signal.symbol is not None and signal.order_type is not None and signal.qty_per is not None
     plan = _Plan()
-    account_errors: dict[int, Errors] = {}
+    account_errors: dict[str, Errors] = {}
     for strategy_account in accounts:
         plan.accounts.append(strategy_account.account_id)
-        spec, errors = _account_order(
-            strategy_account=strategy_account, market_type=strategy.market_type, signal=signal, now=now
+        ref = plan.refs[strategy_account.pk] = strategy_account_ref(strategy_account.pk)
+        draft = OrderDraft(
+            strategy_account_id=strategy_account.pk,
+            account_id=strategy_account.account_id,
+            exchange=strategy_account.account.exchange,
+            market_type=strategy.market_type,
+            symbol=signal.symbol,
+            side=signal.side,
+            order_type=signal.order_type,
+            price=signal.price,
+            stop_price=signal.stop_price,
+            sizing=Sizing(
+                capital=_capital_of(strategy_account),
+                qty_per=signal.qty_per,
+                leverage=strategy_account.leverage,
+                close=signal.closes,
+            ),
         )
-        if errors:
-            account_errors[strategy_account.account_id] = errors
-        elif spec is not None:
-            if spec.market_type == MarketType.SPOT and spec.side == Side.SELL:
-                plan.spot_sells.append((spec.account_id, spec.symbol, len(plan.specs)))
-            plan.specs.append(spec)
+        check = order_check(draft=draft, now=now, private=True)
+        if check.errors:
+            account_errors[ref] = check.errors
+            logger.info(
+                "webhook of %s: account %s (%s) rejected: %s %s",
+                strategy,
+                strategy_account.account_id,
+                ref,
+                check.errors,
+                check.sizing,
+            )
+        elif check.spec is not None:
+            plan.specs.append(check.spec)
     if account_errors:
         raise WebhookRejectedError(account_errors=account_errors)
     return plan
 
 
-def _orders_place(*, plan: _Plan, now: datetime) -> dict[str, list[str]]:
-    """Enqueue the plan's orders (caller's transaction); spot sells re-checked under their pair locks."""
-    with ExitStack() as locks:
-        # Sorted, so two deliveries locking overlapping pairs never wait on each other in a cycle.
-        for account_id, symbol, index in sorted(plan.spot_sells):
-            locks.enter_context(pair_lock(account_id=account_id, symbol=symbol))
-            spec = plan.specs[index]
-            held, in_orders = sell_exposure(strategy_account_id=spec.strategy_account_id, symbol=symbol)
-            errors = spot_sell_check(quantity=spec.quantity, held=held, in_sell_orders=in_orders, symbol=symbol)
-            if errors:
-                raise WebhookRejectedError(account_errors={account_id: errors})
-        orders = orders_enqueue(specs=plan.specs, signal_at=now, now=now) if plan.specs else []
+def _orders_place(
+    *, plan: _Plan, strategy: Strategy, signal: WebhookSignal, now: datetime
+) -> tuple[dict[str, list[str]], int | None]:
+    """Enqueue the plan's orders (caller's transaction), spot sells re-checked under their pair locks, and
+    record them as one Signal for the execution report. Returns the order keys per account and the signal id."""
+    try:
+        orders = orders_place(specs=plan.specs, now=now, private=True)
+    except SpotSellRejectedError as exc:
+        raise WebhookRejectedError(account_errors={plan.refs[exc.spec.strategy_account_id]: exc.errors}) from None
     keys: dict[str, list[str]] = {str(account_id): [] for account_id in plan.accounts}
     for order in orders:
         keys[str(order.account_id)].append(str(order.order_key))
-    return keys
+    if not orders:
+        return keys, None
+    recorded = signal_record(
+        source=SignalSource(
+            source=Signal.Source.WEBHOOK,
+            strategy_id=strategy.pk,
+            symbol=signal.symbol or "",
+            side=signal.side or "",
+            order_type=signal.order_type or "",
+            price=signal.stop_price or signal.price,
+        ),
+        orders=orders,
+        specs=plan.specs,
+        now=now,
+    )
+    return keys, recorded.pk
 
 
 def _cancel(*, strategy: Strategy, symbol: str | None, now: datetime) -> dict[str, dict[str, str]]:
@@ -439,7 +387,10 @@ def webhook_receive(
             logger.info("webhook of %s: concurrent duplicate delivery, replayed", strategy)
             return WebhookReply(body=replay, duplicate=True)
         if plan is not None:
-            body: dict[str, Any] = {"orders": _orders_place(plan=plan, now=now), "cancelled": {}}
+            keys, signal_id = _orders_place(plan=plan, strategy=strategy, signal=signal, now=now)
+            body: dict[str, Any] = {"orders": keys, "cancelled": {}}
+            if signal_id is not None:
+                body["signal"] = signal_id
         else:
             symbol = signal.symbol if signal.order_type == CANCEL else None
             body = {"orders": {}, "cancelled": _cancel(strategy=strategy, symbol=symbol, now=now)}

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.exceptions import ParseError
-from rest_framework.parsers import BaseParser
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import PositiveDecimalField, SymbolField, errors_response, fields_parse
+from core.api import BoundedChoiceField, PositiveDecimalField, SymbolField, errors_response, fields_parse
 from core.money import COLUMN_LIMIT
+from core.parsers import DecimalJSONParser, DecimalTextParser
 from orders.models import Side
 from orders.webhook import (
     WEBHOOK_ORDER_TYPES,
@@ -36,26 +32,7 @@ logger = logging.getLogger(__name__)
 FORBIDDEN = {"detail": "invalid group_name or token"}
 
 
-class WebhookJSONParser(BaseParser):
-    """JSON with numbers read as Decimal (no float rounding of prices or qty_per)."""
-
-    media_type = "application/json"
-
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
-        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
-        try:
-            return json.loads(stream.read().decode(encoding), parse_float=Decimal)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ParseError(f"JSON parse error - {exc}") from None
-
-
-class WebhookTextParser(WebhookJSONParser):
-    """TradingView sends its alert message as text/plain when it does not recognise it as JSON."""
-
-    media_type = "text/plain"
-
-
-class UpperChoiceField(serializers.ChoiceField):
+class UpperChoiceField(BoundedChoiceField):
     """A choice matched case-insensitively (TradingView's {{strategy.order.action}} says "buy")."""
 
     def to_internal_value(self, data: Any) -> Any:
@@ -76,13 +53,14 @@ class QtyPerField(serializers.DecimalField):
         if isinstance(data, bool):
             self.fail("invalid")
         value = super().to_internal_value(data)
-        if abs(value) >= COLUMN_LIMIT:
+        # Compared as is: abs() rounds to the context and overflows on 1e999999999 (found by the fuzz test).
+        if not -COLUMN_LIMIT < value < COLUMN_LIMIT:
             self.fail("too_large")
         return value
 
 
 class WebhookErrorsSerializer(serializers.Serializer):
-    """A 400 body: bad payload fields, and per account id the fields that fail for that account."""
+    """A 400 body: bad payload fields, and per account reference the rules that fail for that account."""
 
     class Meta:
         ref_name = "WebhookErrors"
@@ -91,7 +69,8 @@ class WebhookErrorsSerializer(serializers.Serializer):
     errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))  # type: ignore[assignment]
     account_errors = serializers.DictField(
         child=serializers.DictField(child=serializers.ListField(child=serializers.CharField())),
-        help_text="account id → field → messages",
+        help_text="account reference (as the strategy's admin page shows it) → field → messages; "
+        "the rule only, never the account's capital or position",
     )
 
 
@@ -109,16 +88,17 @@ class WebhookApi(APIView):
     token of the strategy named by `group_name`. An unknown group, a strategy without a token and
     a wrong token all get the same 403. Orders are sized per account as allocated capital ×
     qty_per / 100 / price × leverage, floored to the step (price: the order's own for LIMIT and
-    STOP_LIMIT, else a fresh market price); qty_per = -100 closes each account's position with a
-    MARKET order on the opposite side. CANCEL cancels the strategy's orders on `symbol`,
-    CANCEL_ALL on every symbol. All-or-nothing: a 400 names the payload fields and, per account,
-    the fields that fail, and nothing is written. A repeated delivery (same `id`, or without one
+    STOP_LIMIT, the stop price for STOP_MARKET, else a fresh market price); qty_per = -100 closes
+    each account's position with a MARKET order on the opposite side. CANCEL cancels the strategy's
+    orders on `symbol`, CANCEL_ALL on every symbol. All-or-nothing: a 400 names the payload fields
+    and, per account reference, the rules that fail (never an account id, its capital or position),
+    and nothing is written. A repeated delivery (same `id`, or without one
     the same payload within 60 s) gets the first reply again (header `X-Webhook-Duplicate: true`).
     """
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    parser_classes = [WebhookJSONParser, WebhookTextParser]
+    parser_classes = [DecimalJSONParser, DecimalTextParser]
 
     class InputSerializer(serializers.Serializer):
         class Meta:
@@ -191,7 +171,7 @@ class WebhookApi(APIView):
             logger.info("webhook of %s rejected: %s", strategy, exc)
             body = {
                 "errors": exc.errors,
-                "account_errors": {str(account_id): fields for account_id, fields in exc.account_errors.items()},
+                "account_errors": exc.account_errors,
             }
             return Response(body, status=status.HTTP_400_BAD_REQUEST)
         response = Response(reply.body, status=status.HTTP_202_ACCEPTED)

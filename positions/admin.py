@@ -1,5 +1,6 @@
-"""Admin for positions and daily performance — read-only: a position always equals the sum of its fills
-(SPEC §4.3) and performance rows are recomputed by their job."""
+"""Admin for positions, trades, the fill ledger and daily performance — read-only: a position always equals
+the sum of its fills (SPEC §4.3), fills are appended only by the fill path, and performance rows are
+recomputed by their job."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from positions.models import Position, StrategyDailyPerformance
+from core.admin import OrderKeySearchMixin
+from positions.models import Fill, Position, StrategyDailyPerformance, Trade
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -40,6 +42,47 @@ class PositionAdmin(ReadOnlyAdmin):
     list_filter = ("market_type", "strategy_account__account", "symbol")
     list_select_related = ("strategy_account__strategy", "strategy_account__account")
     search_fields = ("symbol", "strategy_account__strategy__group_name")
+
+
+@admin.register(Trade)
+class TradeAdmin(OrderKeySearchMixin, ReadOnlyAdmin):
+    list_display = (
+        "exchange_order_id",
+        "strategy_account",
+        "symbol",
+        "market_type",
+        "side",
+        "cumulative_filled",
+        "average_price",
+        "fees",
+        "fee_currency",
+        "realized_pnl",
+        "updated_at",
+    )
+    list_filter = ("market_type", "side", "account")
+    list_select_related = ("strategy_account__strategy", "strategy_account__account")
+    search_fields = ("exchange_order_id", "symbol")
+    ordering = ("-id",)
+
+
+@admin.register(Fill)
+class FillAdmin(ReadOnlyAdmin):
+    list_display = (
+        "filled_at",
+        "strategy_account",
+        "symbol",
+        "delta_qty",
+        "price",
+        "fee",
+        "fee_currency",
+        "realized_pnl",
+        "source",
+        "trade",
+    )
+    list_filter = ("source",)
+    list_select_related = ("strategy_account__strategy", "strategy_account__account", "trade")
+    search_fields = ("symbol", "trade__exchange_order_id")
+    ordering = ("-id",)
 
 
 @admin.register(StrategyDailyPerformance)

@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from core.api import (
     PAGINATION_PARAMETERS,
     ErrorsSerializer,
+    IdField,
     PlainDecimalField,
     SymbolField,
     UserApi,
@@ -26,7 +27,7 @@ class PositionListApi(UserApi):
     """GET /api/positions/: the user's open positions (flat ones too with include_flat=true), paginated."""
 
     class FilterSerializer(serializers.Serializer):
-        account = serializers.IntegerField(required=False, min_value=1)
+        account = IdField(required=False)
         symbol = SymbolField(required=False)
         include_flat = serializers.BooleanField(required=False, default=False)
 

@@ -1,10 +1,14 @@
-"""Positions: the signed quantity per strategy account and symbol, kept equal to the sum of its fills."""
+"""Positions and the fill ledger they are built from (trades, fills), and daily performance."""
 
 from __future__ import annotations
 
 from django.db import models
 
-from accounts.models import MarketType, StrategyAccount, money
+from accounts.models import Account, MarketType, StrategyAccount, money
+from exchanges.gateway import Side
+
+# The order side as stored (orders.models.Side holds the same values).
+SIDE_CHOICES = [(side.value, side.name.title()) for side in Side]
 
 
 class Position(models.Model):
@@ -27,6 +31,63 @@ class Position(models.Model):
 
     def __str__(self) -> str:
         return f"{self.symbol} {self.quantity} @ {self.average_entry}"
+
+
+class Trade(models.Model):
+    """One per (strategy account, exchange order): cumulative fill, average price, fees, realized PnL."""
+
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="trades")
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="+")
+    exchange_order_id = models.CharField(max_length=64)
+    order_key = models.UUIDField(null=True, blank=True, db_index=True)
+    symbol = models.CharField(max_length=32)
+    market_type = models.CharField(max_length=8, choices=MarketType.choices)
+    side = models.CharField(max_length=4, choices=SIDE_CHOICES)
+    cumulative_filled = money(default=0)
+    average_price = money(default=0)
+    fees = money(default=0)
+    fee_currency = models.CharField(max_length=16, blank=True)
+    realized_pnl = money(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "orders_trade"  # moved from the orders app; the table kept its name
+        constraints = [
+            models.UniqueConstraint(fields=["strategy_account", "exchange_order_id"], name="trade_unique_order")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.exchange_order_id} {self.side} {self.cumulative_filled} {self.symbol}"
+
+
+class Fill(models.Model):
+    """Append-only fill ledger; UNIQUE(trade, cum_filled_after) makes a fill seen twice a no-op."""
+
+    class Source(models.TextChoices):
+        REST = "REST"
+        STREAM = "STREAM"
+        ADJUSTMENT = "ADJUSTMENT"
+
+    trade = models.ForeignKey(Trade, null=True, blank=True, on_delete=models.PROTECT, related_name="fills")
+    strategy_account = models.ForeignKey(StrategyAccount, on_delete=models.PROTECT, related_name="fills")
+    symbol = models.CharField(max_length=32)
+    cum_filled_after = money()
+    delta_qty = money(help_text="signed: + buy, - sell")
+    price = money()
+    fee = money(default=0)
+    fee_currency = models.CharField(max_length=16, blank=True)
+    realized_pnl = money(default=0)
+    filled_at = models.DateTimeField(db_index=True)
+    source = models.CharField(max_length=10, choices=Source.choices)
+
+    class Meta:
+        db_table = "orders_fill"  # moved from the orders app; the table kept its name
+        constraints = [models.UniqueConstraint(fields=["trade", "cum_filled_after"], name="fill_unique_increment")]
+        indexes = [models.Index(fields=["strategy_account", "symbol"], name="fill_position_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.symbol} {self.delta_qty} @ {self.price}"
 
 
 def ratio(**kwargs) -> models.DecimalField:  # noqa: ANN003

@@ -7,19 +7,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q, Sum
-from django.utils import timezone
 
 from accounts.models import Strategy, StrategyCapital
 from core.money import ZERO, quantize
 from exchanges.selectors import price_for_valuation
-from orders.models import Fill
 from positions.arithmetic import unrealized_pnl
-from positions.models import Position, StrategyDailyPerformance
+from positions.models import Fill, Position, StrategyDailyPerformance
 from positions.performance import (
     FillFacts,
     day_bounds,
@@ -358,33 +355,3 @@ def performance_backfill(
     return PerformanceReport(
         strategies=len(chosen), written=written, unchanged=unchanged, first_day=since, last_day=until
     )
-
-
-def performance_catch_up(*, host: Any) -> bool:
-    """Leader hook (SPEC §2.2): run calculate_daily_performance as a CATCHUP JobRun of the new term.
-
-    The job computes every day missed while no leader ran it. It goes through the wrapped
-    function, so it takes the job's lock (waiting up to its budget, never overlapping the
-    scheduled 00:00:13 run) and its claim is refused once the term is over. Skipped when the
-    job is disabled or paused. Returns whether it ran.
-    """
-    from scheduler.models import JobControl, JobRun
-    from scheduler.reconcile import job_function
-    from scheduler.registry import registry_spec
-    from scheduler.runs import JobFailedError, RunContext, run_in_context
-
-    term = host.term
-    job_id = "calculate_daily_performance"
-    spec = registry_spec(job_id)
-    if term is None or spec is None:
-        return False
-    if not spec.enabled or JobControl.objects.filter(job_id=job_id, paused=True).exists():
-        logger.info("performance catch-up (term %s): %s disabled or paused", term, job_id)
-        return False
-    ctx = RunContext(scheduled_at=timezone.now(), kind=JobRun.Kind.CATCHUP, term=term, lock_timeout=spec.budget)
-    try:
-        run_in_context(ctx, job_function(spec))
-    except JobFailedError as exc:
-        # The wrapper stored, counted and alerted it; the 00:00:13 run retries.
-        logger.warning("performance catch-up (term %s) failed: %s", term, exc)
-    return True

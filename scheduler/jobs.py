@@ -12,6 +12,7 @@ from django_apscheduler.models import DjangoJobExecution
 
 from core.models import MetricCounter
 from scheduler.models import JobCommand, JobRun, SchedulerInstance
+from scheduler.registry import registry_specs_lenient
 from scheduler.runs import JobResult, scheduler_job
 
 PRUNE_BATCH = 500
@@ -29,8 +30,6 @@ def _delete_in_batches(queryset: QuerySet) -> int:
 
 
 def _one_second_job_ids() -> list[str]:
-    from scheduler.registry import registry_specs_lenient
-
     return [
         spec.id
         for spec in registry_specs_lenient()

@@ -40,6 +40,19 @@ def cron(**fields: int | str) -> Trigger:
 
 
 @dataclass(frozen=True)
+class CatchUp:
+    """A job that also runs once, as a CATCHUP JobRun, when a leadership term starts (SPEC §2.2).
+
+    `step` orders the catch-ups of a term, lowest first. `when`, if set, is a "module:function"
+    reference called with `now=` (aware UTC) that says whether the catch-up is due; None: always.
+    The domain that owns the job owns the condition; the scheduler imports neither.
+    """
+
+    step: int
+    when: str | None = None
+
+
+@dataclass(frozen=True)
 class JobSpec:
     id: str
     name: str
@@ -48,6 +61,7 @@ class JobSpec:
     grace: int  # misfire_grace_time, seconds
     budget: float  # seconds; a longer run is an overrun
     enabled: bool = True
+    on_leader: CatchUp | None = None  # run once when a term starts, before the leader announcement
 
     def trigger_text(self, timezone: str | None = None) -> str:
         return str(self.trigger.build(timezone or settings.SCHEDULER_TIMEZONE))
@@ -82,10 +96,11 @@ REGISTRY: tuple[JobSpec, ...] = (
     JobSpec(
         id="update_price_cache",
         name="Update Price Cache",
-        func="exchanges.jobs:update_price_cache",
+        func="positions.jobs:update_price_cache",
         trigger=interval(seconds=31),
         grace=31,
         budget=20,
+        on_leader=CatchUp(step=2),
     ),
     JobSpec(
         id="calculate_unrealized_pnl",
@@ -98,7 +113,7 @@ REGISTRY: tuple[JobSpec, ...] = (
     JobSpec(
         id="check_websocket_health",
         name="Check Websocket Health",
-        func="exchanges.jobs:check_websocket_health",
+        func="orders.jobs:check_websocket_health",
         trigger=interval(seconds=60),
         grace=60,
         budget=20,
@@ -114,15 +129,16 @@ REGISTRY: tuple[JobSpec, ...] = (
     JobSpec(
         id="precision_cache_update",
         name="Precision Cache Update",
-        func="exchanges.jobs:precision_cache_update",
+        func="positions.jobs:precision_cache_update",
         trigger=cron(hour=3, minute=7),
         grace=3600,
         budget=900,
+        on_leader=CatchUp(step=1, when="exchanges.selectors:market_info_is_stale"),
     ),
     JobSpec(
         id="symbol_validator_refresh",
         name="Symbol Validator Refresh",
-        func="exchanges.jobs:symbol_validator_refresh",
+        func="positions.jobs:symbol_validator_refresh",
         trigger=cron(minute=15),
         grace=600,
         budget=300,
@@ -130,10 +146,11 @@ REGISTRY: tuple[JobSpec, ...] = (
     JobSpec(
         id="send_daily_summary",
         name="Send Daily Summary",
-        func="notifications.jobs:send_daily_summary",
+        func="reporting.jobs:send_daily_summary",
         trigger=cron(hour=21, minute=3),
         grace=3600,
         budget=300,
+        on_leader=CatchUp(step=4, when="reporting.summary:summary_catch_up_due"),
     ),
     JobSpec(
         id="calculate_daily_performance",
@@ -142,11 +159,12 @@ REGISTRY: tuple[JobSpec, ...] = (
         trigger=cron(hour=0, minute=0, second=13),
         grace=3600,
         budget=900,
+        on_leader=CatchUp(step=3),
     ),
     JobSpec(
         id="auto_rebalance_accounts",
         name="Auto Rebalance Accounts",
-        func="accounts.jobs:auto_rebalance_accounts",
+        func="reporting.jobs:auto_rebalance_accounts",
         trigger=cron(minute=17),
         grace=600,
         budget=300,
@@ -224,6 +242,12 @@ def registry_specs(*, overrides: Any = None, probe: bool | None = None) -> list[
             raise OverrideError(f"SCHEDULER_JOB_OVERRIDES[{job_id!r}]: no such job in the registry")
         by_id[job_id] = _apply_override(by_id[job_id], override)
     return list(by_id.values())
+
+
+def catch_up_specs() -> list[JobSpec]:
+    """The configured rows declaring a leader catch-up, in step order (disabled rows included)."""
+    declared = [(spec.on_leader.step, spec) for spec in registry_specs_lenient() if spec.on_leader is not None]
+    return [spec for _, spec in sorted(declared, key=lambda pair: pair[0])]
 
 
 def registry_spec(job_id: str) -> JobSpec | None:

@@ -19,7 +19,6 @@ from apscheduler.util import ref_to_obj
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
-from django_apscheduler.models import DjangoJob
 
 from core.alerts import alert_raise
 from core.runtime import HOST
@@ -28,6 +27,7 @@ from scheduler.leadership import LeaderLock, leader_lock_for_database
 from scheduler.models import SchedulerInstance
 from scheduler.reconcile import reconcile
 from scheduler.registry import JobSpec
+from scheduler.selectors import overdue_jobs
 from scheduler.services import instance_heartbeat, jobrun_close_abandoned, leadership_begin_term
 
 logger = logging.getLogger(__name__)
@@ -35,40 +35,28 @@ logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 HEARTBEAT_EVERY = 2.0
 WATCHDOG_EVERY = 2.0
-OVERDUE_SLACK = 5  # seconds beyond a job's grace
 RESTART_LIMIT = 3
 RESTART_WINDOW = timedelta(minutes=10)
 
 # Leader-only threads (SPEC §2.4), started on every term and stopped when leadership is lost.
-# Each is "module:Class" taking the host; domains append theirs (outbox sender, user streams).
+# Each is "module:callable" taking the host and returning the thread object (start, stop, is_alive);
+# domains append theirs (outbox sender, user streams).
 LEADER_THREADS: list[str] = [
     "scheduler.poller:CommandPoller",
     "notifications.sender:OutboxSender",
-    "exchanges.streams:UserStreamManager",
+    "orders.streams:user_stream_manager",
+    "orders.execution:ExecutionPools",
 ]
-# Run once in the background on becoming leader (SPEC §2.2): warm-ups and catch-ups.
+# Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
+# rows (JobSpec.on_leader), then the announcement.
 LEADER_HOOKS: list[str] = [
-    "exchanges.services:leader_warmup",
-    "positions.services:performance_catch_up",
-    "notifications.summary:summary_catch_up",
-    "notifications.services:leader_announce",
+    "scheduler.services:leader_catch_up",
+    "scheduler.services:leader_announce",
 ]
 
 
 class WatchdogExit(SystemExit):
     pass
-
-
-def overdue_jobs(specs: list[JobSpec], now: datetime) -> list[str]:
-    """Ids of enabled jobs whose next run is older than grace + 5 s (reads the id/next_run_time columns only)."""
-    grace = {spec.id: spec.grace for spec in specs if spec.enabled}
-    overdue = []
-    for job_id, next_run in DjangoJob.objects.filter(id__in=list(grace), next_run_time__isnull=False).values_list(
-        "id", "next_run_time"
-    ):
-        if (now - next_run).total_seconds() > grace[job_id] + OVERDUE_SLACK:
-            overdue.append(job_id)
-    return overdue
 
 
 class SchedulerHost:

@@ -23,6 +23,7 @@ from core.runtime import HOST
 from core.scrub import scrub
 from scheduler.locks import JobLock
 from scheduler.models import JobRun, Leadership
+from scheduler.registry import registry_spec
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def _outcome(result: Any, duration_s: float, budget: float) -> tuple[str, str]:
 
 
 def _budget(job_id: str) -> float:
-    from scheduler.registry import registry_spec
-
     spec = registry_spec(job_id)
     return spec.budget if spec else float("inf")
 

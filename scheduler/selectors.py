@@ -23,6 +23,7 @@ LEADER_HEARTBEAT_MAX_AGE_POSTGRES = timedelta(seconds=10)
 # SQLite has no lock visible to other processes; the heartbeat alone identifies the leader.
 LEADER_HEARTBEAT_MAX_AGE_SQLITE = timedelta(seconds=3)
 STANDBY_HEARTBEAT_MAX_AGE = timedelta(seconds=10)
+OVERDUE_SLACK = 5  # seconds beyond a job's grace
 DISABLED_REASON = "disabled by SCHEDULER_JOB_OVERRIDES"
 
 LAST_RUN_FIELDS = ("outcome", "scheduled_at", "duration_ms", "lateness_ms", "summary")
@@ -75,10 +76,19 @@ def scheduler_standbys(*, now: datetime) -> list[SchedulerInstance]:
     )
 
 
-def _running(*, leader: SchedulerInstance | None, specs: list[JobSpec], now: datetime) -> bool:
-    # Imported here: the runner module pulls in APScheduler's host machinery, which readers rarely need.
-    from scheduler.runner import overdue_jobs
+def overdue_jobs(specs: list[JobSpec], now: datetime) -> list[str]:
+    """Ids of enabled jobs whose next run is older than grace + 5 s (reads the id/next_run_time columns only)."""
+    grace = {spec.id: spec.grace for spec in specs if spec.enabled}
+    overdue = []
+    for job_id, next_run in DjangoJob.objects.filter(id__in=list(grace), next_run_time__isnull=False).values_list(
+        "id", "next_run_time"
+    ):
+        if (now - next_run).total_seconds() > grace[job_id] + OVERDUE_SLACK:
+            overdue.append(job_id)
+    return overdue
 
+
+def _running(*, leader: SchedulerInstance | None, specs: list[JobSpec], now: datetime) -> bool:
     if leader is None or not leader.thread_alive:
         return False
     overdue = overdue_jobs(specs, now)

@@ -34,6 +34,31 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
                 item.add_marker(skip_browser_bin)
 
 
+@pytest.fixture(autouse=True)
+def _execution_inline(settings):  # noqa: ANN001
+    """Exchange work runs inline in the calling thread by default: most tests keep their rows in one
+    uncommitted transaction that worker threads cannot see. Tests of the concurrent engine use
+    `execution_workers` (committed data), and subprocess tests and the drill run the real pools.
+    """
+    from exchanges.ratelimit import rate_budget_reset
+    from orders.execution import execution_pools_close
+
+    settings.EXECUTION_WORKERS = 0
+    settings.RECONCILE_WORKERS = 0
+    rate_budget_reset()  # a 429 block or spent budget of one test never reaches the next
+    yield
+    execution_pools_close()
+    rate_budget_reset()
+
+
+@pytest.fixture
+def execution_workers(settings, transactional_db):  # noqa: ANN001
+    """Real worker pools (8 threads each) over committed data; closed (connections included) afterwards."""
+    settings.EXECUTION_WORKERS = 8
+    settings.RECONCILE_WORKERS = 8
+    return 8
+
+
 @pytest.fixture
 def staff_user(django_user_model):  # noqa: ANN001
     return django_user_model.objects.create_user(username="ops", password="ops-pass-123", is_staff=True)

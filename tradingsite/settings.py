@@ -61,9 +61,12 @@ INSTALLED_APPS = [
     "accounts",
     "positions",
     "orders",
+    "reporting",
 ]
 
 MIDDLEWARE = [
+    # First: a too-large body is refused (413) before anything reads it or checks a token.
+    "core.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -152,7 +155,18 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # DRF's defaults with the JSON parser replaced by one that bounds nesting (a deep document is a 400).
+    "DEFAULT_PARSER_CLASSES": [
+        "core.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
 }
+# Request body caps (bytes), checked by core.middleware before the body is parsed; the longest
+# matching path prefix wins. Above the cap: 413 with a JSON body.
+WEBHOOK_MAX_BODY_BYTES = env.int("WEBHOOK_MAX_BODY_BYTES", default=64 * 1024)
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
+BODY_LIMITS = {"/api/webhook/": WEBHOOK_MAX_BODY_BYTES, "/api/": API_MAX_BODY_BYTES}
 SPECTACULAR_SETTINGS = {"TITLE": "tradingsite API", "VERSION": "0.1.0"}
 
 # --- Scheduler (SPEC §2) ----------------------------------------------------
@@ -216,7 +230,19 @@ EXCHANGE_HTTP_TIMEOUT_MS = env.int("EXCHANGE_HTTP_TIMEOUT_MS", default=10_000)
 EXCHANGE_RETRIES = env.int("EXCHANGE_RETRIES", default=2)
 EXCHANGE_RETRY_BACKOFF = env.float("EXCHANGE_RETRY_BACKOFF", default=0.5)
 # The 1 s order queue's own per-request timeout (its calls are not retried; outcomes are looked up).
+# The execution engine (orders.execution): worker threads for the queue's exchange calls (one pair
+# at a time per key, pairs in parallel) and for reconciliation per account market; 0 runs inline.
+EXECUTION_WORKERS = env.int("EXECUTION_WORKERS", default=16)
+RECONCILE_WORKERS = env.int("RECONCILE_WORKERS", default=8)
+for _name, _value in (("EXECUTION_WORKERS", EXECUTION_WORKERS), ("RECONCILE_WORKERS", RECONCILE_WORKERS)):
+    if not 0 <= _value <= 256:
+        raise ImproperlyConfigured(f"{_name} must be between 0 and 256 worker threads, not {_value}")
 EXCHANGE_QUEUE_TIMEOUT_MS = env.int("EXCHANGE_QUEUE_TIMEOUT_MS", default=1000)
+# Request budgets per exchange market (IP weight) and per account (orders), exchanges.ratelimit;
+# JSON replacing the defaults per "EXCHANGE:MARKET" key ([] turns them off there).
+EXCHANGE_RATE_LIMITS = env.str("EXCHANGE_RATE_LIMITS", default="")
+EXCHANGE_RATE_WAIT_MAX = env.float("EXCHANGE_RATE_WAIT_MAX", default=2.0)
+
 if EXCHANGE_QUEUE_TIMEOUT_MS <= 0:
     raise ImproperlyConfigured(f"EXCHANGE_QUEUE_TIMEOUT_MS must be positive (ms), not {EXCHANGE_QUEUE_TIMEOUT_MS}")
 
@@ -237,3 +263,15 @@ LOGGING = {
         "django.db.backends": {"level": "WARNING"},
     },
 }
+
+
+def _check_rate_limits() -> None:
+    from exchanges.ratelimit import limits_parse
+
+    try:
+        limits_parse(EXCHANGE_RATE_LIMITS)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+
+
+_check_rate_limits()

@@ -24,6 +24,8 @@ class CatalogMarket:
     min_notional: Decimal
     base_price: Decimal
     liquidity: Decimal  # most quantity one resting order fills per match step (partial fills)
+    # The highest price an order may carry (Binance's PRICE_FILTER maxPrice, Bybit's priceFilter.maxPrice).
+    max_price: Decimal = Decimal("10000000")
 
     @property
     def base(self) -> str:
@@ -44,6 +46,7 @@ class CatalogMarket:
             min_qty=self.min_qty,
             max_qty=self.max_qty,
             min_notional=self.min_notional,
+            max_price=self.max_price,
             price_precision=_decimals(self.tick_size),
             amount_precision=_decimals(self.step_size),
             active=True,

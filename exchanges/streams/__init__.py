@@ -1,5 +1,9 @@
-"""User-data streams (SPEC §4.6): the leader's UserStreamManager, message parsing, and their database side."""
+"""User-data stream transport (SPEC §4.6): the leader's UserStreamManager, message parsing, StreamState rows.
 
-from exchanges.streams.manager import StreamClock, StreamConfig, UserStreamManager
+The manager is given its accounts and what to do with order updates by a StreamHandler
+(orders.streams builds the manager with one).
+"""
 
-__all__ = ["StreamClock", "StreamConfig", "UserStreamManager"]
+from exchanges.streams.manager import StreamClock, StreamConfig, StreamHandler, UserStreamManager
+
+__all__ = ["StreamClock", "StreamConfig", "StreamHandler", "UserStreamManager"]

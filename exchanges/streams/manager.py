@@ -1,5 +1,8 @@
 """The leader's UserStreamManager: one asyncio loop, one websocket task per streamed account (SPEC §2.4, §4.6).
 
+Transport only: which accounts stream and what an order update does come from a StreamHandler
+given at construction (orders.streams), so this layer imports no account or order.
+
 Why the `websockets` client rather than ccxt.pro: the manager must see pongs, listen-key
 keepalives and the moment a socket dies to apply SPEC §4.6's health rule and its single-flight
 backoff; ccxt.pro reconnects on its own terms and hides all three.
@@ -17,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from django.conf import settings
@@ -26,6 +29,8 @@ from django.utils import timezone
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+# The module, not the function: alert_raise is looked up at each alert (tests replace it).
+import notifications.services
 from core.executors import DbExecutor
 from core.scrub import scrub, secret_register
 from exchanges.ccxt_gateway import _url_overrides
@@ -45,6 +50,41 @@ from exchanges.streams.services import StreamAccount
 logger = logging.getLogger(__name__)
 
 State = StreamState.State
+
+
+class CatchUpReport(Protocol):
+    """What a REST catch-up did, for the manager's log line."""
+
+    @property
+    def orders(self) -> int: ...
+
+    @property
+    def fills(self) -> int: ...
+
+    @property
+    def filled(self) -> int: ...
+
+    @property
+    def cancelled(self) -> int: ...
+
+
+class StreamHandler(Protocol):
+    """What the manager needs from the layers that own accounts and orders (orders.streams provides it).
+
+    Each method runs in one of the manager's database threads, with close_old_connections around it.
+    """
+
+    def accounts(self) -> list[StreamAccount]:
+        """The accounts that should have a stream now; equal values keep a running stream."""
+        ...
+
+    def update_apply(self, *, account_id: int, update: StreamUpdate, now: datetime) -> str:
+        """Apply one order update idempotently; returns what happened ("unknown" for orders not ours)."""
+        ...
+
+    def reconcile(self, *, account_id: int, now: datetime) -> CatchUpReport:
+        """The REST catch-up after a (re)connect: what the poll would record now for this account."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -454,10 +494,10 @@ class AccountStream:
                 logger.warning("stream of %s: state not written: %s", self.label, _describe(exc))
 
     async def _alert(self, text: str) -> None:
-        from notifications.services import alert_raise
-
         try:
-            await self.manager.db(alert_raise, key=f"stream:{self.account.account_id}", text=text)
+            await self.manager.db(
+                notifications.services.alert_raise, key=f"stream:{self.account.account_id}", text=text
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -469,7 +509,7 @@ class AccountStream:
             for update in updates:
                 try:
                     outcome = await self.manager.db(
-                        services.stream_update_apply,
+                        self.manager.handler.update_apply,
                         account_id=self.account.account_id,
                         update=update,
                         now=self.clock.now(),
@@ -494,7 +534,7 @@ class AccountStream:
             await asyncio.wait([previous])
         try:
             report = await self.manager.db(
-                services.stream_reconcile, account_id=self.account.account_id, now=self.clock.now()
+                self.manager.handler.reconcile, account_id=self.account.account_id, now=self.clock.now()
             )
         except asyncio.CancelledError:
             raise
@@ -515,14 +555,23 @@ class AccountStream:
 class UserStreamManager:
     """Leader-only thread (SPEC §2.4): keeps one user-data stream per streamed account until stop().
 
-    Construct with the scheduler host (unused beyond logging) and start(); stop() closes every
-    socket and ends the loop within a few seconds. Accounts are re-read every
-    `accounts_every` seconds; reconnect requests from check_websocket_health every
-    `flags_every` seconds.
+    Construct with the scheduler host (unused beyond logging) and the handler that knows the
+    accounts and applies order updates (orders.streams.user_stream_manager does both), then
+    start(); stop() closes every socket and ends the loop within a few seconds. Accounts are
+    re-read every `accounts_every` seconds; reconnect requests from check_websocket_health
+    every `flags_every` seconds.
     """
 
-    def __init__(self, host: Any = None, *, config: StreamConfig | None = None, clock: StreamClock | None = None):
+    def __init__(
+        self,
+        host: Any = None,
+        *,
+        handler: StreamHandler,
+        config: StreamConfig | None = None,
+        clock: StreamClock | None = None,
+    ):
         self.host = host
+        self.handler = handler
         self.config = config or StreamConfig.from_settings()
         self.clock = clock or StreamClock()
         self.streams: dict[int, AccountStream] = {}
@@ -580,10 +629,10 @@ class UserStreamManager:
         except Exception:
             logger.exception("user stream manager failed; streams are down until the next leadership term")
             with contextlib.suppress(Exception):
-                from notifications.services import alert_raise
-
                 close_old_connections()
-                alert_raise(key="streams:manager", text="User stream manager failed; user streams are down")
+                notifications.services.alert_raise(
+                    key="streams:manager", text="User stream manager failed; user streams are down"
+                )
         finally:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
@@ -613,7 +662,7 @@ class UserStreamManager:
 
     async def _sync_accounts(self) -> None:
         try:
-            wanted = {a.account_id: a for a in await self.db(services.stream_account_list)}
+            wanted = {a.account_id: a for a in await self.db(self.handler.accounts)}
         except Exception as exc:
             logger.warning("user streams: accounts not read (retrying): %s", _describe(exc))
             return

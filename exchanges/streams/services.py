@@ -1,25 +1,23 @@
-"""Database side of the user-data streams: accounts to stream, StreamState rows, order updates, REST catch-up."""
+"""Database side of the stream transport: StreamState rows and their health; which exchanges and markets stream.
+
+Which accounts get a stream and what an order update does are the orders app's (orders.streams),
+passed to the manager as its handler.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
 from django.db.models import F, Q
 
-from accounts.models import Account, StrategyAccount
-from core.money import ZERO
-from core.scrub import scrub, secret_register
-from exchanges.gateway import MarketType, OrderState, OrderStatus
+from core.scrub import scrub
+from exchanges.gateway import MarketType
 from exchanges.models import StreamState
-from exchanges.streams.messages import StreamUpdate, stream_alive
-from orders.models import Fill, OpenOrder, Trade
-from orders.reconcile import ReconcileReport, order_state_apply, order_trigger_record, orders_reconcile
+from exchanges.streams.messages import stream_alive
 
 logger = logging.getLogger(__name__)
 
@@ -37,53 +35,6 @@ class StreamAccount:
     api_key: str = field(repr=False)
     api_secret: str = field(repr=False)
     testnet: bool = False
-
-
-def stream_account_list() -> list[StreamAccount]:
-    """Active crypto accounts that get a stream: Binance ones trading USDⓈ-M futures, and every Bybit one.
-
-    A Binance account trades futures when an active strategy of market type FUTURES runs on it,
-    or when it still has live FUTURES orders. Accounts without credentials are skipped.
-    """
-    accounts = list(
-        Account.objects.filter(
-            is_active=True, account_type=Account.AccountType.CRYPTO, exchange__in=STREAMED_EXCHANGES
-        ).order_by("pk")
-    )
-    binance_ids = [a.pk for a in accounts if a.exchange == "BINANCE"]
-    futures = set()
-    if binance_ids:
-        futures = set(
-            StrategyAccount.objects.filter(
-                account_id__in=binance_ids,
-                is_active=True,
-                strategy__is_active=True,
-                strategy__market_type=MarketType.FUTURES,
-            ).values_list("account_id", flat=True)
-        ) | set(
-            OpenOrder.objects.filter(account_id__in=binance_ids, market_type=MarketType.FUTURES).values_list(
-                "account_id", flat=True
-            )
-        )
-    chosen = []
-    for account in accounts:
-        if account.exchange == "BINANCE" and account.pk not in futures:
-            continue
-        if not account.api_key or not account.api_secret:
-            logger.debug("account %s (%s) has no API credentials: no user stream", account.pk, account.exchange)
-            continue
-        secret_register(account.api_key)
-        secret_register(account.api_secret)
-        chosen.append(
-            StreamAccount(
-                account_id=account.pk,
-                exchange=account.exchange,
-                api_key=account.api_key,
-                api_secret=account.api_secret,
-                testnet=account.is_testnet,
-            )
-        )
-    return chosen
 
 
 # --- StreamState rows (one short statement or transaction each) -------------------------
@@ -129,118 +80,6 @@ def stream_flags_take(*, account_ids: list[int]) -> list[int]:
     return flagged
 
 
-# --- order updates -------------------------------------------------------------------------
-
-
-def _match(rows: Any, state: OrderState) -> OpenOrder | None:
-    """The row of `state` by exchange order id; by client order id only for a row without one.
-
-    The fill ledger is keyed by exchange order id, so a client-id match naming another
-    exchange order is not applied (left to the REST poll).
-    """
-    row = rows.filter(exchange_order_id=state.exchange_order_id).first()
-    if row is None and state.client_order_id:
-        row = rows.filter(client_order_id=state.client_order_id, exchange_order_id="").first()
-    return row
-
-
-def _cumulative_fee(*, row: OpenOrder, state: OrderState) -> Decimal:
-    """Binance reports the commission of the last trade only: add it to what the ledger holds."""
-    known = (
-        Trade.objects.filter(strategy_account_id=row.strategy_account_id, exchange_order_id=state.exchange_order_id)
-        .values_list("fees", "fee_currency", "cumulative_filled")
-        .first()
-    )
-    if known is None:
-        return state.fee
-    fees, currency, cumulative = known
-    if state.filled_quantity <= cumulative:
-        return fees  # nothing new: the fill path will do nothing
-    return (fees if currency == state.fee_currency else ZERO) + state.fee
-
-
-def _apply_regular(*, row: OpenOrder, state: OrderState, fee_is_last_trade: bool, now: datetime) -> str:
-    state = dataclasses.replace(state, symbol=row.symbol)
-    if fee_is_last_trade:
-        state = dataclasses.replace(state, fee=_cumulative_fee(row=row, state=state))
-    if state.is_open and state.filled_quantity <= row.filled_quantity:
-        return "noop"
-    outcome = order_state_apply(order=row, state=state, source=Fill.Source.STREAM, now=now)
-    if outcome.ended:
-        return str(outcome.ended)
-    return "fill" if outcome.applied else "noop"
-
-
-def stream_update_apply(*, account_id: int, update: StreamUpdate, now: datetime) -> str:
-    """Apply one stream report to the account's OpenOrder through the idempotent path (SPEC §4.2, §4.6).
-
-    A conditional report goes to the still-conditional row: TRIGGERED is recorded by
-    order_trigger_record (and, for an exchange that keeps the id, the spawned order's own
-    report is applied to the switched row), a cancel/rejection ends it; a regular report goes
-    to order_state_apply with source STREAM. Orders that are not ours are ignored. Returns
-    what happened ("unknown", "noop", "fill", "triggered" or the ending event).
-    """
-    rows = OpenOrder.objects.filter(account_id=account_id, market_type=update.market_type).select_related("account")
-    if update.conditional is not None:
-        row = _match(rows.filter(conditional=True), update.conditional)
-        if row is not None:
-            cond = dataclasses.replace(update.conditional, symbol=row.symbol)
-            if cond.status == OrderStatus.TRIGGERED:
-                spawned = order_trigger_record(order=row, state=cond, now=now)
-                if spawned is None:
-                    return "noop"
-                regular = update.regular
-                if regular is not None and regular.exchange_order_id == spawned.exchange_order_id:
-                    _apply_regular(row=spawned, state=regular, fee_is_last_trade=update.fee_is_last_trade, now=now)
-                return "triggered"
-            if cond.status in (OrderStatus.CANCELED, OrderStatus.REJECTED, OrderStatus.EXPIRED):
-                outcome = order_state_apply(order=row, state=cond, source=Fill.Source.STREAM, now=now)
-                return str(outcome.ended) if outcome.ended else "noop"
-            return "noop"  # not fired yet
-    if update.regular is not None:
-        row = _match(rows.filter(conditional=False), update.regular)
-        if row is not None:
-            return _apply_regular(row=row, state=update.regular, fee_is_last_trade=update.fee_is_last_trade, now=now)
-    logger.debug(
-        "stream: order %s of account %s (%s) is not one of ours; ignored",
-        update.exchange_order_id,
-        account_id,
-        update.market_type,
-    )
-    return "unknown"
-
-
-def stream_reconcile(*, account_id: int, now: datetime) -> ReconcileReport:
-    """REST catch-up after a (re)connect: orders_reconcile for every market the account's stream covers.
-
-    A market whose circuit breaker (exchange market or account) is open is skipped; the
-    29 s poll retries. Gateway errors propagate to the stream manager, which logs them.
-    """
-    # Imported here: exchanges.services is edited by others and pulls in ccxt; the pure and
-    # row parts of this module need neither.
-    from exchanges.services import gateway_for
-    from orders.circuit import account_scope, circuit_states, exchange_scope
-
-    account = Account.objects.get(pk=account_id)
-    report = ReconcileReport()
-    markets = STREAMED_MARKETS.get(account.exchange, ())
-    scopes = [exchange_scope(exchange=account.exchange, market_type=mt) for mt in markets]
-    scopes.append(account_scope(account_id=account_id))
-    breakers = circuit_states(scopes=scopes)
-    account_breaker = breakers.get(account_scope(account_id=account_id))
-    if account_breaker is not None and account_breaker.is_open(now):
-        logger.info("stream catch-up of account %s skipped: account circuit open", account_id)
-        return report
-    gateway = gateway_for(account)
-    for market_type in markets:
-        breaker = breakers.get(exchange_scope(exchange=account.exchange, market_type=market_type))
-        if breaker is not None and breaker.is_open(now):
-            logger.info("stream catch-up of account %s %s skipped: circuit open", account_id, market_type)
-            continue
-        report.add(orders_reconcile(account=account, market_type=market_type, gateway=gateway, now=now))
-    return report
-
-
 # --- health (check_websocket_health) ------------------------------------------------------
 
 
@@ -270,8 +109,9 @@ class StreamHealthReport:
         return text[:500]
 
 
-def stream_health_check(*, now: datetime) -> StreamHealthReport:
-    """Classify every stream that should exist (SPEC §4.6) and flag open-but-stale ones for the manager.
+def stream_health_report(*, accounts: list[StreamAccount], now: datetime) -> StreamHealthReport:
+    """Classify the stream of every account in `accounts` (those that should have one, SPEC §4.6) and flag
+    open-but-stale ones for the manager.
 
     alive: open with a message or pong younger than twice its ping interval. reconnecting:
     connecting, or torn down and waiting out its backoff — a reconnect is in flight, so
@@ -280,7 +120,6 @@ def stream_health_check(*, now: datetime) -> StreamHealthReport:
     through its one task per account, so repeated checks never start a second reconnect.
     """
     report = StreamHealthReport()
-    accounts = stream_account_list()
     report.expected = len(accounts)
     rows = {row.account_id: row for row in StreamState.objects.filter(account_id__in=[a.account_id for a in accounts])}
     for account in accounts:

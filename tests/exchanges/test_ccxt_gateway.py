@@ -135,6 +135,11 @@ def test_markets_prices_balance(make_gateway, exchange, market_type):
     rules = {r.symbol: r for r in gateway.load_markets(market_type)}
     assert "BTC/USDT" in rules and rules["BTC/USDT"].market_type == market_type
     assert rules["BTC/USDT"].tick_size > 0 and rules["BTC/USDT"].step_size > 0
+    # ccxt's limits.amount.max and limits.price.max, as the dialect server reports them.
+    assert rules["BTC/USDT"].max_qty == (Decimal("9000") if market_type == MarketType.SPOT else Decimal("1000"))
+    # ccxt reads no price maximum for Bybit spot (its real priceFilter has none there): no limit, not a guess.
+    no_max_price = exchange == "bybit" and market_type == MarketType.SPOT
+    assert rules["BTC/USDT"].max_price == (None if no_max_price else Decimal("10000000"))
     prices = gateway.fetch_last_prices(market_type)
     assert set(prices) == set(rules) and all(p > 0 for p in prices.values())
     assert gateway.fetch_last_prices(market_type, ["ETH/USDT"]).keys() == {"ETH/USDT"}

@@ -15,13 +15,14 @@ from django.test.utils import CaptureQueriesContext
 from accounts.models import Account, Strategy, StrategyAccount
 from core.models import MetricCounter
 from exchanges.gateway import MarketType
-from exchanges.jobs import precision_cache_update, symbol_validator_refresh, update_price_cache
 from exchanges.models import MarketInfo, PriceQuote, SimFault
 from exchanges.paper import PaperGateway
-from exchanges.selectors import price_for_trading, price_for_valuation, price_targets
+from exchanges.selectors import price_for_trading, price_for_valuation
 from exchanges.services import PublicAccess, UnknownExchangeError, gateway_for
 from exchanges.simulator.catalog import FUTURES_MARKETS, SPOT_MARKETS
 from exchanges.simulator.engine import default_engine
+from positions.jobs import precision_cache_update, symbol_validator_refresh, update_price_cache
+from positions.selectors import price_targets
 from scheduler.models import JobRun
 from scheduler.runs import JobFailedError
 
@@ -78,6 +79,7 @@ def test_precision_cache_update_loads_every_market_once():
         True,
     )
     assert eth.updated_at == T0
+    assert (eth.max_qty, eth.max_price) == (Decimal("9000"), Decimal("10000000"))  # the catalog's maxima
     assert counter("exchange_calls") == 2  # one load per (exchange, market type)
 
 

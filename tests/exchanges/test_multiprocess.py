@@ -121,7 +121,7 @@ def test_paper_two_processes_sqlite_file(tmp_path):
     # Prices: one process refreshes the cache, another reads the same quote.
     refreshed = run_python(
         """
-        from exchanges.jobs import precision_cache_update, update_price_cache
+        from positions.jobs import precision_cache_update, update_price_cache
         paper_in_use()
         precision_cache_update()
         update_price_cache()
@@ -178,7 +178,7 @@ def test_price_quote_written_by_another_process_postgres():
     default_engine.price_script("PAPER", "BTC/USDT", ["61234.5"])
     run_python(
         """
-        from exchanges.jobs import precision_cache_update, update_price_cache
+        from positions.jobs import precision_cache_update, update_price_cache
         paper_in_use()
         precision_cache_update()
         update_price_cache()

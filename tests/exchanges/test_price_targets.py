@@ -14,16 +14,16 @@ from django.core.cache import cache
 from accounts.models import Account, Strategy, StrategyAccount
 from exchanges import services
 from exchanges.gateway import MarketType
-from exchanges.jobs import precision_cache_update, update_price_cache
 from exchanges.models import MarketInfo, PriceQuote, SimFault
 from exchanges.paper import PaperGateway
-from exchanges.selectors import PriceTargets, market_targets, price_targets
-from exchanges.services import leader_warmup
 from exchanges.simulator.catalog import FUTURES_MARKETS, SPOT_MARKETS
 from exchanges.simulator.engine import default_engine
+from positions.jobs import precision_cache_update, update_price_cache
 from positions.models import Position
+from positions.selectors import PriceTargets, market_targets, price_targets
 from scheduler.models import JobControl, JobRun
-from scheduler.services import leadership_begin_term
+from scheduler.registry import catch_up_specs
+from scheduler.services import leader_catch_up, leadership_begin_term
 
 pytestmark = pytest.mark.django_db
 
@@ -172,6 +172,9 @@ def test_failed_positions_pair_is_named_in_the_summary(world, spy):
 # --- leader warm-up --------------------------------------------------------------------------
 
 
+WARMUP = ("precision_cache_update", "update_price_cache")  # the price and market-rule catch-ups
+
+
 def _leader(term_host: str = "test-host") -> SimpleNamespace:
     term = leadership_begin_term(instance_id=f"{term_host}:1", host=term_host, pid=1, backend_pid=None)
     return SimpleNamespace(term=term)
@@ -181,7 +184,7 @@ def test_warmup_on_an_empty_market_table_loads_rules_then_prices(world, spy):
     world.link("PAPER", "SPOT")
     host = _leader()
     with time_machine.travel(T0, tick=False):
-        assert leader_warmup(host=host) == ["precision_cache_update", "update_price_cache"]
+        assert leader_catch_up(host=host, job_ids=WARMUP) == ["precision_cache_update", "update_price_cache"]
     runs = list(JobRun.objects.order_by("pk").values_list("job_id", "kind", "term", "outcome"))
     assert runs == [
         ("precision_cache_update", JobRun.Kind.CATCHUP, host.term, JobRun.Outcome.OK),
@@ -198,7 +201,7 @@ def test_warmup_with_fresh_rules_only_refreshes_prices(world, spy):
         precision_cache_update()
     host = _leader()
     with time_machine.travel(T0 + timedelta(hours=23, minutes=59), tick=False):
-        assert leader_warmup(host=host) == ["update_price_cache"]
+        assert leader_catch_up(host=host, job_ids=WARMUP) == ["update_price_cache"]
     catchup = JobRun.objects.filter(kind=JobRun.Kind.CATCHUP)
     assert list(catchup.values_list("job_id", "term")) == [("update_price_cache", host.term)]
     assert MarketInfo.objects.filter(updated_at__gt=T0).count() == 0  # rules untouched
@@ -210,7 +213,7 @@ def test_warmup_reloads_rules_older_than_a_day(world, spy):
         precision_cache_update()
     later = T0 + timedelta(hours=24, seconds=1)
     with time_machine.travel(later, tick=False):
-        assert leader_warmup(host=_leader()) == ["precision_cache_update", "update_price_cache"]
+        assert leader_catch_up(host=_leader(), job_ids=WARMUP) == ["precision_cache_update", "update_price_cache"]
     assert set(MarketInfo.objects.values_list("updated_at", flat=True)) == {later}
 
 
@@ -218,7 +221,7 @@ def test_warmup_of_a_stale_term_writes_nothing(world, spy):
     world.link("PAPER", "SPOT")
     stale = _leader("old-host")
     _leader("new-host")  # another process took over before the hook ran
-    leader_warmup(host=stale)
+    leader_catch_up(host=stale, job_ids=WARMUP)
     assert not JobRun.objects.exists()  # both claims refused by term
     assert MarketInfo.objects.count() == 0 and PriceQuote.objects.count() == 0
     assert spy.prices == {}
@@ -228,16 +231,16 @@ def test_warmup_step_failure_does_not_stop_the_price_refresh(world, spy):
     world.link("PAPER", "SPOT")
     default_engine.fault_add(SimFault.Kind.MAINTENANCE, exchange="PAPER", endpoint="load_markets", remaining=None)
     host = _leader()
-    assert leader_warmup(host=host) == ["precision_cache_update", "update_price_cache"]
+    assert leader_catch_up(host=host, job_ids=WARMUP) == ["precision_cache_update", "update_price_cache"]
     outcomes = dict(JobRun.objects.values_list("job_id", "outcome"))
     assert outcomes == {"precision_cache_update": JobRun.Outcome.ERROR, "update_price_cache": JobRun.Outcome.OK}
 
 
 def test_warmup_skips_a_paused_job_and_a_host_without_term(world, spy):
     world.link("PAPER", "SPOT")
-    assert leader_warmup(host=SimpleNamespace(term=None)) == []
+    assert leader_catch_up(host=SimpleNamespace(term=None), job_ids=WARMUP) == []
     JobControl.objects.create(job_id="precision_cache_update", paused=True, pause_reason="exchange down")
-    assert leader_warmup(host=_leader()) == ["update_price_cache"]
+    assert leader_catch_up(host=_leader(), job_ids=WARMUP) == ["update_price_cache"]
     assert list(JobRun.objects.values_list("job_id", flat=True)) == ["update_price_cache"]
 
 
@@ -245,6 +248,7 @@ def test_warmup_is_a_leader_hook():
     from scheduler import runner
 
     hooks = runner.LEADER_HOOKS
-    assert "exchanges.services:leader_warmup" in hooks
-    # Prices first, then the announcement (SPEC §2.2 order).
-    assert hooks.index("exchanges.services:leader_warmup") < hooks.index("notifications.services:leader_announce")
+    assert "scheduler.services:leader_catch_up" in hooks
+    # Rules, then prices, before the other catch-ups; then the announcement (SPEC §2.2 order).
+    assert [spec.id for spec in catch_up_specs()][:2] == list(WARMUP)
+    assert hooks.index("scheduler.services:leader_catch_up") < hooks.index("scheduler.services:leader_announce")

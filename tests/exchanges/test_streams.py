@@ -15,7 +15,6 @@ from decimal import Decimal
 import pytest
 
 from exchanges.gateway import MarketType, OrderRequest, OrderStatus, OrderType, Side
-from exchanges.jobs import check_websocket_health
 from exchanges.models import StreamState
 from exchanges.services import gateway_for
 from exchanges.simulator.engine import default_engine
@@ -28,11 +27,11 @@ from exchanges.streams.messages import (
     bybit_order_updates,
     stream_alive,
 )
-from exchanges.streams.services import stream_account_list, stream_health_check
-from orders.fills import position_matches_fills
-from orders.jobs import update_open_orders
-from orders.models import Fill, OpenOrder, OrderEvent
-from positions.models import Position
+from orders.jobs import check_websocket_health, update_open_orders
+from orders.models import OpenOrder, OrderEvent
+from orders.streams import stream_account_list, stream_health_check, user_stream_manager
+from positions.fills import position_matches_fills
+from positions.models import Fill, Position
 from scheduler.models import JobRun
 from scheduler.registry import interval, registry_spec
 from scheduler.runner import LEADER_THREADS
@@ -96,7 +95,7 @@ def start_manager(sim_urls):
     managers: list[UserStreamManager] = []
 
     def start(*, clock: StreamClock | None = None, **config) -> UserStreamManager:  # noqa: ANN003
-        manager = UserStreamManager(None, config=dataclasses.replace(FAST, **config), clock=clock or RecordingClock())
+        manager = user_stream_manager(None, config=dataclasses.replace(FAST, **config), clock=clock or RecordingClock())
         manager.start()
         managers.append(manager)
         return manager
@@ -226,8 +225,8 @@ def test_registered_per_spec_and_started_as_leader_thread():
         60,
         20,
     )
-    assert spec.func == "exchanges.jobs:check_websocket_health"
-    assert "exchanges.streams:UserStreamManager" in LEADER_THREADS
+    assert spec.func == "orders.jobs:check_websocket_health"
+    assert "orders.streams:user_stream_manager" in LEADER_THREADS
 
 
 # --- accounts -----------------------------------------------------------------------------

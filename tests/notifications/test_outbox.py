@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from core.runtime import HOST
 from notifications.formatting import text_split, tg_len
 from notifications.models import AlertThrottle, OutboxMessage, TelegramProfile
-from notifications.services import alert_raise, leader_announce, outbox_enqueue
+from notifications.services import alert_raise, outbox_enqueue
 from scheduler import runner
+from scheduler.services import leader_announce
 from tests.notifications.conftest import BOT_TOKEN, CHAT_ID, USER_BOT_TOKEN
 
 pytestmark = pytest.mark.django_db
@@ -239,4 +240,4 @@ def test_leader_announce_without_telegram_queues_nothing(no_telegram):  # noqa: 
 
 def test_runner_wires_the_sender_and_the_announce():
     assert "notifications.sender:OutboxSender" in runner.LEADER_THREADS
-    assert "notifications.services:leader_announce" in runner.LEADER_HOOKS
+    assert "scheduler.services:leader_announce" in runner.LEADER_HOOKS

@@ -16,9 +16,10 @@ from exchanges.paper import PaperGateway
 from exchanges.services import gateway_for
 from notifications.models import AlertThrottle
 from orders.faults import CrashPointError, crash_disable_all, crash_enable
-from orders.fills import fill_apply, position_matches_fills
-from orders.models import Fill, OpenOrder, OrderEvent, QueueDirty, Trade
-from positions.models import Position
+from orders.fills import fill_apply
+from orders.models import OpenOrder, OrderEvent, QueueDirty
+from positions.fills import position_matches_fills
+from positions.models import Fill, Position, Trade
 from tests.orders.factories import MarketInfoFactory, OpenOrderFactory, StrategyAccountFactory
 
 pytestmark = pytest.mark.django_db

@@ -516,7 +516,8 @@ def test_concurrent_spot_sells_cannot_spend_the_same_position(plain_user):  # no
 
     from django.db import connection as thread_connection
 
-    from orders.validation import IntakeRequest, OrderRejectedError, order_intake
+    from orders.intake import IntakeRequest, order_intake
+    from orders.validation import OrderRejectedError
 
     account = AccountFactory(user=plain_user, exchange="PAPER")
     spot = StrategyAccountFactory(account=account, strategy=StrategyFactory(group_name="race", market_type="SPOT"))

@@ -19,17 +19,11 @@ from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
 from orders.faults import crash_disable_all
 from orders.jobs import rebalance_order_queue
-from orders.models import Fill, OpenOrder, OrderEvent, PendingOrder, QueueDirty
-from orders.queue import (
-    DirtyTracker,
-    backoff,
-    order_cancel_by_user,
-    queue_congestion_check,
-    queue_slots_for,
-    queue_sweep_reset,
-    queue_work_load,
-)
-from orders.selectors import DirtyMark
+from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty
+from orders.queue import queue_congestion_check, queue_sweep_reset, queue_work_load
+from orders.selectors import DirtyMark, queue_slots_for
+from orders.transitions import DirtyTracker, backoff, order_cancel_by_user
+from positions.models import Fill
 from scheduler.models import JobRun
 from tests.orders.factories import PendingOrderFactory, StrategyAccountFactory, paper_market_info
 from tests.orders.queue_support import (

@@ -1,4 +1,4 @@
-"""The sweep's SQL detector (orders.queue.queue_sweep_detect) never misses a pair the full sweep would act on.
+"""The sweep's SQL detector (orders.sweep.queue_sweep_detect) never misses a pair the full sweep would act on.
 
 For random books (queued, live, pinned, submitting, cancelling rows; priorities, prices and stops
 with ties and near-ties under the tick), every pair for which the old full sweep would do or
@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from accounts.models import Account
 from orders import selectors
 from orders.models import OpenOrder, PendingOrder
-from orders.queue import QueueWork, _entries, _next_due, _plan, queue_slots_for, queue_sweep_detect
+from orders.queue import QueueWork, _entries, _next_due, _plan
+from orders.selectors import queue_slots_for
+from orders.sweep import queue_sweep_detect
 from tests.orders.factories import MarketInfoFactory, OpenOrderFactory, PendingOrderFactory, StrategyAccountFactory
 from tests.orders.queue_support import T0
 

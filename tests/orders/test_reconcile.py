@@ -16,11 +16,11 @@ from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
 from orders.circuit import BREAKER_MAX_SECONDS, Breaker, breaker_next
-from orders.fills import position_matches_fills
 from orders.jobs import update_open_orders
-from orders.models import CircuitState, Fill, OpenOrder, OrderEvent, PendingOrder, Trade
-from orders.reconcile import cancel_complete
-from positions.models import Position
+from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder
+from orders.transitions import cancel_complete
+from positions.fills import position_matches_fills
+from positions.models import Fill, Position, Trade
 from scheduler.models import JobRun
 from tests.orders.factories import OpenOrderFactory, StrategyAccountFactory
 

@@ -19,9 +19,10 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import StrategyCapital
-from accounts.services import strategy_webhook_token_set
+from accounts.services import strategy_account_ref, strategy_webhook_token_set
 from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, WebhookDelivery
-from orders.webhook import webhook_payload_hash, webhook_quantity
+from orders.validation import capital_quantity
+from orders.webhook import webhook_payload_hash
 from tests.orders.factories import (
     AccountFactory,
     MarketInfoFactory,
@@ -112,7 +113,7 @@ def orders_of(sa) -> list[PendingOrder]:  # noqa: ANN001
 
 def test_quantity_formula_by_hand():
     # 10,000 × 10 % = 1,000 of capital; / 50,000 = 0.02 BTC; × leverage 2 = 0.04 BTC.
-    assert webhook_quantity(capital=D("10000"), qty_per=D("10"), price=D("50000"), leverage=D("2")) == D("0.04")
+    assert capital_quantity(capital=D("10000"), qty_per=D("10"), price=D("50000"), leverage=D("2")) == D("0.04")
 
 
 def test_limit_signal_fans_out_to_every_active_account_sized_by_capital_and_leverage(world):  # noqa: ANN001
@@ -158,10 +159,11 @@ def test_market_signal_is_sized_by_the_fresh_quote_floored_to_the_step(world):  
     assert order_a.express and order_b.express
 
 
-def test_stop_market_uses_the_market_price_and_stop_limit_its_own_price(world):  # noqa: ANN001
+def test_stop_market_is_sized_on_its_stop_price_and_stop_limit_on_its_own_price(world):  # noqa: ANN001
+    # A STOP_MARKET fills near its stop once triggered, not at today's 40,000 (issue 13).
     assert post(body(order_type="STOP_MARKET", price=None, stop_price="41000.05")).status_code == 202
     (stop_market,) = orders_of(world["a"])
-    assert (stop_market.quantity, stop_market.stop_price) == (D("0.05"), D("41000"))  # 1,000 / 40,000 × 2
+    assert (stop_market.quantity, stop_market.stop_price) == (D("0.048"), D("41000"))  # 1,000 / 41,000 × 2
     PendingOrder.objects.all().delete()
     response = post(body(id="sl-1", order_type="STOP_LIMIT", price="25000", stop_price="26000"))
     assert response.status_code == 202, response.json()
@@ -300,27 +302,48 @@ def test_one_invalid_account_rejects_the_whole_fan_out_naming_it(world):  # noqa
     assert response.status_code == 400
     reply = response.json()
     assert reply["errors"] == {}
-    assert list(reply["account_errors"]) == [str(strict.account_id)]
-    messages = reply["account_errors"][str(strict.account_id)]["quantity"]
+    # Named by its opaque reference and the rule: the token holder learns no account id, capital or size.
+    assert list(reply["account_errors"]) == [strategy_account_ref(strict.pk)]
+    messages = reply["account_errors"][strategy_account_ref(strict.pk)]["quantity"]
     assert "below the minimum 0.01" in messages[0]
-    assert "1000 × 10 % ÷ 50000 × leverage 1" in messages[-1]
+    assert "sized from the account's capital" in messages[0]
+    text = response.content.decode()
+    assert "1000" not in text and "0.002" not in text and "leverage" not in text
+    assert all(str(sa.account_id) not in reply["account_errors"] for sa in (world["a"], world["b"], strict))
     assert snapshot() == before
     assert not PendingOrder.objects.exists()
+
+
+def test_the_operator_finds_the_rejected_account_and_its_figures_in_the_log(world, caplog):  # noqa: ANN001
+    StrategyCapital.objects.filter(strategy_account=world["b"]).update(allocated_capital=D("40"))
+
+    response = post(body())
+
+    assert response.status_code == 400
+    ref = strategy_account_ref(world["b"].pk)
+    assert list(response.json()["account_errors"]) == [ref]
+    # 40 × 10 % / 50,000 = 0.00008 BTC, below the step: the log names the account and shows the sizing.
+    line = next(r.getMessage() for r in caplog.records if ref in r.getMessage())
+    assert f"account {world['b'].account_id} ({ref})" in line
+    assert "40 × 10 % ÷ 50000 × leverage 1" in line
 
 
 def test_accounts_without_capital_or_a_fresh_price_are_named(world, settings):  # noqa: ANN001
     StrategyCapital.objects.filter(strategy_account=world["b"]).update(allocated_capital=0)
     response = post(body())
     assert response.status_code == 400
-    assert list(response.json()["account_errors"]) == [str(world["b"].account_id)]
-    assert "no capital allocated" in response.json()["account_errors"][str(world["b"].account_id)]["quantity"][0]
+    ref_a, ref_b = strategy_account_ref(world["a"].pk), strategy_account_ref(world["b"].pk)
+    assert list(response.json()["account_errors"]) == [ref_b]
+    assert response.json()["account_errors"][ref_b]["quantity"] == [
+        "no capital allocated to BTC/USDT trading on this account"
+    ]
 
     settings.PRICE_MAX_AGE_TRADE = 120
     cache.clear()
     with time_machine.travel(timezone.now() + timedelta(minutes=5), tick=False):
         response = post(body(order_type="MARKET", price=None))
     assert response.status_code == 400
-    assert "no fresh market price" in response.json()["account_errors"][str(world["a"].account_id)]["price"][0]
+    assert "no fresh market price" in response.json()["account_errors"][ref_a]["price"][0]
     assert snapshot() == (0, 0, 0, 0, 0)
 
 
@@ -331,14 +354,17 @@ def test_unknown_symbol_and_spot_sell_beyond_the_position_are_account_errors(db)
     MarketInfoFactory(market_type="SPOT", symbol="ETH/USDT", step_size=D("0.0001"), min_qty=D("0.0001"))
     PositionFactory(strategy_account=sa, symbol="ETH/USDT", quantity=D("0.1"))
 
+    ref = strategy_account_ref(sa.pk)
     response = post(body(group_name="spotty", symbol="DOGE/USDT"))
     assert response.status_code == 400
-    assert "unknown symbol DOGE/USDT" in response.json()["account_errors"][str(sa.account_id)]["symbol"][0]
+    assert "unknown symbol DOGE/USDT" in response.json()["account_errors"][ref]["symbol"][0]
 
-    # 10,000 × 10 % / 2,000 = 0.5 ETH to sell, but only 0.1 is held.
+    # 10,000 × 10 % / 2,000 = 0.5 ETH to sell, but only 0.1 is held: the rule, not the position, is shown.
     response = post(body(group_name="spotty", symbol="ETH/USDT", side="SELL", price=2000))
     assert response.status_code == 400
-    assert "exceeds the sellable 0.1" in response.json()["account_errors"][str(sa.account_id)]["quantity"][0]
+    [message] = response.json()["account_errors"][ref]["quantity"]
+    assert "exceeds the sellable ETH/USDT" in message
+    assert "0.1" not in message and "0.5" not in message
     # Closing sells exactly what is held.
     response = post(body(group_name="spotty", symbol="ETH/USDT", side="SELL", order_type="MARKET", price=None,
                          qty_per=-100))  # fmt: skip
@@ -419,15 +445,16 @@ def test_a_rejected_delivery_leaves_no_trace_so_a_fixed_retry_goes_through(world
 def test_two_concurrent_identical_deliveries_make_one_set_of_orders(world, monkeypatch, caplog, with_id):  # noqa: ANN001
     """Both requests are inside their transactions at once (the first is held open after the claim):
     the second waits on the unique index, then replays the first reply."""
-    import orders.webhook as webhook
+    import orders.intake as intake
 
-    real_enqueue = webhook.orders_enqueue
+    real_enqueue = intake.orders_enqueue
 
     def slow_enqueue(**kwargs: Any) -> Any:
         time.sleep(0.5)
         return real_enqueue(**kwargs)
 
-    monkeypatch.setattr(webhook, "orders_enqueue", slow_enqueue)
+    # The webhook enqueues through the intake pipeline (orders.intake.orders_place).
+    monkeypatch.setattr(intake, "orders_enqueue", slow_enqueue)
     data = body(id="race-1") if with_id else body()
     barrier = threading.Barrier(2)
     replies: list[Any] = []

@@ -13,9 +13,8 @@ import time_machine
 from django.core.management import CommandError, call_command
 
 from accounts.models import StrategyCapital
-from orders.models import Fill
 from positions.jobs import calculate_daily_performance
-from positions.models import StrategyDailyPerformance
+from positions.models import Fill, StrategyDailyPerformance
 from positions.performance import (
     FillFacts,
     day_bounds,
@@ -25,8 +24,8 @@ from positions.performance import (
     return_window,
     risk_figures,
 )
-from positions.services import performance_catch_up
 from scheduler.models import JobRun, Leadership
+from scheduler.services import catch_up_run
 from tests.orders.factories import StrategyAccountFactory, StrategyFactory
 
 D = Decimal
@@ -267,7 +266,7 @@ def test_three_missed_days_are_computed_by_the_leader_catch_up(series):  # noqa:
     Leadership.objects.update_or_create(id=1, defaults={"term": 7})
     # The leader was down on 3/3, 3/4 and 3/5 at 00:00:13; a new one takes over later on 3/5.
     with time_machine.travel(kst(2025, 3, 5, 10, 30), tick=False):
-        assert performance_catch_up(host=SimpleNamespace(term=7)) is True
+        assert catch_up_run(host=SimpleNamespace(term=7), job_id="calculate_daily_performance") is True
     assert sorted(rows(series)) == [date(2025, 3, d) for d in range(1, 5)]
     assert rows(series)[date(2025, 3, 4)].cumulative_pnl == D("-40")
     run = JobRun.objects.get(job_id="calculate_daily_performance", kind=JobRun.Kind.CATCHUP)
@@ -278,7 +277,7 @@ def test_three_missed_days_are_computed_by_the_leader_catch_up(series):  # noqa:
 def test_catch_up_refused_for_a_stale_term(series):  # noqa: ANN001
     Leadership.objects.update_or_create(id=1, defaults={"term": 8})
     with time_machine.travel(kst(2025, 3, 5, 10, 30), tick=False):
-        performance_catch_up(host=SimpleNamespace(term=7))
+        catch_up_run(host=SimpleNamespace(term=7), job_id="calculate_daily_performance")
     assert not rows(series)
     assert not JobRun.objects.filter(job_id="calculate_daily_performance").exists()
 

@@ -12,10 +12,9 @@ from django.core.cache import cache
 from accounts.models import StrategyCapital
 from exchanges.gateway import MarketType
 from exchanges.services import price_quotes_store
-from orders.fills import position_matches_fills
-from orders.models import Fill
+from positions.fills import position_matches_fills
 from positions.jobs import calculate_unrealized_pnl
-from positions.models import Position
+from positions.models import Fill, Position
 from scheduler.models import JobRun
 from tests.orders.factories import StrategyAccountFactory
 

@@ -10,29 +10,37 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.util import ref_to_obj
 
 from scheduler.reconcile import job_function
-from scheduler.registry import PROBE_JOB, REGISTRY, cron, interval, registry_specs
+from scheduler.registry import PROBE_JOB, REGISTRY, catch_up_specs, cron, interval, registry_specs
 
 # SPEC §2.1, transcribed: id -> (trigger, grace s, budget s, function).
 SPEC_TABLE = {
     "rebalance_order_queue": (interval(seconds=1), 2, 0.8, "orders.jobs:rebalance_order_queue"),
     "update_open_orders": (interval(seconds=29), 29, 20, "orders.jobs:update_open_orders"),
-    "update_price_cache": (interval(seconds=31), 31, 20, "exchanges.jobs:update_price_cache"),
+    "update_price_cache": (interval(seconds=31), 31, 20, "positions.jobs:update_price_cache"),
     "calculate_unrealized_pnl": (interval(seconds=307), 300, 60, "positions.jobs:calculate_unrealized_pnl"),
-    "check_websocket_health": (interval(seconds=60), 60, 20, "exchanges.jobs:check_websocket_health"),
+    "check_websocket_health": (interval(seconds=60), 60, 20, "orders.jobs:check_websocket_health"),
     "securities_token_refresh": (interval(hours=6), 3600, 120, "accounts.jobs:securities_token_refresh"),
-    "precision_cache_update": (cron(hour=3, minute=7), 3600, 900, "exchanges.jobs:precision_cache_update"),
-    "symbol_validator_refresh": (cron(minute=15), 600, 300, "exchanges.jobs:symbol_validator_refresh"),
-    "send_daily_summary": (cron(hour=21, minute=3), 3600, 300, "notifications.jobs:send_daily_summary"),
+    "precision_cache_update": (cron(hour=3, minute=7), 3600, 900, "positions.jobs:precision_cache_update"),
+    "symbol_validator_refresh": (cron(minute=15), 600, 300, "positions.jobs:symbol_validator_refresh"),
+    "send_daily_summary": (cron(hour=21, minute=3), 3600, 300, "reporting.jobs:send_daily_summary"),
     "calculate_daily_performance": (
         cron(hour=0, minute=0, second=13),
         3600,
         900,
         "positions.jobs:calculate_daily_performance",
     ),
-    "auto_rebalance_accounts": (cron(minute=17), 600, 300, "accounts.jobs:auto_rebalance_accounts"),
+    "auto_rebalance_accounts": (cron(minute=17), 600, 300, "reporting.jobs:auto_rebalance_accounts"),
     # System jobs (SPEC §2.1, below the table).
     "prune_job_history": (cron(hour=4, minute=41), 3600, 300, "scheduler.jobs:prune_job_history"),
     "scheduler_probe": (interval(seconds=1), 2, 0.8, "scheduler.jobs:scheduler_probe"),
+}
+
+# SPEC §2.2, on becoming leader, in the order they run: id -> (step, condition or None for always).
+LEADER_CATCH_UPS = {
+    "precision_cache_update": (1, "exchanges.selectors:market_info_is_stale"),
+    "update_price_cache": (2, None),
+    "calculate_daily_performance": (3, None),
+    "send_daily_summary": (4, "reporting.summary:summary_catch_up_due"),
 }
 
 
@@ -81,3 +89,11 @@ def test_registry_equals_the_spec_table_exactly():
     # Every SPEC §2.1 row is registered (business jobs and system jobs), and nothing else.
     assert sorted(s.id for s in REGISTRY) == sorted(set(SPEC_TABLE) - {PROBE_JOB.id})
     assert len({s.id for s in REGISTRY}) == len(REGISTRY)
+
+
+def test_leader_catch_ups_equal_spec_2_2():
+    declared = {s.id: (s.on_leader.step, s.on_leader.when) for s in REGISTRY if s.on_leader is not None}
+    assert declared == LEADER_CATCH_UPS
+    assert [s.id for s in catch_up_specs()] == list(LEADER_CATCH_UPS)
+    for _, when in LEADER_CATCH_UPS.values():
+        assert when is None or callable(ref_to_obj(when))

@@ -465,7 +465,7 @@ class BinanceDialect(Dialect):
                     {
                         "filterType": "PRICE_FILTER",
                         "minPrice": _s(rule.tick_size),
-                        "maxPrice": "10000000",
+                        "maxPrice": _s(rule.max_price) if rule.max_price is not None else "0",
                         "tickSize": _s(rule.tick_size),
                     },
                     {

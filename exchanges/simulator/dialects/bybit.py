@@ -36,6 +36,9 @@ from exchanges.simulator.server import db_call, now_ms
 logger = logging.getLogger(__name__)
 
 _s = decimal_text
+# What a market without its own maximum price reports (the catalog's default).
+MAX_PRICE = Decimal("10000000")
+
 _STATUS = {
     OrderStatus.NEW: "New",
     OrderStatus.PARTIALLY_FILLED: "PartiallyFilled",
@@ -252,7 +255,11 @@ class BybitDialect(Dialect):
                 "baseCoin": rule.base,
                 "quoteCoin": rule.quote,
                 "status": "Trading" if rule.active else "Closed",
-                "priceFilter": {"tickSize": _s(rule.tick_size), "minPrice": _s(rule.tick_size), "maxPrice": "10000000"},
+                "priceFilter": {
+                    "tickSize": _s(rule.tick_size),
+                    "minPrice": _s(rule.tick_size),
+                    "maxPrice": _s(rule.max_price or MAX_PRICE),
+                },
             }
             if market_type == MarketType.SPOT:
                 item.update(

@@ -19,8 +19,7 @@ from core.money import ZERO
 from core.scrub import scrub
 from exchanges.gateway import GatewayError, MarketType
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
-from orders.models import Fill
-from positions.models import Position
+from positions.models import Fill, Position
 
 logger = logging.getLogger(__name__)
 

@@ -11,17 +11,16 @@ import time_machine
 from hypothesis import given
 from hypothesis import strategies as st
 
-from accounts import allocation_services
 from accounts.allocation import allocate, should_rebalance
-from accounts.allocation_services import capital_pair_update, capital_pairs_active
-from accounts.jobs import auto_rebalance_accounts
 from accounts.models import Account, CapitalSnapshot, StrategyCapital
 from exchanges.gateway import ExchangeGateway, MarketType, Network
 from exchanges.models import SimFault
 from exchanges.simulator.engine import default_engine
 from notifications.models import AlertThrottle
-from orders.models import Fill
-from positions.models import Position
+from positions.models import Fill, Position
+from reporting import allocation
+from reporting.allocation import capital_pair_update, capital_pairs_active
+from reporting.jobs import auto_rebalance_accounts
 from scheduler.models import JobRun
 from scheduler.runs import JobFailedError
 from tests.orders.factories import AccountFactory, StrategyAccountFactory, StrategyFactory
@@ -253,17 +252,17 @@ def test_fallback_allocation_watermarks_at_the_live_reading(account):  # noqa: A
     )
     update(account, T0)  # LIVE snapshot, but no allocation: a position is open
     Position.objects.update(quantity=0)
-    allocation_services_gateway = allocation_services.gateway_for
+    allocation_services_gateway = allocation.gateway_for
 
     class Down:
         def fetch_balance(self, market_type):  # noqa: ANN001, ANN201
             raise Network("PAPER fetch_balance: connection reset")
 
-    allocation_services.gateway_for = lambda account: cast(ExchangeGateway, Down())  # fetch_balance is all it needs
+    allocation.gateway_for = lambda account: cast(ExchangeGateway, Down())  # fetch_balance is all it needs
     try:
         outcome = update(account, T0 + timedelta(hours=3))
     finally:
-        allocation_services.gateway_for = allocation_services_gateway
+        allocation.gateway_for = allocation_services_gateway
     assert outcome.rebalanced and outcome.source == "FALLBACK"
     got = capitals(account)
     assert got["a"].allocated_capital == D("2500")
@@ -281,7 +280,7 @@ def test_no_recent_snapshot_skips_with_an_event_and_still_compounds(account, mon
         def fetch_balance(self, market_type):  # noqa: ANN001, ANN201
             raise Network("PAPER fetch_balance: timed out")
 
-    monkeypatch.setattr(allocation_services, "gateway_for", lambda account: Down())
+    monkeypatch.setattr(allocation, "gateway_for", lambda account: Down())
     later = T0 + timedelta(hours=25)  # the only LIVE snapshot is now older than 24 h
     with time_machine.travel(later, tick=False), pytest.raises(JobFailedError, match="1 skipped"):
         auto_rebalance_accounts()

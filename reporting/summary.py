@@ -29,19 +29,19 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import Sum
-from django.utils import timezone
 
 from accounts.models import Account, Strategy
 from core.money import ZERO
 from notifications.models import SummarySent
 from notifications.services import outbox_enqueue, outbox_target
-from orders.models import Fill, OpenOrder, PendingOrder
-from positions.models import Position
+from orders.models import OpenOrder, PendingOrder, Signal
+from orders.selectors import signal_execution
+from orders.signal_report import DayExecution, execution_day
+from positions.models import Fill, Position
 from positions.performance import FillFacts, day_bounds, day_tally
 
 logger = logging.getLogger(__name__)
 
-JOB_ID = "send_daily_summary"
 SEND_AT = time(21, 3)  # the job's cron time (KST); the catch-up runs only after it, the same day
 HUNDRED = Decimal(100)
 CENT = Decimal("0.01")
@@ -90,6 +90,7 @@ class SummaryFigures:
     queued_orders: int
     live_orders: int
     quote: str = ""  # the one quote currency of the figures, or "" when they mix several
+    execution: DayExecution | None = None  # the day's copy execution; None without signals
 
     @property
     def total_pnl(self) -> Decimal:
@@ -164,9 +165,33 @@ def summary_format(figures: SummaryFigures) -> str:
         f"Open positions: {figures.open_positions} · open orders: "
         f"{figures.queued_orders + figures.live_orders} ({figures.queued_orders} queued, {figures.live_orders} live)",
         "",
+        *_execution_lines(figures.execution),
         f"<b>Verdict</b>: {VERDICT_ICONS[verdict]} {html.escape(verdict)}",
     ]
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
+def _bps(value: Decimal | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f} bps"
+
+
+def _execution_lines(execution: DayExecution | None) -> list[str]:
+    """The copy-execution section: how fast and how close the day's followers traded (none without signals)."""
+    if execution is None or not execution.signals:
+        return []
+    outcomes = ", ".join(f"{n} {html.escape(k.replace('_', ' '))}" for k, n in execution.by_outcome.items())
+    ack = execution.acknowledged
+    return [
+        "<b>Copy execution</b>",
+        f"Signals: {execution.signals} · orders: {execution.orders} ({outcomes})",
+        f"Signal to exchange: median {_seconds(ack.median)} · p99 {_seconds(ack.p99)} · last {_seconds(ack.last)}",
+        f"Slippage: average {_bps(execution.slippage_avg_bps)} · worst {_bps(execution.slippage_worst_bps)}",
+        "",
+    ]
 
 
 # --- Reads ---------------------------------------------------------------------------------------
@@ -233,7 +258,22 @@ def summary_figures(*, user: Any, day: date, tz: str) -> SummaryFigures:
         queued_orders=PendingOrder.objects.filter(account__user=user).count(),
         live_orders=OpenOrder.objects.filter(account__user=user).count(),
         quote=quotes.pop() if len(quotes) == 1 else "",
+        execution=summary_execution(user=user, day=day, tz=tz),
     )
+
+
+def summary_execution(*, user: Any, day: date, tz: str) -> DayExecution | None:
+    """The user's followers of the day's signals (their own accounts only); None when there were none."""
+    start, end = day_bounds(day, tz)
+    signals = (
+        Signal.objects.filter(received_at__gte=start, received_at__lt=end, orders__account__user=user)
+        .distinct()
+        .order_by("received_at")
+    )
+    executions = [signal_execution(signal=signal, user=user) for signal in signals]
+    if not executions:
+        return None
+    return execution_day([(e.signal.received_at, e.followers) for e in executions])
 
 
 # --- Sending -------------------------------------------------------------------------------------
@@ -298,32 +338,11 @@ def summary_send_all(*, day: date) -> SummaryReport:
     return report
 
 
-def summary_catch_up(*, host: Any) -> bool:
-    """Leader hook (SPEC §2.2, §4.9): a leader starting after 21:03 KST sends the day's summary.
+def summary_catch_up_due(*, now: datetime) -> bool:
+    """Leader catch-up condition (SPEC §2.2, §4.9): a leader starting after 21:03 KST sends the day's summary.
 
-    Runs send_daily_summary as a CATCHUP JobRun of the new term, through the wrapped function (the
-    job's lock, the term check), only between 21:03 and midnight KST: a summary missed yesterday
-    is not sent today. Users already served (SummarySent) are skipped, so a leader change after
-    the 21:03 run sends nothing again. Skipped when the job is disabled or paused. Returns whether
-    it ran.
+    Due only between 21:03 and midnight (SCHEDULER_TIMEZONE): a summary missed yesterday is not sent
+    today. Users already served (SummarySent) are skipped by the job, so a leader change after the
+    21:03 run sends nothing again.
     """
-    from scheduler.models import JobControl, JobRun
-    from scheduler.reconcile import job_function
-    from scheduler.registry import registry_spec
-    from scheduler.runs import JobFailedError, RunContext, run_in_context
-
-    term = host.term
-    spec = registry_spec(JOB_ID)
-    now = timezone.now()
-    local = now.astimezone(ZoneInfo(settings.SCHEDULER_TIMEZONE))
-    if term is None or spec is None or local.time() < SEND_AT:
-        return False
-    if not spec.enabled or JobControl.objects.filter(job_id=JOB_ID, paused=True).exists():
-        logger.info("daily summary catch-up (term %s): %s disabled or paused", term, JOB_ID)
-        return False
-    ctx = RunContext(scheduled_at=now, kind=JobRun.Kind.CATCHUP, term=term, lock_timeout=spec.budget)
-    try:
-        run_in_context(ctx, job_function(spec))
-    except JobFailedError as exc:
-        logger.warning("daily summary catch-up (term %s) failed: %s", term, exc)
-    return True
+    return now.astimezone(ZoneInfo(settings.SCHEDULER_TIMEZONE)).time() >= SEND_AT

@@ -12,10 +12,11 @@ import pytest
 import time_machine
 
 from accounts.models import Strategy, StrategyAccount
-from notifications.jobs import send_daily_summary
 from notifications.models import OutboxMessage, SummarySent, TelegramProfile
 from notifications.sender import OutboxSender
-from notifications.summary import (
+from positions.models import Fill, Trade
+from reporting.jobs import send_daily_summary
+from reporting.summary import (
     EXCELLENT,
     FLAT,
     GOOD,
@@ -24,13 +25,13 @@ from notifications.summary import (
     DayFigures,
     SummaryFigures,
     percent_change,
-    summary_catch_up,
     summary_format,
     summary_verdict,
 )
-from orders.models import Fill, Trade
 from scheduler import runner
 from scheduler.models import JobControl, JobRun, Leadership
+from scheduler.registry import catch_up_specs
+from scheduler.services import catch_up_run
 from tests.notifications.conftest import CHAT_ID, USER_BOT_TOKEN, FakeClock
 from tests.orders.factories import (
     AccountFactory,
@@ -329,25 +330,26 @@ def term7():  # noqa: ANN201
 
 def test_catch_up_is_a_leader_hook_before_the_announcement():
     hooks = runner.LEADER_HOOKS
-    assert hooks.index("notifications.summary:summary_catch_up") < hooks.index("notifications.services:leader_announce")
+    assert "send_daily_summary" in [spec.id for spec in catch_up_specs()]
+    assert hooks.index("scheduler.services:leader_catch_up") < hooks.index("scheduler.services:leader_announce")
 
 
 def test_a_leader_back_at_22_00_sends_the_missed_summary(alice, telegram, term7):  # noqa: ANN001
     with time_machine.travel(kst(2026, 3, 10, 22, 0), tick=False):
-        assert summary_catch_up(host=term7) is True
+        assert catch_up_run(host=term7, job_id="send_daily_summary") is True
     run = JobRun.objects.get(job_id="send_daily_summary")
     assert (run.kind, run.term, run.outcome) == (JobRun.Kind.CATCHUP, 7, JobRun.Outcome.OK)
     assert texts_of(alice["user"]) == [GOLDEN]
     # Another takeover later that evening sends nothing again.
     with time_machine.travel(kst(2026, 3, 10, 23, 59), tick=False):
-        assert summary_catch_up(host=term7) is True
+        assert catch_up_run(host=term7, job_id="send_daily_summary") is True
     assert OutboxMessage.objects.count() == 2
 
 
 def test_a_leader_back_after_midnight_or_before_21_03_sends_nothing(alice, telegram, term7):  # noqa: ANN001
     for moment in (kst(2026, 3, 11, 0, 30), kst(2026, 3, 10, 21, 2, 59), kst(2026, 3, 10, 9, 0)):
         with time_machine.travel(moment, tick=False):
-            assert summary_catch_up(host=term7) is False
+            assert catch_up_run(host=term7, job_id="send_daily_summary") is False
     assert not JobRun.objects.exists()
     assert not OutboxMessage.objects.exists()
 
@@ -355,11 +357,11 @@ def test_a_leader_back_after_midnight_or_before_21_03_sends_nothing(alice, teleg
 def test_catch_up_skips_a_paused_job_and_a_stale_term(alice, telegram, term7):  # noqa: ANN001
     JobControl.objects.create(job_id="send_daily_summary", paused=True, pause_reason="quiet week")
     with time_machine.travel(kst(2026, 3, 10, 22, 0), tick=False):
-        assert summary_catch_up(host=term7) is False
+        assert catch_up_run(host=term7, job_id="send_daily_summary") is False
     JobControl.objects.all().delete()
     Leadership.objects.filter(id=1).update(term=8)
     with time_machine.travel(kst(2026, 3, 10, 22, 0), tick=False):
-        summary_catch_up(host=term7)  # the claim is refused: term 7 is over
+        catch_up_run(host=term7, job_id="send_daily_summary")  # the claim is refused: term 7 is over
     assert not OutboxMessage.objects.exists()
     assert not JobRun.objects.filter(job_id="send_daily_summary").exists()
 
@@ -388,7 +390,7 @@ def test_strategy_count_ignores_inactive_links():
     StrategyAccountFactory(account=account, strategy=strategy)
     StrategyAccountFactory(account=AccountFactory(user=user), strategy=strategy)  # same strategy twice
     StrategyAccountFactory(account=account, strategy=StrategyFactory(), is_active=False)
-    from notifications.summary import summary_figures
+    from reporting.summary import summary_figures
 
     figures = summary_figures(user=user, day=DAY, tz="Asia/Seoul")
     assert (figures.active_strategies, figures.active_accounts) == (1, 2)

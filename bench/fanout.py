@@ -1,0 +1,994 @@
+"""Execution engine fan-out and reconciliation against the serial engine in the same run (issue 12, SPEC §9).
+
+Setup: a fresh PostgreSQL database (ts_bench_fanout_<pid> on BENCH_PG_ADMIN_URL's server, dropped at
+the end unless BENCH_KEEP=1), migrated; `manage.py runsimexchange` on a free 127.0.0.1 port against
+it, with a SimFault latency of 100 ms (every call, phase "before") on create_order, fetch_order,
+fetch_open_orders and cancel_order of BINANCE. Real ccxt (binanceusdm) talks to it through
+EXCHANGE_URL_OVERRIDES. The simulator accepts one API key per server and its engine account is
+the key, so the server runs in a child of this module (`--simexchange`) that wraps the command's
+Binance authentication to also accept the followers' keys (FOLLOWER_KEY_PREFIX…, same secret,
+signature checked as usual): each follower is an exchange account of its own there (own orders,
+balances, open-order listing), as it would be on Binance. Nothing else of the server changes.
+
+This process is the leader: Django on the same database (DJANGO_DEBUG off), MarketInfo and
+PriceQuote loaded by the precision_cache_update and update_price_cache jobs. Each run starts from
+fresh data (every table but migrations, market data and the simulator's exchange and fault rows
+truncated), seeds N followers of one BINANCE FUTURES strategy (bulk_create: user, accounts with
+their own key, StrategyAccounts, 1,000 USDT allocated, leverage 1), creates their ccxt instances
+(the leader's warm state; timed, not part of the figures), and drives the queue as the scheduler
+would: a timer thread calls the `rebalance_order_queue` job every 1 s (the host's 1 s job: a run
+that overruns delays the next to the next whole second, as APScheduler's max_instances=1 and
+coalesce do). One webhook signal (ETH/USDT BUY, qty_per 10; MARKET, or LIMIT 5 % under the last
+price so it rests) goes through the real endpoint (django.test.Client, POST /api/webhook/) half a
+second into a tick (the mean phase of a signal arriving at a random time).
+
+Figures per (order type, N), each against the serial engine (EXECUTION_WORKERS=0, the queue as it
+was before issue 12) on fresh data in the same run; ratio = value / baseline:
+  first/median/p99/last ack — seconds from the webhook's return to each order's `placed` event
+    (OrderEvent.created_at: written when the exchange's acknowledgement is recorded);
+  skipped ticks — ticks that started more than 1.5 s after the one before, from the webhook
+    until the last acknowledgement;
+  RSS — of this process (the queue's), sampled every 0.2 s over that window: start, end, max;
+  exchange calls — ccxt HTTP requests in the window, those that timed out, create call p50/p99;
+  CPU seconds of this process and of the simulator in the window (where the time went).
+Simulator ceiling (first, on fresh data): 16 MARKET creates sent straight through the followers'
+gateways, all at once against one after another. The simulator serializes every order creation of
+an exchange on its SimExchange row (select_for_update in SimEngine.order_create), so this line says
+how much of a fan-out figure is the simulated exchange rather than the engine.
+Reconciliation: BENCH_RECONCILE_ACCOUNTS accounts × 5 live LIMIT orders (SimOrder and OpenOrder
+rows bulk-created to match), one `update_open_orders` run, timed until its last account market is
+done (RECONCILE_WORKERS=8 against 0, each on fresh data; the time includes the account markets the
+job leaves running beside it after its 18 s wait).
+
+Environment: BENCH_FANOUT_N ("100,1000"), BENCH_FANOUT_TYPES ("MARKET,LIMIT"),
+BENCH_FANOUT_SERIAL_MAX (1000: larger N run without the serial baseline, said in the output),
+BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_WORKERS (16) and BENCH_RECONCILE_WORKERS (8):
+the pool sizes measured against 0, BENCH_FANOUT_PHASE (0.5 s), BENCH_PG_ADMIN_URL
+(postgres://postgres@127.0.0.1:5432/postgres), BENCH_KEEP=1 keeps the database and the server log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import psutil
+import requests
+
+from bench.support import ROOT, bench_env, header, line, migrate, pg_recreate
+
+SIM_KEY = "bench-fanout-sim-key-4f1c2a"
+SIM_SECRET = "bench-fanout-sim-secret-9e07b3d5"  # noqa: S105 - the local simulator's own key pair
+FOLLOWER_KEY_PREFIX = "bench-fanout-follower-"
+SYMBOL = "ETH/USDT"
+ALLOCATED = Decimal(1000)
+QTY_PER = Decimal(10)
+LIMIT_BELOW = Decimal("0.95")
+LATENCY_MS = 100
+LATENCY_ENDPOINTS = ("create_order", "fetch_order", "fetch_open_orders", "cancel_order")
+RECONCILE_ORDERS = 5
+TICK_SECONDS = 1.0
+SKIPPED_GAP = 1.5
+READY_TIMEOUT = 120.0
+# Tables that survive the reset between runs: schema, market data, the simulator's exchange and faults.
+KEEP_TABLES = {
+    "django_migrations",
+    "django_content_type",
+    "auth_permission",
+    "auth_group",
+    "auth_group_permissions",
+    "exchanges_marketinfo",
+    "exchanges_pricequote",
+    "exchanges_simexchange",
+    "exchanges_simfault",
+}
+GOAL_ALL_100 = 1.0  # s: N=100, all acknowledged
+GOAL_P99_1000 = 3.0  # s: N=1000, p99
+GOAL_RECONCILE = 10.0  # s: 1,000 accounts
+GOAL_RSS_MB = 400.0
+
+
+def log(message: str) -> None:
+    print(f"# {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), as bench.lateness."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# --- the simulated exchange ------------------------------------------------------------------------
+
+
+def simexchange_child(port: int) -> None:
+    """`runsimexchange` whose Binance dialect also accepts the followers' keys (one engine account each)."""
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from exchanges.simulator.dialects import binance
+
+    original = binance.BinanceDialect._authenticate
+
+    def authenticate(self: Any, request: Any, body: str, *, signed: bool) -> str:
+        key = request.headers.get("X-MBX-APIKEY", "")
+        if not key.startswith(FOLLOWER_KEY_PREFIX):
+            return original(self, request, body, signed=signed)
+        # Synchronous, on the server's one event-loop thread: nothing else reads the config meanwhile.
+        config = self.config
+        self.config = dataclasses.replace(config, api_key=key)
+        try:
+            return original(self, request, body, signed=signed)
+        finally:
+            self.config = config
+
+    binance.BinanceDialect._authenticate = authenticate  # type: ignore[method-assign]
+    call_command("runsimexchange", port=port, api_key=SIM_KEY, api_secret=SIM_SECRET, seed=1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_simexchange(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    with log_path.open("w") as handle:
+        proc = subprocess.Popen(  # noqa: S603 - this module
+            [sys.executable, "-m", "bench.fanout", "--simexchange", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"runsimexchange exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/fapi/v1/ping", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("runsimexchange did not answer within the ready timeout")
+
+
+def stop_process(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def data_reset() -> None:
+    """Every table but KEEP_TABLES emptied; the leader's in-process state (ccxt instances, pools, sweep) too."""
+    from django.db import connection
+
+    from exchanges import ccxt_gateway
+    from orders.execution import execution_pools_close
+    from orders.queue import queue_sweep_reset
+
+    execution_pools_close(30)
+    tables = [t for t in connection.introspection.table_names() if t not in KEEP_TABLES]
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE " + ", ".join(connection.ops.quote_name(t) for t in tables) + " CASCADE")
+    ccxt_gateway.caches_clear()
+    queue_sweep_reset()
+
+
+def market_data_refresh() -> None:
+    """MarketInfo (precision_cache_update) and fresh PriceQuote rows (update_price_cache), as the leader keeps them."""
+    from exchanges.models import MarketInfo
+    from positions.jobs import precision_cache_update, update_price_cache
+
+    if not MarketInfo.objects.filter(exchange="BINANCE", market_type="FUTURES", symbol=SYMBOL).exists():
+        precision_cache_update()
+    update_price_cache()
+
+
+def last_price() -> Decimal:
+    from exchanges.models import PriceQuote
+
+    return PriceQuote.objects.get(exchange="BINANCE", market_type="FUTURES", symbol=SYMBOL).price
+
+
+@dataclass
+class Followers:
+    group_name: str
+    token: str
+    account_ids: list[int]
+    strategy_account_ids: list[int]
+    keys: list[str]
+
+
+def followers_seed(n: int) -> Followers:
+    """One FUTURES strategy on BINANCE with `n` followers, each an account with its own simulator key."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import Account, MarketType, StrategyAccount, StrategyCapital
+    from accounts.services import strategy_create
+
+    tag = secrets.token_hex(4)
+    user = get_user_model().objects.create_user(username=f"bench-{tag}", password=secrets.token_urlsafe(18))
+    token = secrets.token_urlsafe(24)
+    strategy = strategy_create(
+        name=f"fanout {tag}", group_name=f"fanout-{tag}", market_type=MarketType.FUTURES, webhook_token=token
+    )
+    keys = [f"{FOLLOWER_KEY_PREFIX}{tag}-{i:05d}" for i in range(n)]
+    accounts = Account.objects.bulk_create(
+        [
+            Account(user=user, name=f"follower {i}", exchange="BINANCE", api_key=key, api_secret=SIM_SECRET)
+            for i, key in enumerate(keys)
+        ],
+        batch_size=500,
+    )
+    links = StrategyAccount.objects.bulk_create(
+        [StrategyAccount(strategy=strategy, account=a, leverage=Decimal(1)) for a in accounts], batch_size=500
+    )
+    StrategyCapital.objects.bulk_create(
+        [StrategyCapital(strategy_account=sa, allocated_capital=ALLOCATED) for sa in links], batch_size=500
+    )
+    return Followers(
+        group_name=strategy.group_name,
+        token=token,
+        account_ids=[a.pk for a in accounts],
+        strategy_account_ids=[sa.pk for sa in links],
+        keys=keys,
+    )
+
+
+def gateways_warm(account_ids: list[int]) -> float:
+    """Create every follower's ccxt instance (markets shared), as a running leader has them; seconds taken."""
+    from accounts.models import Account
+    from exchanges.gateway import MarketType
+    from exchanges.services import gateway_for
+
+    started = time.perf_counter()
+    for account in Account.objects.filter(pk__in=account_ids).iterator():
+        gateway_for(account)._client(MarketType.FUTURES)  # type: ignore[attr-defined]
+    return time.perf_counter() - started
+
+
+class HttpTimer:
+    """Times every ccxt HTTP request of this process (sync ccxt sends each through Exchange.fetch)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, str]] = []  # ("POST /fapi/v1/order", seconds, error class or "")
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def installed(self) -> Iterator[HttpTimer]:
+        import ccxt
+
+        original = ccxt.Exchange.fetch
+        timer = self
+
+        def fetch(exchange: Any, url: str, method: str = "GET", *args: Any, **kwargs: Any) -> Any:
+            name = f"{method} {urlparse(url).path}"
+            t0 = time.perf_counter()
+            error = ""
+            try:
+                return original(exchange, url, method, *args, **kwargs)
+            except Exception as exc:
+                error = type(exc).__name__
+                raise
+            finally:
+                with timer.lock:
+                    timer.calls.append((name, time.perf_counter() - t0, error))
+
+        ccxt.Exchange.fetch = fetch
+        try:
+            yield self
+        finally:
+            ccxt.Exchange.fetch = original
+
+    def take(self) -> list[tuple[str, float, str]]:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        return calls
+
+
+CREATE = "POST /fapi/v1/order"
+
+
+# --- the 1 s job and the memory sampler ------------------------------------------------------------
+
+
+class Ticker(threading.Thread):
+    """Calls rebalance_order_queue every TICK_SECONDS; an overrunning run delays the next to the next whole tick."""
+
+    def __init__(self) -> None:
+        super().__init__(name="bench-ticker", daemon=True)
+        self.starts: list[float] = []  # wall time of each run's start
+        self.errors: list[str] = []
+        self.stop_event = threading.Event()
+        self.ticked = threading.Condition()
+
+    def run(self) -> None:
+        from django.db import close_old_connections
+
+        from orders.jobs import rebalance_order_queue
+
+        origin = time.monotonic()
+        k = 0
+        while not self.stop_event.is_set():
+            with self.ticked:
+                self.starts.append(time.time())
+                self.ticked.notify_all()
+            try:
+                rebalance_order_queue()
+            except Exception as exc:  # the job wrapper records it; the ticker keeps the schedule
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            close_old_connections()
+            k = max(k + 1, math.ceil((time.monotonic() - origin) / TICK_SECONDS))
+            self.stop_event.wait(max(0.0, origin + k * TICK_SECONDS - time.monotonic()))
+        from django.db import connection
+
+        connection.close()
+
+    def wait_tick(self) -> float:
+        """Block until the next tick starts; its wall start time."""
+        with self.ticked:
+            seen = len(self.starts)
+            self.ticked.wait_for(lambda: len(self.starts) > seen, timeout=10)
+            return self.starts[-1]
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(60)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one by default) and its threads."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+# The simulator's pid, for its CPU time over each run.
+SIM: dict[str, int] = {}
+# The pools' sizes measured against 0 (serial): the product defaults unless BENCH_FANOUT_WORKERS /
+# BENCH_RECONCILE_WORKERS say otherwise.
+WORKERS = {"queue": 16, "reconcile": 8}
+# Seconds per create sent straight to the simulator: "serial" one after another, "concurrent" 16 at once.
+CALIBRATION: dict[str, list[float]] = {}
+
+
+class RssSampler(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(name="bench-rss", daemon=True)
+        self.process = psutil.Process()
+        self.samples: list[tuple[float, float]] = []  # (wall time, MB)
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.samples.append((time.time(), self.process.memory_info().rss / 2**20))
+            self.stop_event.wait(0.2)
+
+    def window(self, start: float, end: float) -> tuple[float, float, float]:
+        inside = [mb for t, mb in self.samples if start <= t <= end] or [self.samples[-1][1]]
+        return inside[0], inside[-1], max(inside)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(5)
+
+
+# --- the fan-out -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FanoutResult:
+    order_type: str
+    n: int
+    workers: int
+    webhook_seconds: float = math.nan
+    acks: list[float] = field(default_factory=list)  # seconds after the webhook returned
+    not_acked: int = 0
+    ended_otherwise: int = 0  # rejected or failed
+    skipped_ticks: int = 0
+    longest_gap: float = 0.0
+    rss: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    warm_seconds: float = math.nan
+    calls: list[tuple[str, float, str]] = field(default_factory=list)  # exchange HTTP requests after the webhook
+    cpu: tuple[float, float] = (math.nan, math.nan)  # CPU seconds of (this process, the simulator) in the window
+    errors: list[str] = field(default_factory=list)
+
+    def figure(self, name: str) -> float:
+        acks = self.acks
+        return {
+            "first_ack_s": min(acks, default=math.nan),
+            "median_ack_s": percentile(acks, 0.5),
+            "p99_ack_s": percentile(acks, 0.99),
+            "last_ack_s": max(acks, default=math.nan) if not self.not_acked else math.nan,
+            "acknowledged": len(acks),
+            "skipped_ticks": self.skipped_ticks,
+            "longest_tick_gap_s": self.longest_gap,
+            "rss_start_mb": self.rss[0],
+            "rss_end_mb": self.rss[1],
+            "rss_max_mb": self.rss[2],
+            "exchange_calls": len(self.calls),
+            "exchange_timeouts": sum(1 for _, _, error in self.calls if error == "RequestTimeout"),
+            "create_call_p50_s": percentile([t for name, t, _ in self.calls if name == CREATE], 0.5),
+            "create_call_p99_s": percentile([t for name, t, _ in self.calls if name == CREATE], 0.99),
+            "leader_cpu_s": self.cpu[0],
+            "simulator_cpu_s": self.cpu[1],
+        }[name]
+
+
+def fanout_run(
+    *, order_type: str, n: int, workers: int, phase: float, sampler: RssSampler, timer: HttpTimer
+) -> FanoutResult:
+    """Fresh data, N followers, one webhook signal; the 1 s job until every order is acknowledged (or a timeout)."""
+    from django.conf import settings
+    from django.test import Client
+
+    from orders.execution import execution_pool
+    from orders.models import OrderEvent
+
+    result = FanoutResult(order_type=order_type, n=n, workers=workers)
+    data_reset()
+    followers = followers_seed(n)
+    market_data_refresh()  # the jobs refresh what active accounts use
+    result.warm_seconds = gateways_warm(followers.account_ids)
+    settings.EXECUTION_WORKERS = workers
+    execution_pool("queue")  # sized now, so no pass pays for it
+    payload: dict[str, Any] = {
+        "group_name": followers.group_name,
+        "token": followers.token,
+        "symbol": SYMBOL,
+        "side": "BUY",
+        "order_type": order_type,
+        "qty_per": str(QTY_PER),
+    }
+    if order_type == "LIMIT":
+        payload["price"] = str((last_price() * LIMIT_BELOW).quantize(Decimal("0.01"), rounding=ROUND_DOWN))
+    client = Client()
+    ticker = Ticker()
+    ticker.start()
+    timeout = 60 + n * (0.3 if workers else 0.6)  # generous: the simulator bounds both modes
+    try:
+        ticker.wait_tick()
+        tick = ticker.wait_tick()
+        time.sleep(max(0.0, tick + phase - time.time()))
+        timer.take()
+        cpu0 = (cpu_seconds(), cpu_seconds(SIM["pid"]))
+        posted = time.time()
+        response = client.post("/api/webhook/", data=json.dumps(payload), content_type="application/json")
+        returned = time.time()
+        result.webhook_seconds = returned - posted
+        if response.status_code != 202:
+            raise RuntimeError(f"webhook answered {response.status_code}: {response.content[:500]!r}")
+        keys = {key for ks in response.json()["orders"].values() for key in ks}
+        if len(keys) != n:
+            raise RuntimeError(f"webhook queued {len(keys)} orders for {n} followers")
+        lo, hi = min(followers.account_ids), max(followers.account_ids)
+        events = OrderEvent.objects.filter(account_id__gte=lo, account_id__lte=hi)
+        acked: dict[str, float] = {}
+        ended: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for key, at in events.filter(kind=OrderEvent.Kind.PLACED).values_list("order_key", "created_at"):
+                acked.setdefault(str(key), at.timestamp() - returned)
+            done = {
+                str(k)
+                for k in events.filter(kind__in=(OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED)).values_list(
+                    "order_key", flat=True
+                )
+            }
+            ended = done - set(acked)
+            if len(acked) + len(ended) >= n:
+                break
+            time.sleep(0.2)
+        finished = time.time()
+        result.cpu = (cpu_seconds() - cpu0[0], cpu_seconds(SIM["pid"]) - cpu0[1])
+    finally:
+        ticker.stop()
+        execution_pool("queue").drain(60)
+    result.calls = timer.take()
+    result.acks = sorted(acked.values())
+    result.ended_otherwise = len(ended)
+    result.not_acked = n - len(acked)
+    starts = [t for t in ticker.starts if returned - TICK_SECONDS <= t <= finished + TICK_SECONDS]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    result.skipped_ticks = sum(1 for g in gaps if g > SKIPPED_GAP)
+    result.longest_gap = max(gaps, default=0.0)
+    result.rss = sampler.window(returned, finished)
+    result.errors = ticker.errors
+    if result.not_acked:
+        result.errors.append(f"{result.not_acked} of {n} not acknowledged within {timeout:.0f} s")
+    return result
+
+
+# --- the simulator's own ceiling -------------------------------------------------------------------
+
+
+def simulator_calibrate(at_once: int = 16) -> tuple[list[float], list[float]]:
+    """Seconds of `at_once` MARKET creates sent straight through the gateways, one after another and then
+    all at once (one thread each): what the simulated exchange itself allows, without the queue."""
+    from accounts.models import Account
+    from exchanges.gateway import MarketType, OrderRequest, OrderType, Side
+    from exchanges.services import gateway_for
+
+    data_reset()
+    followers = followers_seed(at_once)
+    market_data_refresh()
+    gateways_warm(followers.account_ids)
+    quantity = (ALLOCATED * QTY_PER / 100 / last_price()).quantize(Decimal("0.001"), rounding=ROUND_DOWN)
+    accounts = list(Account.objects.filter(pk__in=followers.account_ids))
+
+    def create(account: Account, tag: str) -> float:
+        from django.db import connection
+
+        request = OrderRequest(
+            symbol=SYMBOL,
+            market_type=MarketType.FUTURES,
+            side=Side.BUY,
+            order_type=OrderType.MARKET,
+            quantity=quantity,
+            client_order_id=f"cal{tag}{account.pk}",
+        )
+        t0 = time.perf_counter()
+        try:
+            gateway_for(account).create_order(request)
+        finally:
+            connection.close()
+        return time.perf_counter() - t0
+
+    serial = [create(a, "s") for a in accounts]
+    concurrent: list[float] = []
+    threads = [threading.Thread(target=lambda a=a: concurrent.append(create(a, "c"))) for a in accounts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return serial, concurrent
+
+
+# --- reconciliation --------------------------------------------------------------------------------
+
+
+def reconcile_seed(accounts: int, orders: int) -> tuple[list[int], Decimal]:
+    """`accounts` followers, each with `orders` resting BUY LIMIT orders live on the simulator and as OpenOrders."""
+    from django.utils import timezone
+
+    from exchanges.models import SimOrder
+    from orders.models import OpenOrder
+
+    followers = followers_seed(accounts)
+    market_data_refresh()
+    price = (last_price() * Decimal("0.5")).quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+    now = timezone.now()
+    quantity = Decimal("0.01")
+    sim_rows = []
+    for key in followers.keys:
+        for j in range(orders):
+            sim_rows.append(
+                SimOrder(
+                    exchange="BINANCE",
+                    account=key,
+                    market_type="FUTURES",
+                    symbol=SYMBOL,
+                    side="BUY",
+                    order_type="LIMIT",
+                    client_order_id=f"bench-{secrets.token_hex(8)}-{j}",
+                    quantity=quantity,
+                    price=price - j,
+                    fee_currency="USDT",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    sim_rows = SimOrder.objects.bulk_create(sim_rows, batch_size=1000)
+    seq = time.time_ns()
+    open_rows = []
+    for index, sim in enumerate(sim_rows):
+        i = index // orders
+        open_rows.append(
+            OpenOrder(
+                client_order_id=sim.client_order_id,
+                placement_no=1,
+                strategy_account_id=followers.strategy_account_ids[i],
+                account_id=followers.account_ids[i],
+                symbol=SYMBOL,
+                market_type="FUTURES",
+                side="BUY",
+                order_type="LIMIT",
+                price=sim.price,
+                quantity=quantity,
+                signal_at=now,
+                queue_seq=seq + index,
+                exchange_order_id=str(sim.pk),
+                status=OpenOrder.Status.NEW,
+                last_seen_at=now,
+            )
+        )
+    OpenOrder.objects.bulk_create(open_rows, batch_size=1000)
+    return followers.account_ids, price
+
+
+@dataclass
+class ReconcileResult:
+    workers: int
+    accounts: int
+    seconds: float = math.nan
+    rss: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    summary: str = ""
+    warm_seconds: float = math.nan
+    calls: int = 0
+    cpu: tuple[float, float] = (math.nan, math.nan)
+
+
+def reconcile_run(*, accounts: int, workers: int, sampler: RssSampler, timer: HttpTimer) -> ReconcileResult:
+    from django.conf import settings
+
+    from orders.execution import execution_pool
+    from orders.jobs import update_open_orders
+    from scheduler.models import JobRun
+
+    result = ReconcileResult(workers=workers, accounts=accounts)
+    data_reset()
+    account_ids, _ = reconcile_seed(accounts, RECONCILE_ORDERS)
+    result.warm_seconds = gateways_warm(account_ids)
+    settings.RECONCILE_WORKERS = workers
+    pool = execution_pool("reconcile")
+    timer.take()
+    cpu0 = (cpu_seconds(), cpu_seconds(SIM["pid"]))
+    started = time.time()
+    t0 = time.perf_counter()
+    update_open_orders()
+    pool.drain(600)
+    result.seconds = time.perf_counter() - t0
+    result.cpu = (cpu_seconds() - cpu0[0], cpu_seconds(SIM["pid"]) - cpu0[1])
+    result.calls = len(timer.take())
+    result.rss = sampler.window(started, time.time())
+    run = JobRun.objects.filter(job_id="update_open_orders").order_by("-id").first()
+    result.summary = run.summary if run else ""
+    return result
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+FANOUT_FIGURES = (
+    "first_ack_s",
+    "median_ack_s",
+    "p99_ack_s",
+    "last_ack_s",
+    "acknowledged",
+    "skipped_ticks",
+    "longest_tick_gap_s",
+    "rss_start_mb",
+    "rss_end_mb",
+    "rss_max_mb",
+    "exchange_calls",
+    "exchange_timeouts",
+    "create_call_p50_s",
+    "create_call_p99_s",
+    "leader_cpu_s",
+    "simulator_cpu_s",
+)
+
+
+def _shown(value: float) -> float:
+    return int(value) if isinstance(value, int) else value
+
+
+def fanout_lines(value: FanoutResult, baseline: FanoutResult | None) -> list[str]:
+    lines = []
+    for name in FANOUT_FIGURES:
+        own = value.figure(name)
+        base = baseline.figure(name) if baseline is not None else None
+        label = f"fanout_{value.order_type.lower()}_{name}[N={value.n}]"
+        if isinstance(own, float) and math.isnan(own):
+            lines.append(f"{label:52} {'-':>10} {'-' if base is None else _fmt_nan(base):>10} {'-':>10}")
+            continue
+        if base is not None and isinstance(base, float) and math.isnan(base):
+            base = None
+        lines.append(line(label, _shown(own), base))
+    return lines
+
+
+def _fmt_nan(value: float) -> str:
+    from bench.support import fmt
+
+    return "-" if isinstance(value, float) and math.isnan(value) else fmt(value)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def goals(fanouts: dict[tuple[str, int, int], FanoutResult], reconciles: dict[int, ReconcileResult]) -> list[str]:
+    lines = []
+    for (order_type, n, workers), r in sorted(fanouts.items()):
+        if not workers:
+            continue
+        if n == 100:
+            last = r.figure("last_ack_s")
+            lines.append(
+                f"# goal {order_type} N=100 all acknowledged <= {GOAL_ALL_100:.0f} s after the webhook returns: "
+                f"{verdict(not math.isnan(last) and last <= GOAL_ALL_100)} "
+                f"({'-' if math.isnan(last) else f'{last:.3f} s'}; {len(r.acks)}/{n} acknowledged)"
+            )
+        if n == 1000:
+            p99 = r.figure("p99_ack_s")
+            ok = not math.isnan(p99) and p99 <= GOAL_P99_1000 and not r.not_acked
+            lines.append(
+                f"# goal {order_type} N=1000 p99 acknowledged <= {GOAL_P99_1000:.0f} s: {verdict(ok)} "
+                f"({'-' if math.isnan(p99) else f'{p99:.3f} s'}; {len(r.acks)}/{n} acknowledged)"
+            )
+    concurrent_reconcile = [r for w, r in reconciles.items() if w]
+    for rr in concurrent_reconcile:
+        if rr.accounts == 1000:
+            lines.append(
+                f"# goal reconciliation of 1000 accounts <= {GOAL_RECONCILE:.0f} s: "
+                f"{verdict(rr.seconds <= GOAL_RECONCILE)} ({rr.seconds:.2f} s)"
+            )
+    concurrent = [r for (_, _, w), r in fanouts.items() if w]
+    if concurrent:
+        skipped = sum(r.skipped_ticks for r in concurrent)
+        lines.append(f"# goal 0 skipped ticks (concurrent runs): {verdict(skipped == 0)} ({skipped})")
+        rss = max([r.rss[2] for r in concurrent] + [rr.rss[2] for rr in concurrent_reconcile])
+        lines.append(
+            f"# goal RSS < {GOAL_RSS_MB:.0f} MB (concurrent runs): {verdict(rss < GOAL_RSS_MB)} ({rss:.0f} MB max)"
+        )
+    return lines
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def _sizes(name: str, default: str) -> list[int]:
+    return [int(x) for x in os.environ.get(name, default).split(",") if x.strip()]
+
+
+def main() -> int:
+    sizes = _sizes("BENCH_FANOUT_N", "100,1000")
+    types = [t.strip().upper() for t in os.environ.get("BENCH_FANOUT_TYPES", "MARKET,LIMIT").split(",") if t.strip()]
+    serial_max = int(os.environ.get("BENCH_FANOUT_SERIAL_MAX", "1000"))
+    reconcile_accounts = int(os.environ.get("BENCH_RECONCILE_ACCOUNTS", "1000"))
+    phase = float(os.environ.get("BENCH_FANOUT_PHASE", "0.5"))
+    WORKERS["queue"] = int(os.environ.get("BENCH_FANOUT_WORKERS", "16"))
+    WORKERS["reconcile"] = int(os.environ.get("BENCH_RECONCILE_WORKERS", "8"))
+    if min(WORKERS.values()) < 1:
+        print("BENCH_FANOUT_WORKERS and BENCH_RECONCILE_WORKERS are pool sizes (>= 1)", file=sys.stderr)
+        return 2
+    keep = os.environ.get("BENCH_KEEP") == "1"
+    admin_url = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    db_url = urlparse(admin_url)._replace(path=f"/ts_bench_fanout_{os.getpid()}").geturl()
+
+    from cryptography.fernet import Fernet
+
+    work = Path(tempfile.mkdtemp(prefix="tradingsite-bench-fanout-"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = bench_env(db_url, work)
+    env.update(
+        DJANGO_DEBUG="0",
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+        FIELD_ENCRYPTION_KEY=Fernet.generate_key().decode(),
+        EXCHANGE_URL_OVERRIDES=json.dumps({"BINANCE": base, "BYBIT": base}),
+        EXECUTION_WORKERS=str(WORKERS["queue"]),
+        RECONCILE_WORKERS=str(WORKERS["reconcile"]),
+    )
+    log(f"database {db_url.rsplit('/', 1)[1]}, simulator on {base}, work dir {work}")
+    pg_recreate(db_url)
+    proc: subprocess.Popen | None = None
+    failed = False
+    try:
+        migrate(env)
+        proc = start_simexchange(env, port, work / "runsimexchange.log")
+        SIM["pid"] = proc.pid
+        from bench.support import django_start
+
+        django_start(env)
+        failed = _measure(
+            sizes=sizes, types=types, serial_max=serial_max, reconcile_accounts=reconcile_accounts, phase=phase
+        )
+    except Exception as exc:
+        failed = True
+        traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        if "django.db" in sys.modules:
+            from django.db import connections
+
+            from orders.execution import execution_pools_close
+
+            execution_pools_close(30)
+            connections.close_all()
+        if proc is not None:
+            code = stop_process(proc)
+            if code != 0:
+                print(f"runsimexchange exited with {code}; log: {work / 'runsimexchange.log'}", file=sys.stderr)
+        if keep:
+            print(f"# kept database {db_url.rsplit('/', 1)[1]} and {work}")
+        else:
+            pg_recreate(db_url, drop_only=True)
+            if failed:
+                print(f"# kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _measure(*, sizes: list[int], types: list[str], serial_max: int, reconcile_accounts: int, phase: float) -> bool:
+    from exchanges.simulator.engine import default_engine
+
+    for endpoint in LATENCY_ENDPOINTS:
+        default_engine.fault_add(
+            "latency", exchange="BINANCE", endpoint=endpoint, remaining=None, latency_ms=LATENCY_MS
+        )
+    sampler = RssSampler()
+    sampler.start()
+    timer = HttpTimer()
+    fanouts: dict[tuple[str, int, int], FanoutResult] = {}
+    reconciles: dict[int, ReconcileResult] = {}
+    failed = False
+    with timer.installed():
+        try:
+            failed = _runs(fanouts, reconciles, sizes, types, serial_max, reconcile_accounts, phase, sampler, timer)
+        finally:
+            sampler.stop()
+    print(_report(fanouts, reconciles, sizes, types, serial_max, reconcile_accounts, phase))
+    return failed
+
+
+def _runs(
+    fanouts: dict[tuple[str, int, int], FanoutResult],
+    reconciles: dict[int, ReconcileResult],
+    sizes: list[int],
+    types: list[str],
+    serial_max: int,
+    reconcile_accounts: int,
+    phase: float,
+    sampler: RssSampler,
+    timer: HttpTimer,
+) -> bool:
+    """Every run, concurrent first then its serial baseline; True when one failed or left orders unacknowledged."""
+    failed = False
+    log("simulator calibration: 16 creates one after another, then 16 at once ...")
+    calibration = _guarded(simulator_calibrate)
+    if calibration is not None:
+        CALIBRATION["serial"], CALIBRATION["concurrent"] = calibration
+    for order_type in types:
+        for n in sizes:
+            for workers in (WORKERS["queue"], 0):
+                if not workers and n > serial_max:
+                    continue
+                log(f"fan-out {order_type} N={n} EXECUTION_WORKERS={workers} ...")
+                r = _guarded(
+                    fanout_run, order_type=order_type, n=n, workers=workers, phase=phase, sampler=sampler, timer=timer
+                )
+                if r is None:
+                    failed = True
+                    continue
+                fanouts[(order_type, n, workers)] = r
+                failed = failed or bool(r.not_acked)
+                log(
+                    f"  webhook {r.webhook_seconds:.2f} s, ccxt warm-up {r.warm_seconds:.1f} s, "
+                    f"{r.figure('exchange_calls')} exchange calls ({r.figure('exchange_timeouts')} timed out, "
+                    f"create p50 {r.figure('create_call_p50_s'):.3f} s p99 {r.figure('create_call_p99_s'):.3f} s), "
+                    f"{len(r.acks)}/{n} acknowledged, last {r.figure('last_ack_s'):.2f} s, "
+                    f"{r.skipped_ticks} skipped ticks{'; ' + '; '.join(r.errors[:3]) if r.errors else ''}"
+                )
+    if reconcile_accounts:
+        for workers in (WORKERS["reconcile"], 0):
+            log(f"reconcile {reconcile_accounts} accounts x {RECONCILE_ORDERS} RECONCILE_WORKERS={workers} ...")
+            rr = _guarded(reconcile_run, accounts=reconcile_accounts, workers=workers, sampler=sampler, timer=timer)
+            if rr is None:
+                failed = True
+                continue
+            reconciles[workers] = rr
+            log(
+                f"  {rr.seconds:.2f} s, {rr.calls} exchange calls, CPU s leader {rr.cpu[0]:.1f} "
+                f"simulator {rr.cpu[1]:.1f}, ccxt warm-up {rr.warm_seconds:.1f} s: {rr.summary}"
+            )
+    return failed
+
+
+def _guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    try:
+        return fn(**kwargs)
+    except Exception as exc:
+        traceback.print_exc()
+        log(f"  failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _report(
+    fanouts: dict[tuple[str, int, int], FanoutResult],
+    reconciles: dict[int, ReconcileResult],
+    sizes: list[int],
+    types: list[str],
+    serial_max: int,
+    reconcile_accounts: int,
+    phase: float,
+) -> str:
+    out = [
+        f"# fan-out: one webhook signal to N followers (BINANCE FUTURES {SYMBOL}, each its own simulator account), "
+        f"runsimexchange + real ccxt, {LATENCY_MS} ms latency on {', '.join(LATENCY_ENDPOINTS)}, PostgreSQL; "
+        f"rebalance_order_queue every {TICK_SECONDS:.0f} s on a timer thread, webhook {phase:g} s into a tick; "
+        f"value = EXECUTION_WORKERS={WORKERS['queue']}, "
+        "baseline = EXECUTION_WORKERS=0 (serial) on fresh data in the same run; "
+        "seconds from the webhook's return to each order's `placed` event",
+        header(),
+    ]
+    if CALIBRATION.get("concurrent"):
+        concurrent, serial = CALIBRATION["concurrent"], CALIBRATION["serial"]
+        out.append(
+            "# simulator ceiling: 16 MARKET creates straight through the gateways, all at once "
+            "(value) against one after another (baseline), no queue"
+        )
+        out.append(line("simulator_create_p50_s[16 at once]", percentile(concurrent, 0.5), percentile(serial, 0.5)))
+        out.append(line("simulator_create_max_s[16 at once]", max(concurrent), max(serial)))
+    for order_type in types:
+        for n in sizes:
+            value = fanouts.get((order_type, n, WORKERS["queue"]))
+            baseline = fanouts.get((order_type, n, 0))
+            if value is None:
+                out.append(f"# fan-out {order_type} N={n}: no result (see the errors above)")
+                continue
+            if n > serial_max:
+                out.append(f"# {order_type} N={n}: serial baseline not run (N > BENCH_FANOUT_SERIAL_MAX={serial_max})")
+            out.extend(fanout_lines(value, baseline))
+    if reconciles:
+        value_r, base_r = reconciles.get(WORKERS["reconcile"]), reconciles.get(0)
+        out.append(
+            f"# reconciliation: {reconcile_accounts} accounts x {RECONCILE_ORDERS} live orders, one update_open_orders "
+            "until its last account market is done; "
+            f"value = RECONCILE_WORKERS={WORKERS['reconcile']}, baseline = RECONCILE_WORKERS=0"
+        )
+        label = f"[{reconcile_accounts}x{RECONCILE_ORDERS}]"
+        if value_r is not None:
+            base_s = base_r.seconds if base_r is not None else None
+            out.append(line(f"reconcile_seconds{label}", value_r.seconds, base_s))
+            out.append(line(f"reconcile_rss_max_mb{label}", value_r.rss[2], base_r.rss[2] if base_r else None))
+            out.append(line(f"reconcile_exchange_calls{label}", value_r.calls, base_r.calls if base_r else None))
+            out.append(line(f"reconcile_leader_cpu_s{label}", value_r.cpu[0], base_r.cpu[0] if base_r else None))
+            out.append(line(f"reconcile_simulator_cpu_s{label}", value_r.cpu[1], base_r.cpu[1] if base_r else None))
+            out.append(f"# reconcile job summary (when the job returned): {value_r.summary[:200]}")
+    out.extend(goals(fanouts, reconciles))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--simexchange":
+        simexchange_child(int(sys.argv[2]))
+    else:
+        sys.exit(main())
