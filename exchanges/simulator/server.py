@@ -57,7 +57,8 @@ class RateLimitConfig:
     binance_futures_orders_per_minute: int = 1200
     binance_ban_after: int | None = 10
     binance_ban_seconds: float = 120.0
-    bybit_orders_per_second: int = 10  # /v5/order/create, cancel, cancel-all (linear; spot allows 20)
+    bybit_orders_per_second: int = 10  # /v5/order/create, cancel, cancel-all: linear
+    bybit_spot_orders_per_second: int = 20  # the same endpoints with category=spot
     bybit_queries_per_second: int = 50  # order, position, execution and wallet queries
     bybit_ip_per_5s: int = 600
 

@@ -97,7 +97,10 @@ class BybitDialect(Dialect):
         self.exchange = self.config.bybit_exchange
         limits = self.config.rate_limits
         self.ip_window = Window("IP", limits.bybit_ip_per_5s, 5)
-        self.order_limit = limits.bybit_orders_per_second
+        self.order_limits = {
+            MarketType.FUTURES: limits.bybit_orders_per_second,
+            MarketType.SPOT: limits.bybit_spot_orders_per_second,
+        }
         self.query_limit = limits.bybit_queries_per_second
         self.leverage: dict[tuple[str, str], str] = {}  # (account, symbol id) → leverage set by the client
 
@@ -168,9 +171,14 @@ class BybitDialect(Dialect):
         charges = [Charge(f"ip:{call.request.remote or 'unknown'}", self.ip_window, 1)]
         uid = call.route.extra.get("uid")
         if uid and call.account:
-            limit = self.order_limit if uid == "order" else self.query_limit
-            window = Window(f"UID:{call.request.path}", limit, 1)
-            charges.append(Charge(f"uid:{call.account}:{call.request.path}", window, 1))
+            # Order endpoints are counted per category (spot and linear have their own limits).
+            scope = f"{call.request.path}:{call.market_type}" if uid == "order" else call.request.path
+            limit = (
+                self.order_limits.get(call.market_type or MarketType.FUTURES, 10)
+                if uid == "order"
+                else self.query_limit
+            )
+            charges.append(Charge(f"uid:{call.account}:{scope}", Window(f"UID:{scope}", limit, 1), 1))
         return charges
 
     def rate_headers(self, verdict: Verdict | None, call: Call) -> dict[str, str]:
