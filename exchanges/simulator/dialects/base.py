@@ -21,8 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from exchanges.gateway import GatewayError, MarketType
-from exchanges.models import SimFault
+from exchanges.gateway import GatewayError, MarketType, OrderStatus
+from exchanges.models import SimFault, SimOrder
 from exchanges.simulator.engine import OrderEvent, SimEngine, StreamCursor
 from exchanges.simulator.ratelimit import Charge, RateLimiter, Verdict
 from exchanges.simulator.server import WS_POLL_SECONDS, Faults, ServerConfig, db_call
@@ -207,6 +207,28 @@ class Dialect:
             )
             for symbol, mark in marks.items()
         ]
+
+    @staticmethod
+    def child_of(order: SimOrder) -> SimOrder | None:
+        """The regular order a triggered conditional order spawned, if any."""
+        return SimOrder.objects.filter(parent_id=order.pk).first() if order.conditional else None
+
+    def cancel_as_shown(self, account: str, market_type: MarketType, order: SimOrder) -> None:
+        """Cancel the order a client sees under this id: a triggered conditional's spawned order, else itself.
+
+        Raises NotFound when it is no longer open. Synchronous: call it in db_call.
+        """
+        target = order
+        if order.conditional and order.status == OrderStatus.TRIGGERED:
+            target = self.child_of(order) or order
+        self.engine.order_cancel(
+            self.exchange,
+            account,
+            symbol=order.symbol,
+            market_type=market_type,
+            exchange_order_id=str(target.pk),
+            conditional=target.conditional,
+        )
 
     async def listed_coins(self) -> list[str]:
         """Every coin of a listed spot market (the currencies endpoints)."""

@@ -733,10 +733,6 @@ class BinanceDialect(Dialect):
         return list(orders.select_related("parent").order_by("pk"))
 
     @staticmethod
-    def _child(order: SimOrder) -> SimOrder | None:
-        return SimOrder.objects.filter(parent_id=order.pk).first() if order.conditional else None
-
-    @staticmethod
     def _tif(order: SimOrder) -> str:
         tif = TimeInForce(order.time_in_force or "GTC")
         return _TIF_TEXT.get(tif, tif.value)
@@ -748,7 +744,7 @@ class BinanceDialect(Dialect):
         if shown is None:
             shown = order
             if order.conditional:
-                child = self._child(order)
+                child = self.child_of(order)
                 working = child is not None
                 if child is not None:
                     shown = child
@@ -809,7 +805,7 @@ class BinanceDialect(Dialect):
         return view
 
     def _algo_view(self, order: SimOrder) -> dict[str, Any]:
-        child = self._child(order)
+        child = self.child_of(order)
         status = OrderStatus(order.status)
         if status == OrderStatus.NEW:
             child = None  # a snapshot from before the trigger
@@ -950,23 +946,13 @@ class BinanceDialect(Dialect):
                     "commissionAsset": f.fee_currency,
                     "tradeId": f.pk,
                 }
-                for f in (self._child(order) or order).fills.order_by("pk")
+                for f in (self.child_of(order) or order).fills.order_by("pk")
             ]
         return view
 
     def _cancel_row(self, account: str, market_type: MarketType, order: SimOrder) -> dict[str, Any]:
-        target = order
-        if order.conditional and order.status == OrderStatus.TRIGGERED:
-            target = self._child(order) or order
         try:
-            self.engine.order_cancel(
-                self.exchange,
-                account,
-                symbol=order.symbol,
-                market_type=market_type,
-                exchange_order_id=str(target.pk),
-                conditional=target.conditional,
-            )
+            self.cancel_as_shown(account, market_type, order)
         except NotFound:
             raise _unknown_order()
         order.refresh_from_db()

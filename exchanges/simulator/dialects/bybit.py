@@ -523,9 +523,6 @@ class BybitDialect(Dialect):
 
     # --- orders -------------------------------------------------------------------------
 
-    def _child(self, order: SimOrder) -> SimOrder | None:
-        return SimOrder.objects.filter(parent_id=order.pk).first() if order.conditional else None
-
     @staticmethod
     def _tif(order: SimOrder) -> str:
         tif = TimeInForce(order.time_in_force or "GTC")
@@ -555,7 +552,7 @@ class BybitDialect(Dialect):
             raw_status = _STATUS.get(OrderStatus(shown.status), "New")
         else:
             shown = order
-            child = self._child(order)
+            child = self.child_of(order)
             raw_status = self._raw_status(order, status, child, stop_filter)
             if order.conditional and not stop_filter:
                 shown = child or order
@@ -678,17 +675,7 @@ class BybitDialect(Dialect):
         return {"orderId": state.exchange_order_id, "orderLinkId": state.client_order_id}
 
     def _cancel(self, account: str, market_type: MarketType, order: SimOrder) -> dict[str, Any]:
-        target = order
-        if order.conditional and order.status == OrderStatus.TRIGGERED:
-            target = self._child(order) or order
-        self.engine.order_cancel(
-            self.exchange,
-            account,
-            symbol=order.symbol,
-            market_type=market_type,
-            exchange_order_id=str(target.pk),
-            conditional=target.conditional,
-        )
+        self.cancel_as_shown(account, market_type, order)
         return {"orderId": str(order.pk), "orderLinkId": order.client_order_id}
 
     async def order_cancel(self, call: Call) -> Any:
