@@ -6,12 +6,13 @@ from django.conf import settings
 from django.db import models
 
 from core.choices import text_choices
-from core.fields import EncryptedTextField
+from core.fields import EncryptedTextField, MoneyField
 from exchanges import gateway
 
 
-def money(**kwargs) -> models.DecimalField:  # noqa: ANN003
-    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+def money(**kwargs) -> MoneyField:  # noqa: ANN003
+    """Money and quantities: numeric(28, 12) on PostgreSQL, exact decimal text on SQLite (core.fields)."""
+    return MoneyField(max_digits=28, decimal_places=12, **kwargs)
 
 
 class Exchange(models.TextChoices):

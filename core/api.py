@@ -6,19 +6,21 @@ import re
 from decimal import Decimal
 from typing import Any, cast
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import serializers, status
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.fields import SkipField
 from rest_framework.pagination import LimitOffsetPagination
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.money import COLUMN_LIMIT
 from core.text import echo
+from core.tokens import HashedTokenAuthentication
 
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,12}$")
 # Database ids are 64-bit: a bigger number is refused as a bad parameter before it reaches a query
@@ -171,9 +173,22 @@ PAGINATION_PARAMETERS = [
 
 
 class UserApi(APIView):
-    # TokenAuthentication first: an anonymous request gets 401 with WWW-Authenticate.
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    # Token authentication first: an anonymous request gets 401 with WWW-Authenticate.
+    authentication_classes = [HashedTokenAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
+
+
+class ApiDocsPermission(BasePermission):
+    """/api/schema/ and /api/docs/ per API_DOCS_ACCESS: staff, authenticated (default) or public."""
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        access = settings.API_DOCS_ACCESS
+        if access == "public":
+            return True
+        user = request.user
+        if not (user and user.is_authenticated):
+            return False
+        return access != "staff" or bool(user.is_staff)
 
 
 def request_user(request: Request) -> User:

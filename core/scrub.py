@@ -9,7 +9,17 @@ import threading
 REDACTED = "***"
 
 # requests and ccxt put URLs, headers and signed query strings into exception text.
+# The password of a URL's userinfo: scheme://user:password@host (DATABASE_URL, REDIS_URL, proxies).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*:)([^\s@/]+)@")
+
+
+def url_password_scrub(text: str) -> str:
+    """`text` with the password of every URL replaced by ***: postgres://u:pw@h → postgres://u:***@h."""
+    return _URL_PASSWORD.sub(r"\1" + REDACTED + "@", text)
+
+
 _PATTERNS = [
+    (_URL_PASSWORD, r"\1" + REDACTED + "@"),
     # Telegram bot tokens, in URLs (/bot<id>:<secret>/) and bare.
     (re.compile(r"/bot\d+:[A-Za-z0-9_-]+"), "/bot" + REDACTED),
     (re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"), REDACTED),

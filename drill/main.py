@@ -209,6 +209,11 @@ def _drill(run: Run) -> int:
         "EXCHANGE_URL_OVERRIDES": json.dumps({"BINANCE": run.base_sim, "BYBIT": run.base_sim}),
         "EXCHANGE_HTTP_TIMEOUT_MS": str(HTTP_TIMEOUT_MS),
         "SCHEDULER_PROBE_JOB": "1",
+        # The load generator is one user from one address at a chosen rate: the intake throttles
+        # (issue 13) would measure themselves, not the system.
+        "THROTTLE_ORDERS_RATE": "off",
+        "THROTTLE_WEBHOOK_STRATEGY_RATE": "off",
+        "THROTTLE_WEBHOOK_IP_RATE": "off",
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
     }

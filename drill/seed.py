@@ -12,10 +12,10 @@ from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from rest_framework.authtoken.models import Token
 
 from accounts.models import Exchange, MarketType
 from accounts.services import account_create, strategy_account_create, strategy_create
+from core.tokens import api_token_issue
 
 SYMBOLS = ("BTC/USDT", "ETH/USDT", "SOL/USDT", "XRP/USDT", "DOGE/USDT")
 ALLOCATED = Decimal("30000")
@@ -51,7 +51,7 @@ STRATEGIES = (
 def seed(*, api_key: str, api_secret: str) -> Seeded:
     """Create the user, token, accounts (credentials encrypted), strategies and their capital."""
     user = get_user_model().objects.create_user(username="drill", password=secrets.token_urlsafe(18), is_staff=True)
-    token = Token.objects.create(user=user).key
+    _, token = api_token_issue(user=user, name="drill")
     accounts = {
         exchange: account_create(
             user=user,

@@ -6,11 +6,13 @@ from decimal import Decimal
 
 from django.db import models
 
+from core.fields import MoneyField
 from exchanges.gateway import MarketType, OrderStatus, OrderType, Side
 
 
-def money(**kwargs) -> models.DecimalField:  # noqa: ANN003
-    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+def money(**kwargs) -> MoneyField:  # noqa: ANN003
+    """Money and quantities: numeric(28, 12) on PostgreSQL, exact decimal text on SQLite (core.fields)."""
+    return MoneyField(max_digits=28, decimal_places=12, **kwargs)
 
 
 class MarketTypeChoices(models.TextChoices):

@@ -11,6 +11,7 @@ class NotificationsConfig(AppConfig):
         from django.conf import settings
 
         from core.alerts import alert_handler_set, notice_handler_set
+        from core.checks import credentials_check_register
         from core.scrub import secret_register
         from notifications.services import alert_raise, outbox_enqueue
 
@@ -21,3 +22,10 @@ class NotificationsConfig(AppConfig):
         alert_handler_set(alert_raise)
         # Notices of the layers below (the scheduler's leader announcement) are outbox messages too.
         notice_handler_set(outbox_enqueue)
+
+        def encrypted_models():  # noqa: ANN202
+            from notifications.models import TelegramProfile
+
+            return (TelegramProfile,)
+
+        credentials_check_register(encrypted_models, check_id="notifications.E001")

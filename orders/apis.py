@@ -31,6 +31,7 @@ from core.api import (
 from orders.intake import IntakeRequest, order_intake
 from orders.models import OpenOrder, OrderType, PendingOrder, Side
 from orders.selectors import order_key_owned_by, order_list_for_user, signal_execution, signal_list_for_user
+from orders.throttles import OrderWriteThrottle
 from orders.transitions import order_cancel_by_user
 from orders.validation import OrderRejectedError
 
@@ -46,6 +47,8 @@ class OrderCreateApi(UserApi):
     the authenticated user). Quantity is floored to the step and prices to the tick; the reply shows
     the values that were queued. A 400 names every bad field and nothing is written.
     """
+
+    throttle_classes = [OrderWriteThrottle]
 
     class InputSerializer(serializers.Serializer):
         class Meta:
@@ -178,6 +181,8 @@ class OrderCancelApi(UserApi):
     and the queue job cancels and ends it (never re-queued). 409 "ended": it had already filled or
     ended, nothing changed. 404: unknown, or another user's order.
     """
+
+    throttle_classes = [OrderWriteThrottle]
 
     class OutputSerializer(serializers.Serializer):
         class Meta:

@@ -18,6 +18,12 @@ from core.api import BoundedChoiceField, PositiveDecimalField, SymbolField, erro
 from core.money import COLUMN_LIMIT
 from core.parsers import DecimalJSONParser, DecimalTextParser
 from orders.models import Side
+from orders.throttles import (
+    WebhookBadTokenThrottle,
+    WebhookIpThrottle,
+    webhook_bad_token_record,
+    webhook_strategy_throttle,
+)
 from orders.webhook import (
     WEBHOOK_ORDER_TYPES,
     WebhookRejectedError,
@@ -99,6 +105,7 @@ class WebhookApi(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
     parser_classes = [DecimalJSONParser, DecimalTextParser]
+    throttle_classes = [WebhookIpThrottle, WebhookBadTokenThrottle]
 
     class InputSerializer(serializers.Serializer):
         class Meta:
@@ -148,7 +155,9 @@ class WebhookApi(APIView):
         strategy = webhook_strategy_authenticate(group_name=data.get("group_name"), token=data.get("token"))
         if strategy is None:
             logger.warning("webhook refused: bad group_name or token")
+            webhook_bad_token_record(request)
             return Response(FORBIDDEN, status=status.HTTP_403_FORBIDDEN)
+        webhook_strategy_throttle(strategy_id=strategy.pk)
         values, parse_errors = fields_parse(WebhookApi.InputSerializer, data)
         signal = WebhookSignal(
             delivery_id=values.get("id") or "",

@@ -46,8 +46,23 @@ def fill_increment(
     return Increment(delta=delta, price=price)
 
 
-def apply_fill(position: PositionState, *, side: str, quantity: Decimal, price: Decimal) -> FillEffect:
-    """Apply a fill of `quantity` (> 0) at `price` on `side` (BUY | SELL) to a signed position."""
+def apply_fill(
+    position: PositionState, *, side: str, quantity: Decimal, price: Decimal, base_fee: Decimal = ZERO
+) -> FillEffect:
+    """Apply a fill of `quantity` (> 0) at `price` on `side` (BUY | SELL) to a signed position.
+
+    `base_fee`: a fee paid in the base asset (spot: BUY 1 BTC, fee 0.001 BTC), which leaves the
+    wallet with the trade. The position then holds what the wallet holds (0.999), at the same
+    entry; it realizes nothing, since realized PnL is gross and fees are reported separately.
+    """
+    effect = _apply_trade(position, side=side, quantity=quantity, price=price)
+    if not base_fee:
+        return effect
+    q1 = effect.position.quantity - base_fee
+    return FillEffect(PositionState(q1, effect.position.average_entry if q1 else ZERO), effect.realized_pnl)
+
+
+def _apply_trade(position: PositionState, *, side: str, quantity: Decimal, price: Decimal) -> FillEffect:
     if quantity <= 0:
         raise ValueError(f"fill quantity must be positive, got {quantity}")
     q0, p0 = position.quantity, position.average_entry

@@ -154,12 +154,20 @@ def position_apply_fill(
     """
     position = _position_lock(strategy_account_id=fill.strategy_account_id, symbol=fill.symbol, market_type=market_type)
     before = position.quantity
+    # A spot fee in the base asset leaves the wallet: the position (and the ledger row, so that
+    # Σ delta_qty stays the position) holds the net quantity, so a later close sells what exists.
+    base_fee = fill.fee if market_type == "SPOT" and fill.fee_currency == fill.symbol.partition("/")[0] else ZERO
     effect = apply_fill(
-        PositionState(position.quantity, position.average_entry), side=side, quantity=quantity, price=fill.price
+        PositionState(position.quantity, position.average_entry),
+        side=side,
+        quantity=quantity,
+        price=fill.price,
+        base_fee=base_fee,
     )
     realized = quantize(effect.realized_pnl)
     fill.realized_pnl = realized
-    fill.save(update_fields=["realized_pnl"])
+    fill.delta_qty -= base_fee
+    fill.save(update_fields=["realized_pnl", "delta_qty"])
     position.quantity = effect.position.quantity
     position.average_entry = quantize(effect.position.average_entry)
     position.realized_pnl += realized

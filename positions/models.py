@@ -5,10 +5,12 @@ from __future__ import annotations
 from django.db import models
 
 from accounts.models import Account, MarketType, StrategyAccount, money
-from exchanges.gateway import Side
+from core.choices import text_choices
+from core.fields import MoneyField
+from exchanges import gateway
 
-# The order side as stored (orders.models.Side holds the same values).
-SIDE_CHOICES = [(side.value, side.name.title()) for side in Side]
+# Model choices of the gateway's enum (defined once, in exchanges.gateway): same values and labels.
+Side = text_choices(gateway.Side)
 
 
 class Position(models.Model):
@@ -42,7 +44,7 @@ class Trade(models.Model):
     order_key = models.UUIDField(null=True, blank=True, db_index=True)
     symbol = models.CharField(max_length=32)
     market_type = models.CharField(max_length=8, choices=MarketType.choices)
-    side = models.CharField(max_length=4, choices=SIDE_CHOICES)
+    side = models.CharField(max_length=4, choices=Side.choices)
     cumulative_filled = money(default=0)
     average_price = money(default=0)
     fees = money(default=0)
@@ -90,9 +92,9 @@ class Fill(models.Model):
         return f"{self.symbol} {self.delta_qty} @ {self.price}"
 
 
-def ratio(**kwargs) -> models.DecimalField:  # noqa: ANN003
-    """Percentages and ratios: wide enough for a return on a tiny capital base."""
-    return models.DecimalField(max_digits=28, decimal_places=12, **kwargs)
+def ratio(**kwargs) -> MoneyField:  # noqa: ANN003
+    """Percentages and ratios: wide enough for a return on a tiny capital base; exact like money."""
+    return MoneyField(max_digits=28, decimal_places=12, **kwargs)
 
 
 class StrategyDailyPerformance(models.Model):

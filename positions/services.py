@@ -12,7 +12,8 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q, Sum
 
-from accounts.models import Strategy, StrategyCapital
+from accounts.allocation import allocate
+from accounts.models import CapitalSnapshot, Strategy, StrategyAccount, StrategyCapital
 from core.money import ZERO, quantize
 from exchanges.selectors import price_for_valuation
 from positions.arithmetic import unrealized_pnl
@@ -167,14 +168,87 @@ def performance_last_complete_day(*, now: datetime) -> date:
     return local_day(now, _timezone()) - timedelta(days=1)
 
 
-def performance_capital_sum(*, strategy: Strategy) -> Decimal:
-    """Σ allocated capital over the strategy's active StrategyAccounts on active accounts, now."""
-    total = StrategyCapital.objects.filter(
+def _realized_between(*, strategy_account_id: int, since: datetime, until: datetime) -> Decimal:
+    """Σ realized PnL of the StrategyAccount's Fills in (since, until]; negated when until < since."""
+    if since == until:
+        return ZERO
+    low, high, sign = (since, until, 1) if since < until else (until, since, -1)
+    total = Fill.objects.filter(
+        strategy_account_id=strategy_account_id, filled_at__gt=low, filled_at__lte=high
+    ).aggregate(total=Sum("realized_pnl"))["total"]
+    return sign * (total or ZERO)
+
+
+def _allocation_basis(snapshot: CapitalSnapshot) -> datetime:
+    """When an allocation's total was true: a FALLBACK snapshot repeats an older LIVE reading
+    (the same rule the allocation itself uses for the watermark, SPEC §4.11)."""
+    if snapshot.source == CapitalSnapshot.Source.FALLBACK and snapshot.fallback_of is not None:
+        return snapshot.fallback_of.taken_at
+    return snapshot.taken_at
+
+
+def _allocated_share(*, strategy_account: StrategyAccount, total: Decimal) -> Decimal:
+    """This StrategyAccount's part of an allocation of `total`, split by today's active weights (the
+    weights of that moment are not recorded; they change only by hand)."""
+    weights = dict(
+        StrategyAccount.objects.filter(
+            account_id=strategy_account.account_id,
+            strategy__market_type=strategy_account.strategy.market_type,
+            is_active=True,
+            strategy__is_active=True,
+        ).values_list("pk", "weight")
+    )
+    if sum(weights.values(), ZERO) <= 0 or strategy_account.pk not in weights:
+        return ZERO
+    return allocate(total, weights)[strategy_account.pk]
+
+
+def _capital_at(capital: StrategyCapital, *, at: datetime) -> Decimal:
+    """One StrategyCapital's allocated capital as it stood at `at` (see performance_capital_at)."""
+    sa = capital.strategy_account
+    allocations = sorted(
+        (
+            (_allocation_basis(snapshot), snapshot)
+            for snapshot in CapitalSnapshot.objects.filter(
+                account_id=sa.account_id, market_type=sa.strategy.market_type, used_for_allocation=True
+            ).select_related("fallback_of")
+        ),
+        key=lambda pair: (pair[0], pair[1].pk),
+    )
+    if not allocations or allocations[-1][0] <= at:
+        # The current allocation already stood at `at`: undo (or add) the PnL compounded between
+        # `at` and the watermark. Without a watermark nothing was ever compounded.
+        watermark = capital.pnl_reflected_until
+        if watermark is None:
+            return capital.allocated_capital
+        return capital.allocated_capital + _realized_between(strategy_account_id=sa.pk, since=watermark, until=at)
+    earlier = [(basis, snapshot) for basis, snapshot in allocations if basis <= at]
+    if not earlier:
+        # First allocated after `at`: the capital it started with.
+        return _allocated_share(strategy_account=sa, total=allocations[0][1].total)
+    basis, snapshot = earlier[-1]
+    # Reallocated since `at`: the allocation in force then, compounded up to `at`.
+    return _allocated_share(strategy_account=sa, total=snapshot.total) + _realized_between(
+        strategy_account_id=sa.pk, since=basis, until=at
+    )
+
+
+def performance_capital_at(*, strategy: Strategy, at: datetime) -> Decimal:
+    """Σ allocated capital over the strategy's active StrategyAccounts on active accounts, as it
+    stood at `at`, reconstructed from today's StrategyCapital, the allocation snapshots
+    (CapitalSnapshot.used_for_allocation) and the realized PnL of Fills (SPEC §4.10, §4.11).
+
+    Compounding (§4.11) adds realized PnL to allocated_capital up to a watermark, whenever the
+    hourly job happens to run; the capital "at `at`" is the allocation then in force plus every
+    realized PnL after its basis up to `at` — independent of when compounding ran, so a
+    catch-up days later gives the same figure as a run on time.
+    """
+    capitals = StrategyCapital.objects.filter(
         strategy_account__strategy=strategy,
         strategy_account__is_active=True,
         strategy_account__account__is_active=True,
-    ).aggregate(total=Sum("allocated_capital"))["total"]
-    return total or ZERO
+    ).select_related("strategy_account__strategy")
+    return sum((_capital_at(capital, at=at) for capital in capitals), ZERO)
 
 
 def _quote_of(symbol: str) -> str:
@@ -205,9 +279,11 @@ def performance_day_compute(
 ) -> tuple[StrategyDailyPerformance, bool]:
     """Compute and upsert the StrategyDailyPerformance row of (strategy, KST day).
 
-    capital_base is the previous day's `next_capital_base` (Σ allocated when that row was
-    computed, i.e. about this day's start when the job ran on time), else Σ allocated now; an
-    existing row keeps both capital figures. Risk figures read the stored rows of earlier days,
+    capital_base is Σ allocated at the day's start: the previous day's `next_capital_base` (its
+    capital at the day's end) when that row exists, else reconstructed by
+    performance_capital_at; next_capital_base is reconstructed at the day's end, never "now"
+    (a first day or a catch-up would otherwise count the day's compounded PnL in its own base).
+    An existing row keeps both capital figures. Risk figures read the stored rows of earlier days,
     so days must be computed oldest first. A re-run that yields the stored values writes
     nothing. Returns (row, written). One upsert statement (INSERT … ON CONFLICT); idempotent.
     """
@@ -219,9 +295,12 @@ def performance_day_compute(
     if existing is not None:
         capital_base, next_capital_base = existing.capital_base, existing.next_capital_base
     else:
-        next_capital_base = _q(performance_capital_sum(strategy=strategy))
+        next_capital_base = _q(performance_capital_at(strategy=strategy, at=end))
         previous = history.rows.get(day - timedelta(days=1))
-        capital_base = previous.next_capital_base if previous is not None else next_capital_base
+        if previous is not None:
+            capital_base = previous.next_capital_base
+        else:
+            capital_base = _q(performance_capital_at(strategy=strategy, at=start))
 
     fills = Fill.objects.filter(strategy_account__strategy=strategy, filled_at__gte=start, filled_at__lt=end)
     facts = [

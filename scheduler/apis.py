@@ -9,12 +9,13 @@ from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.tokens import HashedTokenAuthentication
 from scheduler.selectors import scheduler_status
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,9 @@ class SchedulerDateTimeField(serializers.DateTimeField):
 class SchedulerStatusApi(APIView):
     """GET /api/system/scheduler/status: leader, standbys and every registry job. Staff only."""
 
-    # TokenAuthentication first: its authenticate_header makes an anonymous request a 401
+    # Token authentication first: its authenticate_header makes an anonymous request a 401
     # (with WWW-Authenticate) instead of SessionAuthentication's 403.
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    authentication_classes = [HashedTokenAuthentication, SessionAuthentication]
     permission_classes = [IsAdminUser]
 
     class OutputSerializer(serializers.Serializer):

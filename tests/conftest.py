@@ -6,8 +6,9 @@ import os
 
 import pytest
 from django.db import connection
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
+
+from core.tokens import api_token_issue
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -72,14 +73,14 @@ def plain_user(django_user_model):  # noqa: ANN001
 @pytest.fixture
 def staff_client(staff_user):  # noqa: ANN001
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff_user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token_issue(user=staff_user)[1]}")
     return client
 
 
 @pytest.fixture
 def user_client(plain_user):  # noqa: ANN001
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=plain_user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token_issue(user=plain_user)[1]}")
     return client
 
 
@@ -115,3 +116,14 @@ def proc_pg_db(proc_pg_template, tmp_path):  # noqa: ANN001
     db = procs.pg_db(proc_pg_template, tmp_path / "proc")
     yield db
     procs.pg_drop(db.url)
+
+
+@pytest.fixture(autouse=True)
+def _throttle_isolation(settings):  # noqa: ANN001
+    """Each test counts throttled requests from zero: a fresh key prefix in the shared throttle cache
+    (no database access needed, so it suits tests with and without a database)."""
+    import uuid
+
+    caches = {name: dict(config) for name, config in settings.CACHES.items()}
+    caches["throttle"]["KEY_PREFIX"] = f"throttle-{uuid.uuid4().hex[:12]}"
+    settings.CACHES = caches

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from core.db import sqlite_money_install
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
@@ -66,6 +68,7 @@ class ProcDB:
             finally:
                 conn.close()
         conn = sqlite3.connect(self.url.removeprefix("sqlite:///"), timeout=30)
+        sqlite_money_install(conn)  # money columns compare through the "decimal" collation
         try:
             rows = conn.execute(sql.replace("%s", "?"), params).fetchall()
             conn.commit()

@@ -48,8 +48,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
+    "axes",
     "channels",
     "django_apscheduler",
     # Domain apps in layer order, bottom to top (README "Where things are"): a lower layer never
@@ -74,6 +74,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: turns a locked-out admin login into a 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "tradingsite.urls"
@@ -96,8 +98,11 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------
-DATABASE_URL = env.str("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
-DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+# The raw URLs stay module-private (lower case): Django's debug page lists every upper-case
+# setting, and a URL carries its password. DATABASES hides PASSWORD by key name; URL-shaped
+# values anywhere else are scrubbed by core.debug.SafeExceptionReporterFilter.
+_database_url = env.str("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
+DATABASES = {"default": env.db_url_config(_database_url)}
 _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock
@@ -127,13 +132,59 @@ else:
     _db.setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = env.str("REDIS_URL", default="")
-if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+_redis_url = env.str("REDIS_URL", default="")
+USE_REDIS = bool(_redis_url)
+# Throttle counters must be shared by every web process (daphne workers, gunicorn workers), or
+# each process would grant the full rate on its own. With Redis they live there; without it in
+# the database cache table (created by a core migration), which every process on the host (and
+# on PostgreSQL every host) shares, survives restarts and needs no extra service. The file cache
+# was the alternative: it culls entries at random when full and is per host only.
+_throttle_db_cache = {
+    "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+    "LOCATION": "core_throttle_cache",
+    "KEY_PREFIX": "throttle",
+    "OPTIONS": {"MAX_ENTRIES": 100_000},
+}
+if USE_REDIS:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": _redis_url},
+        "throttle": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": _redis_url,
+            "KEY_PREFIX": "throttle",
+        },
+    }
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [_redis_url]}}
+    }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "throttle": _throttle_db_cache,
+    }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# The debug page and error reports never show a credential (core.debug scrubs URL passwords).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "core.debug.SafeExceptionReporterFilter"
+
+# Admin login lockout (django-axes): failures are rows in axes_accessattempt, so a lockout holds
+# in every process and across restarts. The first backend only enforces the lockout.
+AUTHENTICATION_BACKENDS = [
+    "core.auth.AxesLockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_MINUTES", default=15.0) / 60  # hours, as axes counts it
+# Comma-separated; "username+ip_address" locks that pair only. The default locks the source IP,
+# so a guesser elsewhere cannot lock the real operator out.
+AXES_LOCKOUT_PARAMETERS = [
+    part.split("+") if "+" in part else part for part in env.list("AXES_LOCKOUT_PARAMETERS", default=["ip_address"])
+]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_LOCKOUT_CALLABLE = "core.auth.lockout_response"  # adds Retry-After
+AXES_VERBOSE = False
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -148,9 +199,16 @@ STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 LOGIN_URL = "/admin/login/"
 
+
+def _rate(name: str, default: str) -> str | None:
+    """A DRF rate such as "120/min"; empty or "off" turns that throttle off."""
+    value = env.str(name, default=default).strip()
+    return None if value.lower() in ("", "off", "none") else value
+
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "core.tokens.HashedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -161,13 +219,34 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
+    # Proxies in front of the site that append to X-Forwarded-For; 0 = the client's own address
+    # (REMOTE_ADDR), so a client cannot pick its throttle identity with a forged header.
+    "NUM_PROXIES": env.int("API_NUM_PROXIES", default=0),
+    "DEFAULT_THROTTLE_RATES": {
+        "orders": _rate("THROTTLE_ORDERS_RATE", "120/min"),
+        "webhook_strategy": _rate("THROTTLE_WEBHOOK_STRATEGY_RATE", "60/min"),
+        "webhook_ip": _rate("THROTTLE_WEBHOOK_IP_RATE", "300/min"),
+        "webhook_bad_token": _rate("THROTTLE_WEBHOOK_BAD_TOKEN_RATE", "30/min"),
+    },
 }
 # Request body caps (bytes), checked by core.middleware before the body is parsed; the longest
 # matching path prefix wins. Above the cap: 413 with a JSON body.
 WEBHOOK_MAX_BODY_BYTES = env.int("WEBHOOK_MAX_BODY_BYTES", default=64 * 1024)
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
 BODY_LIMITS = {"/api/webhook/": WEBHOOK_MAX_BODY_BYTES, "/api/": API_MAX_BODY_BYTES}
-SPECTACULAR_SETTINGS = {"TITLE": "tradingsite API", "VERSION": "0.1.0"}
+# Who may read /api/schema/ and /api/docs/: staff, authenticated (any user with a token or session) or public.
+API_DOCS_ACCESS = env.str("API_DOCS_ACCESS", default="authenticated").strip().lower()
+if API_DOCS_ACCESS not in ("staff", "authenticated", "public"):
+    raise ImproperlyConfigured(f"API_DOCS_ACCESS must be staff, authenticated or public, not {API_DOCS_ACCESS!r}")
+SPECTACULAR_SETTINGS = {
+    "TITLE": "tradingsite API",
+    "VERSION": "0.1.0",
+    "SERVE_PERMISSIONS": ["core.api.ApiDocsPermission"],
+    "SERVE_AUTHENTICATION": [
+        "core.tokens.HashedTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+}
 
 # --- Scheduler (SPEC §2) ----------------------------------------------------
 SCHEDULER_TIMEZONE = env.str("SCHEDULER_TIMEZONE", default="Asia/Seoul")

@@ -12,10 +12,11 @@ from django.contrib.auth.hashers import make_password
 from django.core.cache import cache
 from django.core.management import call_command
 from django.db import connection
-from rest_framework.authtoken.models import Token
 
 from accounts.models import Account, Strategy, StrategyAccount, StrategyCapital
 from accounts.services import account_create, strategy_create, strategy_webhook_token_check
+from core.models import ApiToken
+from core.tokens import api_token_digest
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import CircuitState, OpenOrder, OrderEvent, PendingOrder, QueueDirty
 from tests.orders.factories import (
@@ -234,7 +235,7 @@ def test_strategy_create_service_hashes_the_token():
 def _row_counts() -> dict[str, int]:
     models = (
         get_user_model(),
-        Token,
+        ApiToken,
         Account,
         Strategy,
         StrategyAccount,
@@ -268,7 +269,8 @@ def test_seed_demo_is_idempotent_and_prints_credentials_once(settings):  # noqa:
 
     demo = authenticate(username="demo", password=password)
     assert demo is not None and demo.is_staff
-    assert Token.objects.get(user=demo).key == token
+    assert ApiToken.objects.get(user=demo).digest == api_token_digest(token)
+    assert token not in {value for row in ApiToken.objects.values() for value in row.values() if isinstance(value, str)}
     assert Account.objects.filter(user=demo, exchange="PAPER").count() == 2
     assert set(Strategy.objects.values_list("market_type", flat=True)) == {"SPOT", "FUTURES"}
     assert StrategyCapital.objects.filter(allocated_capital__gt=0).count() == StrategyAccount.objects.count() == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -325,3 +326,32 @@ def test_two_threads_applying_different_fills_to_one_position_both_count():
     pos = position(orders[0])
     assert pos.quantity == D("2") and pos.average_entry == D("3050")  # neither update was skipped
     assert Fill.objects.count() == 2
+
+
+def test_a_spot_fee_in_the_base_asset_leaves_the_position_and_a_close_sells_what_exists():
+    sa = StrategyAccountFactory(strategy__market_type="SPOT")
+    buy = OpenOrderFactory(strategy_account=sa, quantity=D("1"), side="BUY")  # ETH/USDT
+    bought = state_of(buy, filled="1", average="3000", status=OrderStatus.FILLED, fee="0.001")
+    fill_apply(order=buy, state=replace(bought, fee_currency="ETH"), source="REST", now=T0)
+    pos = position(buy)
+    assert pos.quantity == D("0.999") and pos.average_entry == D("3000") and pos.realized_pnl == 0
+    ledger = Fill.objects.get(trade__exchange_order_id=buy.exchange_order_id)
+    assert (ledger.delta_qty, ledger.fee, ledger.fee_currency) == (D("0.999"), D("0.001"), "ETH")
+    assert Trade.objects.get(exchange_order_id=buy.exchange_order_id).cumulative_filled == D("1")  # the order's fill
+
+    # Closing sells the 0.999 the wallet holds: flat, no adjustment, no "below zero" alert.
+    sell = OpenOrderFactory(strategy_account=sa, quantity=pos.quantity, side="SELL")
+    sold = state_of(sell, filled="0.999", average="3100", status=OrderStatus.FILLED, fee="3.0969")
+    fill_apply(order=sell, state=sold, source="REST", now=T0)
+    pos = position(sell)
+    assert pos.quantity == 0 and pos.realized_pnl == D("99.9")  # gross: 0.999 × (3100 − 3000)
+    assert not Fill.objects.filter(source=Fill.Source.ADJUSTMENT).exists()
+    assert not AlertThrottle.objects.filter(key__startswith="spot_negative").exists()
+
+
+def test_fees_in_the_base_asset_do_not_touch_futures_positions():
+    sa = StrategyAccountFactory(strategy__market_type="FUTURES")
+    buy = OpenOrderFactory(strategy_account=sa, quantity=D("1"), side="BUY", symbol="BTC/USDT", market_type="FUTURES")
+    bought = state_of(buy, filled="1", average="40000", status=OrderStatus.FILLED, fee="0.001")
+    fill_apply(order=buy, state=replace(bought, fee_currency="BTC"), source="REST", now=T0)
+    assert position(buy).quantity == D("1")

@@ -24,7 +24,7 @@ from core.parsers import MAX_JSON_DEPTH, json_depth_exceeds
 from core.text import echo
 from exchanges.gateway import MarketRule, MarketType
 from exchanges.models import MarketInfo, PriceQuote
-from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, WebhookDelivery
+from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, Signal, SignalOrder, WebhookDelivery
 from orders.validation import order_market_check
 from tests.orders.factories import (
     AccountFactory,
@@ -124,6 +124,8 @@ def rows() -> tuple[int, ...]:
         OrderEvent.objects.count(),
         QueueDirty.objects.count(),
         WebhookDelivery.objects.count(),
+        Signal.objects.count(),
+        SignalOrder.objects.count(),
     )
 
 
@@ -252,13 +254,13 @@ def test_deeply_nested_json_is_a_400(user_client, desk, url, depth, settings):  
 def test_the_deep_json_probe_on_the_webhook_meets_the_body_cap_first(desk):  # noqa: ANN001
     response = APIClient().post(WEBHOOK, "[" * 100_000, content_type="application/json")
     assert response.status_code == 413
-    assert rows() == (0, 0, 0, 0, 0)
+    assert rows() == (0,) * 7
 
 
 def test_deeply_nested_text_plain_webhook_is_a_400(desk):  # noqa: ANN001
     response = APIClient().post(WEBHOOK, '{"a":' * 10_000, content_type="text/plain")
     assert response.status_code == 400
-    assert rows() == (0, 0, 0, 0, 0)
+    assert rows() == (0,) * 7
 
 
 def test_json_depth_is_measured_without_recursion():
@@ -283,7 +285,7 @@ def test_posting_an_account_id_beyond_64_bits_is_a_400(user_client, desk):  # no
     response = user_client.post(ORDERS, order(desk, account=2**63), format="json")
     assert response.status_code == 400
     assert "account" in response.json()["errors"]
-    assert rows() == (0, 0, 0, 0, 0)
+    assert rows() == (0,) * 7
 
 
 # --- Error bodies never grow with the input -------------------------------------------------------
@@ -340,7 +342,7 @@ def test_unknown_strategy_and_one_not_active_on_the_account_read_the_same(user_c
         name: [f"unknown strategy {name!r}, or not active on account {account}"]
         for name in ("no-such-strategy", "someone-elses", "trend", "unlinked-now")
     }
-    assert rows() == (0, 0, 0, 0, 0)
+    assert rows() == (0,) * 7
 
 
 # --- STOP_MARKET is sized and valued at its stop --------------------------------------------------
@@ -383,7 +385,7 @@ def test_webhook_body_above_its_cap_is_a_413_before_the_token_is_checked(desk, s
     assert response.status_code == 413
     assert response.json() == {"detail": "request body too large: at most 1024 bytes"}
     assert "webhook refused" not in caplog.text  # the token was never looked at
-    assert rows() == (0, 0, 0, 0, 0)
+    assert rows() == (0,) * 7
     assert APIClient().post(WEBHOOK, signal(), format="json").status_code == 202
 
 
@@ -394,7 +396,7 @@ def test_orders_body_above_its_cap_is_a_413(user_client, desk, settings):  # noq
 
     assert response.status_code == 413
     assert response.json()["detail"] == "request body too large: at most 4096 bytes"
-    assert rows() == (0, 0, 0, 0, 0)
+    assert rows() == (0,) * 7
     assert user_client.post(ORDERS, order(desk), format="json").status_code == 202
 
 

@@ -80,7 +80,8 @@ def events(order_key) -> list[str]:  # noqa: ANN001
 
 
 def live_prices(side: str) -> list[Decimal]:
-    return sorted(OpenOrder.objects.filter(side=side, order_type="LIMIT").values_list("price", flat=True))
+    prices = OpenOrder.objects.filter(side=side, order_type="LIMIT").values_list("price", flat=True)
+    return sorted(price for price in prices if price is not None)  # LIMIT orders have one
 
 
 def test_slots_come_from_settings_per_exchange_and_market(settings):  # noqa: ANN001

@@ -57,7 +57,8 @@ def tick(clock, seconds: float = 1, *, reconcile: bool = False) -> JobRun | None
 
 
 def live_buy_prices() -> list[Decimal]:
-    return sorted(OpenOrder.objects.filter(order_type="LIMIT", side="BUY").values_list("price", flat=True))
+    prices = OpenOrder.objects.filter(order_type="LIMIT", side="BUY").values_list("price", flat=True)
+    return sorted(price for price in prices if price is not None)  # LIMIT orders have one
 
 
 @pytest.mark.django_db

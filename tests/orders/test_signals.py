@@ -7,9 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from core.tokens import api_token_issue
 from orders.jobs import rebalance_order_queue
 from orders.models import OrderEvent, Signal, SignalOrder
 from orders.signal_report import FollowerExecution, execution_summarize, percentile, slippage_bps
@@ -76,7 +76,7 @@ def test_percentiles_are_nearest_rank_and_the_summary_weights_slippage_by_quanti
 
 def _client(user) -> APIClient:  # noqa: ANN001
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token_issue(user=user)[1]}")
     return client
 
 

@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import StrategyCapital
 from accounts.services import strategy_account_ref, strategy_webhook_token_set
-from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, WebhookDelivery
+from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, SignalOrder, WebhookDelivery
 from orders.validation import capital_quantity
 from orders.webhook import webhook_payload_hash
 from tests.orders.factories import (
@@ -139,6 +139,7 @@ def test_limit_signal_fans_out_to_every_active_account_sized_by_capital_and_leve
     assert response.json() == {
         "orders": {str(a.account_id): [str(order_a.order_key)], str(b.account_id): [str(order_b.order_key)]},
         "cancelled": {},
+        "signal": SignalOrder.objects.get(order_key=order_a.order_key).signal_id,  # the execution report's id
     }
     for order in (order_a, order_b):
         assert list(OrderEvent.objects.filter(order_key=order.order_key).values_list("kind", flat=True)) == ["queued"]

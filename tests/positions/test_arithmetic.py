@@ -59,3 +59,19 @@ def test_quantity_is_the_signed_sum_of_fills(fills):
         signed += D(qty) if side == "BUY" else -D(qty)
     assert position.quantity == signed
     assert (position.quantity == 0) == (position.average_entry == 0)
+
+
+def test_a_fee_in_the_base_asset_shrinks_the_position_at_the_same_entry():
+    from positions.arithmetic import PositionState, apply_fill
+
+    opened = apply_fill(PositionState(D("0"), D("0")), side="BUY", quantity=D("1"), price=D("100"), base_fee=D("0.001"))
+    assert opened.position == PositionState(D("0.999"), D("100")) and opened.realized_pnl == 0
+    added = apply_fill(opened.position, side="BUY", quantity=D("1"), price=D("110"), base_fee=D("0.001"))
+    # Entry averages the traded quantities (0.999 @ 100, 1 @ 110); the fee then leaves at that entry.
+    assert added.position.quantity == D("1.998")
+    assert added.position.average_entry == (D("0.999") * 100 + D("110")) / D("1.999")
+    closed = apply_fill(added.position, side="SELL", quantity=D("1.998"), price=D("120"))
+    assert closed.position == PositionState(D("0"), D("0"))
+    assert closed.realized_pnl == D("1.998") * (120 - added.position.average_entry)
+    gone = apply_fill(PositionState(D("0"), D("0")), side="BUY", quantity=D("0.001"), price=D("5"), base_fee=D("0.001"))
+    assert gone.position == PositionState(D("0"), D("0"))

@@ -13,10 +13,10 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from accounts.models import Account, Exchange, MarketType, Strategy, StrategyAccount
 from accounts.services import account_create, strategy_account_create, strategy_create
+from core.tokens import api_token_issue
 from exchanges.gateway import MarketType as GatewayMarketType
 from exchanges.models import MarketInfo
 from exchanges.rounding import floor_to_step
@@ -96,10 +96,10 @@ class Command(BaseCommand):
         password = secrets.token_urlsafe(18)
         # A superuser, so the demo can browse every admin page; it trades on PAPER only.
         user = User.objects.create_superuser(username=DEMO_USERNAME, email="", password=password)
-        token = Token.objects.create(user=user)
+        _, token_key = api_token_issue(user=user, name="seed_demo")
         self.stdout.write(f"created staff user {DEMO_USERNAME!r}; shown once, store them now:")
         self.stdout.write(f"  password:  {password}")
-        self.stdout.write(f"  API token: {token.key}")
+        self.stdout.write(f"  API token: {token_key}")
         return user
 
     def _accounts(self, user: Any) -> dict[str, Account]:

@@ -7,6 +7,7 @@ from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
+from django.core import checks
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
@@ -44,6 +45,8 @@ def settings_problems() -> list[str]:
                 problems.append(f"job {spec.id}: {exc}")
     except OverrideError as exc:
         problems.append(str(exc))
+    # Checks tagged "secrets" (registered by core): FIELD_ENCRYPTION_KEY must be a usable Fernet key.
+    problems += [message.msg for message in checks.run_checks(tags=["secrets"]) if message.is_serious()]
     return problems
 
 
@@ -58,7 +61,10 @@ def database_problems() -> list[str]:
     if pending:
         names = ", ".join(f"{m.app_label}.{m.name}" for m, _ in pending[:10])
         return [f"database: {len(pending)} unapplied migration(s): {names} (run manage.py migrate)"]
-    return []
+    # Deployment checks tagged "credentials", registered by the apps that own encrypted fields
+    # (accounts, notifications): stored credentials must decrypt with FIELD_ENCRYPTION_KEY.
+    found = checks.run_checks(tags=["credentials"], include_deployment_checks=True, databases=[DEFAULT_DB_ALIAS])
+    return [message.msg for message in found if message.is_serious()]
 
 
 class Command(BaseCommand):
