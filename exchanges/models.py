@@ -119,6 +119,11 @@ class SimOrder(models.Model):
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="spawned"
     )  # the conditional order this one was spawned from
     reject_reason = models.CharField(max_length=255, blank=True)
+    # GTC | IOC | FOK | POST_ONLY (engine.TimeInForce): how long the order may rest, and whether it may take.
+    time_in_force = models.CharField(max_length=16, default="GTC")
+    # A spot MARKET order sized in the quote currency (Binance quoteOrderQty, Bybit marketUnit=quoteCoin):
+    # the amount asked for; `quantity` is what it bought at the market price.
+    quote_quantity = money(null=True, blank=True)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
     update_seq = models.BigIntegerField(default=0)

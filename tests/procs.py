@@ -179,6 +179,13 @@ def spawn(db: ProcDB, *args: str, name: str = "sched", **env: str) -> Proc:
     return Proc(popen=popen, log_path=log_path)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,8 @@ exchange), so no background thread is needed.
     engine.balance_get(exchange, account, market_type) -> Balance
     engine.balance_set(exchange, account, market_type, currency, *, free, used=None) -> None
     # orders (errors: Rejected, InsufficientFunds, DuplicateClientId, NotFound)
-    engine.order_create(exchange, account, request: OrderRequest, *, now=None) -> OrderState
+    engine.order_create(exchange, account, request: OrderRequest, *, now=None,
+                        time_in_force=TimeInForce.GTC, quote_order=False) -> OrderState
     engine.order_cancel(exchange, account, *, symbol, market_type, exchange_order_id=None,
                         client_order_id=None, conditional=False, now=None) -> OrderState
     engine.order_get(exchange, account, *, symbol, market_type, exchange_order_id=None,
@@ -25,6 +26,9 @@ exchange), so no background thread is needed.
                            now=None) -> list[OrderState]
     engine.order_updates_since(exchange, account, cursor, *, market_type=None, now=None)
         -> tuple[list[OrderState], int]          # changed orders (latest state) and the next cursor
+    engine.stream_cursor(exchange, account) -> StreamCursor                       # "from now on"
+    engine.order_events_since(exchange, account, cursor, *, market_type=None, now=None)
+        -> tuple[list[OrderEvent], StreamCursor]  # every state each order went through, in order
     engine.fill_list(exchange, account, market_type, *, symbol=None, exchange_order_id=None) -> list[FillRecord]
     engine.position_list(exchange, account) -> list[PositionRecord]                # futures
     # matching (tests call it to move time along)
@@ -56,6 +60,8 @@ and fills credit realized PnL minus fees to the quote balance.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import logging
 import random
@@ -65,11 +71,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import cast
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from core.money import ZERO, quantize
@@ -113,11 +120,47 @@ ENDPOINTS = (
     "fetch_open_orders",
     "ws",
 )
+# Exchanges whose accounts have one wallet for spot and futures (Bybit's unified trading account): the
+# futures margin and PnL come from, and go to, the same balances spot trades use.
+UNIFIED_WALLETS = frozenset({"BYBIT"})
 WS_FAULTS = (SimFault.Kind.WS_DROP, SimFault.Kind.WS_SILENT)
 # Walk octaves: (period in seconds, relative amplitude). Sums of interpolated hash noise at
 # three scales look like a walk, stay within ±5.2 % of the base and cost O(1) at any time.
 WALK_OCTAVES = ((60, Decimal("0.002")), (900, Decimal("0.01")), (14400, Decimal("0.04")))
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class TimeInForce(StrEnum):
+    """How long a new order may rest, and whether it may take liquidity."""
+
+    GTC = "GTC"  # rests until filled or cancelled
+    IOC = "IOC"  # takes what it can at once; the rest EXPIRED
+    FOK = "FOK"  # fills entirely at once, or EXPIRED without a fill
+    POST_ONLY = "POST_ONLY"  # would take: Rejected (code -5022), nothing kept (Binance GTX, LIMIT_MAKER)
+    POST_ONLY_EXPIRE = "POST_ONLY_EXPIRE"  # would take: kept as EXPIRED, never filled (Bybit PostOnly)
+
+
+@dataclass(frozen=True)
+class StreamCursor:
+    """Where a user stream stands: the last order change, order and fill it has reported."""
+
+    seq: int = 0
+    order_id: int = 0
+    fill_id: int = 0
+
+
+@dataclass(frozen=True)
+class OrderEvent:
+    """One state an order went through, for the user streams.
+
+    `order` is a detached copy of the row showing the order as it was at this event
+    (status, filled quantity, cost and fee); `fill` is the execution of a TRADE event.
+    """
+
+    kind: str  # NEW | TRADE | CANCELED | EXPIRED | REJECTED | TRIGGERED
+    order: SimOrder
+    fill: SimFill | None
+    at: datetime
 
 
 @dataclass(frozen=True)
@@ -182,6 +225,15 @@ def scripted_price(*, prices: list[str], start_at: datetime, step_seconds: int, 
     return Decimal(prices[min(max(index, 0), len(prices) - 1)])
 
 
+def _snapshot(
+    order: SimOrder, status: OrderStatus, filled: Decimal, cost: Decimal, fee: Decimal, at: datetime
+) -> SimOrder:
+    """A detached copy of `order` as it stood at one past event (never saved)."""
+    past = copy.copy(order)
+    past.status, past.filled_quantity, past.cost, past.fee, past.updated_at = status.value, filled, cost, fee, at
+    return past
+
+
 def _state_of(order: SimOrder) -> OrderState:
     spawned = getattr(order, "_spawned_cache", None)
     if spawned is None and order.conditional and order.status == OrderStatus.TRIGGERED:
@@ -218,10 +270,12 @@ class SimEngine:
         clock: Callable[[], datetime] = timezone.now,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        unified_wallets: frozenset[str] = UNIFIED_WALLETS,
     ):
         self.clock = clock
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self.unified_wallets = unified_wallets
 
     # --- configuration and scripting -------------------------------------------------
 
@@ -363,8 +417,13 @@ class SimEngine:
 
     # --- balances ----------------------------------------------------------------------
 
+    def wallet_of(self, exchange: str, market_type: MarketType | str) -> MarketType:
+        """The wallet a market type's balances live in: its own, or on a unified exchange the spot wallet."""
+        return MarketType.SPOT if exchange in self.unified_wallets else MarketType(market_type)
+
     def _ensure_balances(self, exchange: str, account: str, market_type: MarketType) -> None:
         """A never-seen account starts with DEFAULT_BALANCES (balance_set opts out by creating rows)."""
+        market_type = self.wallet_of(exchange, market_type)
         if SimBalance.objects.filter(exchange=exchange, account=account, market_type=market_type).exists():
             return
         SimBalance.objects.bulk_create(
@@ -379,7 +438,8 @@ class SimEngine:
         market_type = MarketType(market_type)
         with transaction.atomic():
             self._ensure_balances(exchange, account, market_type)
-        rows = SimBalance.objects.filter(exchange=exchange, account=account, market_type=market_type)
+        wallet = self.wallet_of(exchange, market_type)
+        rows = SimBalance.objects.filter(exchange=exchange, account=account, market_type=wallet)
         return Balance(
             market_type=market_type,
             assets={r.currency: AssetBalance(currency=r.currency, free=r.free, used=r.used) for r in rows},
@@ -404,14 +464,14 @@ class SimEngine:
             SimBalance.objects.update_or_create(
                 exchange=exchange,
                 account=account,
-                market_type=MarketType(market_type),
+                market_type=self.wallet_of(exchange, market_type),
                 currency=currency,
                 defaults=defaults,
             )
 
     def _balance_row(self, exchange: str, account: str, market_type: str, currency: str) -> SimBalance:
         row, _ = SimBalance.objects.select_for_update().get_or_create(
-            exchange=exchange, account=account, market_type=market_type, currency=currency
+            exchange=exchange, account=account, market_type=self.wallet_of(exchange, market_type), currency=currency
         )
         return row
 
@@ -543,17 +603,43 @@ class SimEngine:
             )
 
     def order_create(
-        self, exchange: str, account: str, request: OrderRequest, *, now: datetime | None = None
+        self,
+        exchange: str,
+        account: str,
+        request: OrderRequest,
+        *,
+        now: datetime | None = None,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        quote_order: bool = False,
     ) -> OrderState:
-        """Store and (if marketable) fill an order in one short transaction; nothing is kept when it raises."""
+        """Store and (if marketable) fill an order in one short transaction; nothing is kept when it raises.
+
+        `time_in_force` applies to regular LIMIT orders (see TimeInForce). `quote_order`: a MARKET
+        order whose request.quantity is an amount of the quote currency, converted at the market
+        price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
+        """
         now = now or self.clock()
         self.match(exchange, now=now)
         market_type = MarketType(request.market_type)
+        time_in_force = TimeInForce(time_in_force)
         with transaction.atomic():
             row = self._exchange_row(exchange, lock=True)
             market = self._market(row, market_type, request.symbol)
             scripts = self._scripts(exchange)
             last = self._price(row, market, now, scripts)
+            quote_quantity = None
+            if quote_order:
+                if request.order_type != OrderType.MARKET:
+                    raise ValueError("a quote-sized order must be a MARKET order")
+                quote_quantity = request.quantity
+                base_quantity = floor_to_step(request.quantity / last, market.step_size)
+                if base_quantity <= 0:
+                    raise Rejected(
+                        f"Filter failure: LOT_SIZE ({request.quantity} {market.quote} buys nothing)",
+                        code="-1013",
+                        exchange=exchange,
+                    )
+                request = dataclasses.replace(request, quantity=base_quantity)
             cid = request.client_order_id or f"sim{uuid.uuid4().hex[:24]}"
             if SimOrder.objects.filter(
                 exchange=exchange, account=account, market_type=market_type, client_order_id=cid
@@ -567,6 +653,14 @@ class SimEngine:
             else:
                 ref_price = last
             self._check_rules(row, market, request, ref_price)
+            limit = request.price if request.order_type == OrderType.LIMIT else None
+            takes = limit is not None and self._takes(request.side, limit, last)
+            if takes and time_in_force == TimeInForce.POST_ONLY:
+                raise Rejected(
+                    "Due to the order could not be executed as maker, the Post Only order will be rejected.",
+                    code="-5022",
+                    exchange=exchange,
+                )
             if request.conditional:
                 stop = cast(Decimal, request.stop_price)
                 if (request.side == Side.BUY and last >= stop) or (request.side == Side.SELL and last <= stop):
@@ -601,12 +695,26 @@ class SimEngine:
                 stop_price=request.stop_price,
                 fee_currency=market.quote,
                 created_at=now,
+                time_in_force=time_in_force.value,
+                quote_quantity=quote_quantity,
             )
+            expire_unfilled = False
+            if takes and time_in_force == TimeInForce.POST_ONLY_EXPIRE:
+                expire_unfilled, order.reject_reason = True, "post-only order would take liquidity"
+            elif (
+                time_in_force == TimeInForce.FOK
+                and limit is not None
+                and (not takes or request.quantity > market.liquidity)
+            ):
+                expire_unfilled, order.reject_reason = True, "fill-or-kill order cannot fill at once"
             if not request.conditional:
                 self._reserve(row, market, order, ref_price)
             self._bump(row, order, now)
             order.save()
-            self._execute_new(row, market, order, last, now)
+            if not expire_unfilled:
+                self._execute_new(row, market, order, last, now)
+            if order.status in OPEN and (expire_unfilled or time_in_force == TimeInForce.IOC):
+                self._expire(row, order, now)
             row.save(update_fields=["seq"])
         logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, cid)
         return _state_of(order)
@@ -619,6 +727,18 @@ class SimEngine:
             self._fill(row, market, order, order.quantity, last, now, maker=False)
         elif order.order_type == OrderType.LIMIT and self._crosses(order, last):
             self._fill(row, market, order, market.liquidity, last, now, maker=False)
+
+    def _expire(self, row: SimExchange, order: SimOrder, now: datetime) -> None:
+        """An order whose time in force ran out at once: EXPIRED, its reservation released."""
+        self._release(order, order.reserved)
+        order.status = OrderStatus.EXPIRED.value
+        self._bump(row, order, now)
+        order.save()
+
+    @staticmethod
+    def _takes(side: Side | str, limit: Decimal, last: Decimal) -> bool:
+        """A new LIMIT at `limit` would trade against the market at `last` (it would be a taker)."""
+        return last <= limit if side == Side.BUY else last >= limit
 
     @staticmethod
     def _crosses(order: SimOrder, price: Decimal) -> bool:
@@ -770,6 +890,65 @@ class SimEngine:
             orders = orders.filter(market_type=MarketType(market_type))
         changed = list(orders.order_by("update_seq"))
         return [_state_of(o) for o in changed], (changed[-1].update_seq if changed else cursor)
+
+    def stream_cursor(self, exchange: str, account: str) -> StreamCursor:
+        """The cursor of a stream that starts now: nothing before it is reported."""
+        with transaction.atomic():
+            self._exchange_row(exchange, lock=True)  # writers hold it: the three maxima agree
+            orders = SimOrder.objects.filter(exchange=exchange, account=account)
+            top = orders.aggregate(seq=Max("update_seq"), order_id=Max("pk"))
+            fill_id = SimFill.objects.filter(order__in=orders).aggregate(m=Max("pk"))["m"]
+        return StreamCursor(seq=top["seq"] or 0, order_id=top["order_id"] or 0, fill_id=fill_id or 0)
+
+    def order_events_since(
+        self,
+        exchange: str,
+        account: str,
+        cursor: StreamCursor,
+        *,
+        market_type: MarketType | None = None,
+        now: datetime | None = None,
+    ) -> tuple[list[OrderEvent], StreamCursor]:
+        """Every state the account's orders went through after `cursor`, oldest first, and the next cursor.
+
+        Rebuilt from the rows: creation (NEW), each fill (TRADE), then a final CANCELED, EXPIRED,
+        REJECTED or TRIGGERED; so an order created and cancelled between two polls still shows
+        NEW first. Orders, fills and sequence numbers of one exchange are written under its
+        SimExchange row lock, so their ids grow in commit order and nothing is skipped.
+        """
+        self.match(exchange, now=now)
+        orders = SimOrder.objects.filter(exchange=exchange, account=account, update_seq__gt=cursor.seq)
+        if market_type is not None:
+            orders = orders.filter(market_type=MarketType(market_type))
+        changed = list(orders.order_by("update_seq"))
+        if not changed:
+            return [], cursor
+        fills: dict[int, list[SimFill]] = {}
+        for fill in SimFill.objects.filter(order__in=changed, pk__gt=cursor.fill_id).order_by("pk"):
+            fills.setdefault(fill.order_id, []).append(fill)
+        events: list[OrderEvent] = []
+        for order in changed:
+            new_fills = fills.get(order.pk, [])
+            filled = order.filled_quantity - sum((f.quantity for f in new_fills), ZERO)
+            cost = order.cost - sum((f.quantity * f.price for f in new_fills), ZERO)
+            fee = order.fee - sum((f.fee for f in new_fills), ZERO)
+            if order.pk > cursor.order_id:
+                snapshot = _snapshot(order, OrderStatus.NEW, ZERO, ZERO, ZERO, order.created_at)
+                events.append(OrderEvent("NEW", snapshot, None, order.created_at))
+            for fill in new_fills:
+                filled, cost, fee = filled + fill.quantity, cost + fill.quantity * fill.price, fee + fill.fee
+                status = OrderStatus.FILLED if filled >= order.quantity else OrderStatus.PARTIALLY_FILLED
+                snapshot = _snapshot(order, status, filled, quantize(cost), quantize(fee), fill.created_at)
+                events.append(OrderEvent("TRADE", snapshot, fill, fill.created_at))
+            if order.status not in (*OPEN, OrderStatus.FILLED.value):
+                events.append(OrderEvent(order.status, order, None, order.updated_at))
+        events.sort(key=lambda e: e.at)  # stable: one order's events keep their order
+        next_cursor = StreamCursor(
+            seq=changed[-1].update_seq,
+            order_id=max(cursor.order_id, *(o.pk for o in changed)),
+            fill_id=max([cursor.fill_id, *(f.pk for group in fills.values() for f in group)]),
+        )
+        return events, next_cursor
 
     def fill_list(
         self,

@@ -6,13 +6,8 @@ Django URL routing; a Django ASGI app under daphne would drag the middleware sta
 channels routing into what is a small protocol adapter. Engine calls are synchronous ORM
 work, so every one runs in a worker thread bracketed by close_old_connections.
 
-Routes (real API paths, so ccxt with EXCHANGE_URL_OVERRIDES talks to it unchanged):
-  Binance spot     /api/v3/{ping,time,exchangeInfo,ticker/price,account,order,openOrders,allOrders}
-  Binance USDⓈ-M   /fapi/v1/{ping,time,exchangeInfo,ticker/price,order,openOrders,allOrders,algoOrder,
-                   openAlgoOrders,allAlgoOrders,listenKey}, /fapi/v2/{ticker/price,account,balance},
-                   /fapi/v3/{account,balance}, WS /ws/<listenKey>
-  Bybit v5         /v5/market/{time,instruments-info,tickers}, /v5/account/wallet-balance,
-                   /v5/order/{create,cancel,realtime,history}, WS /v5/private
+Routes (real API paths, so ccxt with EXCHANGE_URL_OVERRIDES talks to it unchanged): see the dialect
+modules' `register` and the README's "Simulated exchange: endpoints served" table.
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ from aiohttp import web
 from django.db import close_old_connections
 
 from core.executors import DbExecutor
+from exchanges.gateway import MarketType
 from exchanges.models import SimFault
 from exchanges.simulator.engine import FaultHit, SimEngine, default_engine
 
@@ -40,16 +36,45 @@ DEFAULT_TIMEOUT_HOLD = 15.0
 WS_POLL_SECONDS = 0.25
 
 
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """The limits the server enforces; the defaults are the ones the real exchanges publish.
+
+    Binance counts request weight per IP per minute (spot, USDⓈ-M and /sapi separately) and
+    new orders per account (spot: 10 s and day; USDⓈ-M: 10 s and minute); a client that keeps
+    calling after its 429s is banned with HTTP 418 after `binance_ban_after` refusals in a row.
+    Bybit counts per UID, per endpoint, per second (orders and queries), and 600 requests per
+    IP per 5 s.
+    """
+
+    enabled: bool = True
+    binance_spot_weight_per_minute: int = 6000
+    binance_futures_weight_per_minute: int = 2400
+    binance_sapi_weight_per_minute: int = 12000
+    binance_spot_orders_per_10s: int = 100
+    binance_spot_orders_per_day: int = 200_000
+    binance_futures_orders_per_10s: int = 300
+    binance_futures_orders_per_minute: int = 1200
+    binance_ban_after: int | None = 10
+    binance_ban_seconds: float = 120.0
+    bybit_orders_per_second: int = 10  # /v5/order/create, cancel, cancel-all: linear
+    bybit_spot_orders_per_second: int = 20  # the same endpoints with category=spot
+    bybit_queries_per_second: int = 50  # order, position, execution and wallet queries
+    bybit_ip_per_5s: int = 600
+
+
 @dataclass
 class ServerConfig:
-    """Credentials the server accepts (one key pair per server) and engine exchange names."""
+    """Credentials the server accepts (one key pair per server), engine exchange names and limits."""
 
     api_key: str
     api_secret: str
     binance_exchange: str = "BINANCE"
     bybit_exchange: str = "BYBIT"
     timeout_hold: float = DEFAULT_TIMEOUT_HOLD
-    listen_keys: dict[str, str] = field(default_factory=dict)  # listen key → account
+    listen_keys: dict[str, str] = field(default_factory=dict)  # listen key → account (USDⓈ-M and spot)
+    listen_key_markets: dict[str, MarketType] = field(default_factory=dict)  # listen key → its market
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 
 async def db_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -98,17 +123,24 @@ class Faults:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LIMITERS = web.AppKey("limiters", tuple)  # the app's rate limiters (Binance, Bybit)
 
 
 def build_app(config: ServerConfig, engine: SimEngine | None = None) -> web.Application:
     """The aiohttp application serving both dialects over `engine`."""
     from exchanges.simulator.dialects import binance, bybit
+    from exchanges.simulator.ratelimit import RateLimiter
 
     engine = engine or default_engine
     app = web.Application()
     faults = Faults(engine, config)
-    binance.BinanceDialect(engine, config, faults).register(app)
-    bybit.BybitDialect(engine, config, faults).register(app)
+    limits = config.rate_limits
+    # Binance and Bybit are different hosts: each has its own counters.
+    binance_limiter = RateLimiter(ban_after=limits.binance_ban_after, ban_seconds=limits.binance_ban_seconds)
+    bybit_limiter = RateLimiter()
+    binance.BinanceDialect(engine, config, faults, binance_limiter).register(app)
+    bybit.BybitDialect(engine, config, faults, bybit_limiter).register(app)
+    app[LIMITERS] = (binance_limiter, bybit_limiter)
     return app
 
 
@@ -128,6 +160,7 @@ class ServerThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._executor = DbExecutor(8, thread_name_prefix="sim-db")
+        self.app: web.Application | None = None
 
     @property
     def base_url(self) -> str:
@@ -160,7 +193,7 @@ class ServerThread:
         loop.close()
 
     async def _start(self) -> None:
-        app = build_app(self.config, self.engine)
+        app = self.app = build_app(self.config, self.engine)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -168,6 +201,12 @@ class ServerThread:
         sockets = site._server.sockets  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1]
         logger.info("sim dialect server listening on %s", self.base_url)
+
+    def rate_limits_reset(self) -> None:
+        """Forget every request counted and every ban (tests)."""
+        if self.app is not None:
+            for limiter in self.app[LIMITERS]:
+                limiter.reset()
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 from decimal import Decimal
 
 import pytest
@@ -19,12 +18,6 @@ API_KEY = "e2e-sim-key-0123456789"
 API_SECRET = "e2e-sim-secret-abcdefghijklmnop"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serving(base: str) -> bool:
     try:
         return requests.get(f"{base}/api/v3/ping", timeout=1).status_code == 200
@@ -33,7 +26,7 @@ def _serving(base: str) -> bool:
 
 
 def _drive(db: procs.ProcDB, settings) -> None:  # noqa: ANN001
-    port = _free_port()
+    port = procs.free_port()
     base = f"http://127.0.0.1:{port}"
     proc = procs.spawn(
         db,

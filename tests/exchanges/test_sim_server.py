@@ -23,6 +23,23 @@ sim_urls = ccxt_sim_support.sim_urls
 make_gateway = ccxt_sim_support.make_gateway
 
 
+def _place(exchange, symbol, market_type, side, order_type, quantity, client_order_id, price=None):  # noqa: ANN001, ANN202
+    """An order straight into the engine, as another client of the same exchange would place it."""
+    return default_engine.order_create(
+        exchange,
+        API_KEY,
+        OrderRequest(
+            symbol=symbol,
+            market_type=market_type,
+            side=side,
+            order_type=order_type,
+            quantity=Decimal(quantity),
+            price=Decimal(price) if price else None,
+            client_order_id=client_order_id,
+        ),
+    )
+
+
 def _binance_signed(base, path, params, secret=API_SECRET, method="GET"):
     query = "&".join(f"{k}={v}" for k, v in {**params, "timestamp": int(time.time() * 1000)}.items())
     signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
@@ -63,23 +80,17 @@ def test_binance_listen_key_stream_sends_order_updates(sim_urls):
         async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/ws/{key}") as ws:
             await asyncio.sleep(0.3)
             await asyncio.to_thread(
-                default_engine.order_create,
-                "BINANCE",
-                API_KEY,
-                OrderRequest(
-                    symbol="ETH/USDT",
-                    market_type=MarketType.FUTURES,
-                    side=Side.BUY,
-                    order_type=OrderType.MARKET,
-                    quantity=Decimal("0.1"),
-                    client_order_id="ws-1",
-                ),
+                _place, "BINANCE", "ETH/USDT", MarketType.FUTURES, Side.BUY, OrderType.MARKET, "0.1", "ws-1"
             )
-            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
 
-    event = asyncio.run(run())
-    assert event["e"] == "ORDER_TRADE_UPDATE"
-    assert event["o"]["c"] == "ws-1" and event["o"]["X"] == "FILLED" and event["o"]["z"] == "0.1"
+    new, trade, account = asyncio.run(run())
+    # Like the real stream: NEW first, then the fill (TRADE), then the balance and position it changed.
+    assert new["e"] == "ORDER_TRADE_UPDATE" and new["o"]["c"] == "ws-1"
+    assert (new["o"]["x"], new["o"]["X"], new["o"]["z"]) == ("NEW", "NEW", "0")
+    assert (trade["o"]["x"], trade["o"]["X"], trade["o"]["z"], trade["o"]["l"]) == ("TRADE", "FILLED", "0.1", "0.1")
+    assert account["e"] == "ACCOUNT_UPDATE" and account["a"]["m"] == "ORDER"
+    assert [(p["s"], p["pa"]) for p in account["a"]["P"]] == [("ETHUSDT", "0.1")]
 
 
 def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
@@ -89,30 +100,24 @@ def test_bybit_private_stream_auth_ping_and_orders(sim_urls):
             sign = hmac.new(API_SECRET.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
             await ws.send(json.dumps({"op": "auth", "args": [API_KEY, expires, sign]}))
             auth = json.loads(await ws.recv())
-            await ws.send(json.dumps({"op": "subscribe", "args": ["order"]}))
+            await ws.send(json.dumps({"op": "subscribe", "args": ["order", "execution"]}))
             subscribed = json.loads(await ws.recv())
             await ws.send(json.dumps({"op": "ping"}))
             pong = json.loads(await ws.recv())
             await asyncio.to_thread(
-                default_engine.order_create,
-                "BYBIT",
-                API_KEY,
-                OrderRequest(
-                    symbol="ETH/USDT",
-                    market_type=MarketType.SPOT,
-                    side=Side.BUY,
-                    order_type=OrderType.MARKET,
-                    quantity=Decimal("0.1"),
-                    client_order_id="ws-2",
-                ),
+                _place, "BYBIT", "ETH/USDT", MarketType.SPOT, Side.BUY, OrderType.MARKET, "0.1", "ws-2"
             )
-            push = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            return auth, subscribed, pong, push
+            pushes = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+            return auth, subscribed, pong, pushes
 
-    auth, subscribed, pong, push = asyncio.run(run())
+    auth, subscribed, pong, pushes = asyncio.run(run())
     assert auth["success"] is True and subscribed["success"] is True and pong["op"] == "pong"
-    assert push["topic"] == "order" and push["data"][0]["orderLinkId"] == "ws-2"
-    assert push["data"][0]["orderStatus"] == "Filled"
+    assert [p["topic"] for p in pushes] == ["order", "order", "execution"]
+    assert {p["data"][0]["orderLinkId"] for p in pushes} == {"ws-2"}
+    # Every state in order: New, then Filled (a market order fills at once, still reported New first),
+    # then the fill itself on the execution topic.
+    assert [p["data"][0].get("orderStatus") for p in pushes[:2]] == ["New", "Filled"]
+    assert (pushes[2]["data"][0]["execQty"], pushes[2]["data"][0]["execType"]) == ("0.1", "Trade")
 
 
 def test_bybit_private_stream_rejects_bad_auth(sim_urls):
@@ -167,3 +172,102 @@ def test_no_api_secret_in_simulator_tables(make_gateway):
     dumped = serializers.serialize("json", [row for model_rows in rows.values() for row in model_rows])
     assert API_KEY in dumped  # the account key: the server's own, public half of the pair
     assert API_SECRET not in dumped
+
+
+def _bybit_auth_frame() -> str:
+    expires = int(time.time() * 1000) + 10_000
+    sign = hmac.new(API_SECRET.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"op": "auth", "args": [API_KEY, expires, sign]})
+
+
+def test_bybit_stream_shows_new_for_an_order_cancelled_inside_one_poll(sim_urls):
+    def create_and_cancel() -> None:
+        default_engine.price_script("BYBIT", "ETH/USDT", ["3000"])
+        state = _place("BYBIT", "ETH/USDT", MarketType.FUTURES, Side.BUY, OrderType.LIMIT, "0.1", "ws-quick", "2500")
+        default_engine.order_cancel(
+            "BYBIT",
+            API_KEY,
+            symbol="ETH/USDT",
+            market_type=MarketType.FUTURES,
+            exchange_order_id=state.exchange_order_id,
+        )
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            await ws.send(_bybit_auth_frame())
+            await ws.recv()
+            await ws.send(json.dumps({"op": "subscribe", "args": ["order"]}))
+            await ws.recv()
+            await asyncio.to_thread(create_and_cancel)  # both well inside one 250 ms poll
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+
+    pushes = asyncio.run(run())
+    assert [(p["data"][0]["orderLinkId"], p["data"][0]["orderStatus"]) for p in pushes] == [
+        ("ws-quick", "New"),
+        ("ws-quick", "Cancelled"),
+    ]
+    assert pushes[0]["data"][0]["category"] == "linear" and pushes[0]["data"][0]["cumExecQty"] == "0"
+
+
+def test_binance_spot_user_stream_on_the_combined_path(sim_urls):
+    base = sim_urls.base_url
+    headers = {"X-MBX-APIKEY": API_KEY}
+    key = requests.post(f"{base}/api/v3/userDataStream", headers=headers, timeout=5).json()["listenKey"]
+    futures_key = requests.post(f"{base}/fapi/v1/listenKey", headers=headers, timeout=5).json()["listenKey"]
+    assert key != futures_key  # spot and USDⓈ-M streams are separate
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/stream?streams={key}") as ws:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(
+                _place, "BINANCE", "ETH/USDT", MarketType.SPOT, Side.BUY, OrderType.MARKET, "0.1", "ws-spot"
+            )
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+
+    messages = asyncio.run(run())
+    assert {m["stream"] for m in messages} == {key}
+    new, trade, account = (m["data"] for m in messages)
+    assert (new["e"], new["c"], new["x"], new["X"]) == ("executionReport", "ws-spot", "NEW", "NEW")
+    assert (trade["x"], trade["X"], trade["l"], trade["z"]) == ("TRADE", "FILLED", "0.1", "0.1")
+    assert account["e"] == "outboundAccountPosition" and {b["a"] for b in account["B"]} >= {"ETH", "USDT"}
+
+
+def test_binance_ws_subscribe_by_listen_key(sim_urls):
+    base = sim_urls.base_url
+    key = requests.post(f"{base}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": API_KEY}, timeout=5).json()["listenKey"]
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/ws") as ws:
+            await ws.send(json.dumps({"method": "SUBSCRIBE", "params": [key], "id": 7}))
+            reply = json.loads(await ws.recv())
+            await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 8}))
+            listing = json.loads(await ws.recv())
+            await asyncio.to_thread(
+                _place, "BINANCE", "ETH/USDT", MarketType.FUTURES, Side.SELL, OrderType.MARKET, "0.1", "ws-sub"
+            )
+            return reply, listing, json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+    reply, listing, event = asyncio.run(run())
+    assert reply == {"result": None, "id": 7} and listing == {"result": [key], "id": 8}
+    assert (event["e"], event["o"]["c"], event["o"]["x"]) == ("ORDER_TRADE_UPDATE", "ws-sub", "NEW")
+
+
+def test_bybit_stream_position_and_wallet_after_a_fill(sim_urls):
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            await ws.send(_bybit_auth_frame())
+            await ws.recv()
+            await ws.send(json.dumps({"op": "subscribe", "args": ["position", "wallet"]}))
+            await ws.recv()
+            await asyncio.to_thread(
+                _place, "BYBIT", "SOL/USDT", MarketType.FUTURES, Side.SELL, OrderType.MARKET, "2", "ws-pos"
+            )
+            return [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+
+    position, wallet = asyncio.run(run())
+    assert position["topic"] == "position"
+    assert [(p["symbol"], p["side"], p["size"], p["category"]) for p in position["data"]] == [
+        ("SOLUSDT", "Sell", "2", "linear")
+    ]
+    assert wallet["topic"] == "wallet" and wallet["data"][0]["accountType"] == "UNIFIED"
+    assert Decimal(wallet["data"][0]["totalEquity"]) > 0

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.scrub import secret_register
 from exchanges.simulator.engine import default_engine
-from exchanges.simulator.server import ServerConfig, serve_forever
+from exchanges.simulator.server import RateLimitConfig, ServerConfig, serve_forever
 
 logger = logging.getLogger(__name__)
 
 
+def rate_limit_config(*, enabled: bool, overrides: list[str]) -> RateLimitConfig:
+    """RateLimitConfig from NAME=VALUE pairs naming its fields (e.g. binance_futures_weight_per_minute=100)."""
+    fields = {f.name: f for f in dataclasses.fields(RateLimitConfig) if f.name != "enabled"}
+    values: dict[str, Any] = {"enabled": enabled}
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise CommandError(f"--rate-limit {item!r}: expected NAME=VALUE, NAME one of {', '.join(fields)}")
+        if raw.lower() in ("none", "off") and name == "binance_ban_after":
+            values[name] = None
+            continue
+        try:
+            values[name] = float(raw) if name.endswith("_seconds") else int(raw)
+        except ValueError:
+            raise CommandError(f"--rate-limit {item!r}: {raw!r} is not a number")
+    return RateLimitConfig(**values)
+
+
 class Command(BaseCommand):
-    help = "Serve the simulator as Binance (/api/v3, /fapi) and Bybit (/v5) REST + WS on one port."
+    help = "Serve the simulator as Binance (/api/v3, /fapi, /sapi) and Bybit (/v5) REST + WS on one port."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--port", type=int, default=8765)
@@ -23,15 +42,29 @@ class Command(BaseCommand):
         parser.add_argument("--api-key", default="sim-api-key")
         parser.add_argument("--api-secret", default="sim-api-secret")
         parser.add_argument("--seed", type=int, default=None, help="price-walk seed of both simulated exchanges")
+        parser.add_argument(
+            "--no-rate-limits", action="store_true", help="serve without the exchanges' request and order limits"
+        )
+        parser.add_argument(
+            "--rate-limit",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="override one limit, e.g. binance_futures_weight_per_minute=100 (repeatable; see RateLimitConfig)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        config = ServerConfig(api_key=str(options["api_key"]), api_secret=str(options["api_secret"]))
+        limits = rate_limit_config(enabled=not options["no_rate_limits"], overrides=list(options["rate_limit"]))
+        config = ServerConfig(
+            api_key=str(options["api_key"]), api_secret=str(options["api_secret"]), rate_limits=limits
+        )
         secret_register(config.api_key)
         secret_register(config.api_secret)
         if options["seed"] is not None:
             for exchange in (config.binance_exchange, config.bybit_exchange):
                 default_engine.exchange_configure(exchange, seed=int(options["seed"]))
         self.stdout.write(
-            f"simulated exchange on http://{options['host']}:{options['port']} (Binance + Bybit dialects)"
+            f"simulated exchange on http://{options['host']}:{options['port']} (Binance + Bybit dialects; "
+            f"rate limits {'on' if limits.enabled else 'off'})"
         )
         serve_forever(config, host=str(options["host"]), port=int(options["port"]))
