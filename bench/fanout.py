@@ -133,21 +133,21 @@ def simexchange_child(port: int) -> None:
 
     from exchanges.simulator.dialects import binance
 
-    original = binance.BinanceDialect._authenticate
+    original = binance.BinanceDialect.authenticate
 
-    def authenticate(self: Any, request: Any, body: str, *, signed: bool) -> str:
+    def authenticate(self: Any, request: Any, body: str, route: Any) -> str:
         key = request.headers.get("X-MBX-APIKEY", "")
         if not key.startswith(FOLLOWER_KEY_PREFIX):
-            return original(self, request, body, signed=signed)
+            return original(self, request, body, route)
         # Synchronous, on the server's one event-loop thread: nothing else reads the config meanwhile.
         config = self.config
         self.config = dataclasses.replace(config, api_key=key)
         try:
-            return original(self, request, body, signed=signed)
+            return original(self, request, body, route)
         finally:
             self.config = config
 
-    binance.BinanceDialect._authenticate = authenticate  # type: ignore[method-assign]
+    binance.BinanceDialect.authenticate = authenticate  # type: ignore[method-assign]
     call_command("runsimexchange", port=port, api_key=SIM_KEY, api_secret=SIM_SECRET, seed=1)
 
 

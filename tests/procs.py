@@ -196,12 +196,6 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def daphne(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """daphne serving tradingsite.asgi on a free local port; yields its base URL once it answers HTTP.

@@ -25,7 +25,7 @@ from exchanges.gateway import GatewayError, MarketType, OrderStatus
 from exchanges.models import SimFault, SimOrder
 from exchanges.simulator.engine import OrderEvent, SimEngine, StreamCursor
 from exchanges.simulator.ratelimit import Charge, RateLimiter, Verdict
-from exchanges.simulator.server import WS_POLL_SECONDS, Faults, ServerConfig, db_call
+from exchanges.simulator.wire import WS_POLL_SECONDS, Faults, ServerConfig, db_call
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from exchanges.simulator.dialects.base import (
 )
 from exchanges.simulator.engine import OrderEvent, StreamCursor, TimeInForce
 from exchanges.simulator.ratelimit import Charge, Verdict, Window
-from exchanges.simulator.server import db_call, now_ms
+from exchanges.simulator.wire import db_call, now_ms
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from exchanges.simulator.catalog import catalog_market
 from exchanges.simulator.dialects.base import Call, Dialect, DialectError, Route, decimal_text, ms, signature_ok
 from exchanges.simulator.engine import OrderEvent, StreamCursor, TimeInForce
 from exchanges.simulator.ratelimit import Charge, Verdict, Window
-from exchanges.simulator.server import db_call, now_ms
+from exchanges.simulator.wire import db_call, now_ms
 
 logger = logging.getLogger(__name__)
 

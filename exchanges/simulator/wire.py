@@ -1,0 +1,118 @@
+"""What the simulator's HTTP/WS server and its dialects share: configuration, fault checks, the DB-thread call, time.
+
+Kept apart from server.py (which builds the app from the dialects) so that the dialects import
+these without importing the server: no import cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from django.db import close_old_connections
+
+from exchanges.gateway import MarketType
+from exchanges.models import SimFault
+from exchanges.simulator.engine import FaultHit, SimEngine
+
+logger = logging.getLogger(__name__)
+
+# How long a "timeout" fault holds the reply when the fault names no latency: longer than
+# ccxt's default 10 s request timeout.
+DEFAULT_TIMEOUT_HOLD = 15.0
+WS_POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """The limits the server enforces; the defaults are the ones the real exchanges publish.
+
+    Binance counts request weight per IP per minute (spot, USDⓈ-M and /sapi separately) and
+    new orders per account (spot: 10 s and day; USDⓈ-M: 10 s and minute); a client that keeps
+    calling after its 429s is banned with HTTP 418 after `binance_ban_after` refusals in a row.
+    Bybit counts per UID, per endpoint, per second (orders and queries), and 600 requests per
+    IP per 5 s.
+    """
+
+    enabled: bool = True
+    binance_spot_weight_per_minute: int = 6000
+    binance_futures_weight_per_minute: int = 2400
+    binance_sapi_weight_per_minute: int = 12000
+    binance_spot_orders_per_10s: int = 100
+    binance_spot_orders_per_day: int = 200_000
+    binance_futures_orders_per_10s: int = 300
+    binance_futures_orders_per_minute: int = 1200
+    binance_ban_after: int | None = 10
+    binance_ban_seconds: float = 120.0
+    bybit_orders_per_second: int = 10  # /v5/order/create, cancel, cancel-all: linear
+    bybit_spot_orders_per_second: int = 20  # the same endpoints with category=spot
+    bybit_queries_per_second: int = 50  # order, position, execution and wallet queries
+    bybit_ip_per_5s: int = 600
+
+
+@dataclass
+class ServerConfig:
+    """Credentials the server accepts (one key pair per server), engine exchange names and limits."""
+
+    api_key: str
+    api_secret: str
+    binance_exchange: str = "BINANCE"
+    bybit_exchange: str = "BYBIT"
+    timeout_hold: float = DEFAULT_TIMEOUT_HOLD
+    listen_keys: dict[str, str] = field(default_factory=dict)  # listen key → account (USDⓈ-M and spot)
+    listen_key_markets: dict[str, MarketType] = field(default_factory=dict)  # listen key → its market
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+
+
+async def db_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run synchronous ORM/engine work in a worker thread with fresh-connection hygiene."""
+
+    def run() -> Any:
+        close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return await asyncio.to_thread(run)
+
+
+class Faults:
+    """REST fault injection around one handler: the dialect shapes the error reply."""
+
+    def __init__(self, engine: SimEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+
+    async def take(self, exchange: str, endpoint: str | None, account: str, phase: str) -> FaultHit | None:
+        if not endpoint:
+            return None
+        hit = await db_call(self.engine.fault_take, exchange, endpoint, account, phase=phase)
+        if hit is not None:
+            logger.info("sim server fault %s on %s %s (%s)", hit.kind, exchange, endpoint, phase)
+        return hit
+
+    async def apply(
+        self,
+        hit: FaultHit | None,
+        error_reply: Callable[[str], web.StreamResponse],
+    ) -> web.StreamResponse | None:
+        """Sleep for latency; for the others return the reply to send (a timeout holds first)."""
+        if hit is None:
+            return None
+        if hit.kind == SimFault.Kind.LATENCY:
+            await asyncio.sleep(hit.latency_ms / 1000)
+            return None
+        if hit.kind == SimFault.Kind.TIMEOUT:
+            await asyncio.sleep(hit.latency_ms / 1000 if hit.latency_ms else self.config.timeout_hold)
+            return web.Response(status=504, text="Gateway Timeout")
+        return error_reply(hit.kind)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
