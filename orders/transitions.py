@@ -66,6 +66,9 @@ UNKNOWN, TEMPORARY, PERMANENT = "unknown", "temporary", "permanent"
 # Cancels are safe to repeat, so only an explicit refusal returns a demoted order to its slot.
 CANCEL_REFUSALS = (Rejected, InsufficientFunds)
 LOST_AFTER_MISSING_RUNS = 2  # runs in which a live order is found neither open nor in history
+# Errors raised by the client before a create leaves the process (not GatewayError, not database
+# errors, which are transient): the same order fails the same way every time.
+LOCAL_FAILURES = (ArithmeticError, ValueError, TypeError)
 
 
 def create_error_kind(exc: GatewayError) -> str:
@@ -233,6 +236,13 @@ def order_promote(
     crash_point("promote.after_submitting_commit")
     try:
         state = gateway.create_order(request)
+    except LOCAL_FAILURES as exc:
+        # The order could not even be formed into a request (a value the exchange client or the
+        # simulator cannot represent): sending it again fails the same way. A permanent refusal,
+        # confirmed by one lookup and then ended as rejected with an alert, never a retry loop.
+        logger.exception("queue: create of %s (%s) failed before it was sent", row.order_key, client_order_id)
+        _submitting_error_record(pending=row, exc=exc, kind=PERMANENT, now=now)
+        return "submitting"
     except GatewayError as exc:
         kind = create_error_kind(exc)
         _submitting_error_record(pending=row, exc=exc, kind=kind, now=now)
@@ -249,7 +259,7 @@ def order_promote(
     return placement_record(pending=row, state=state, now=now, via="create", dirty=dirty)
 
 
-def _submitting_error_record(*, pending: PendingOrder, exc: GatewayError, kind: str, now: datetime) -> None:
+def _submitting_error_record(*, pending: PendingOrder, exc: Exception, kind: str, now: datetime) -> None:
     with transaction.atomic(), pair_lock(account_id=pending.account_id, symbol=pending.symbol):
         PendingOrder.objects.filter(
             pk=pending.pk, status=PendingOrder.Status.SUBMITTING, client_order_id=pending.client_order_id

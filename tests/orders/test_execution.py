@@ -258,3 +258,60 @@ def test_update_open_orders_reconciles_account_markets_at_the_same_time(executio
     assert not OpenOrder.objects.filter(pk__in=[o.pk for o in orders]).exists()
     assert Fill.objects.count() == 6
     assert position_matches_fills() == []
+
+
+# --- One poisoned pair ---------------------------------------------------------------------------
+
+
+def test_a_poisoned_order_ends_rejected_with_an_alert_while_every_other_pair_keeps_moving(db, monkeypatch, settings):  # noqa: ANN001
+    """Issue 13: an order whose create fails inside the client (here decimal.InvalidOperation, as the
+    PAPER engine raised on an unrepresentable price) is refused for good after one lookup, with its
+    event and an alert; the other accounts' orders are placed in the same passes and no run fails."""
+    from datetime import timedelta
+    from decimal import InvalidOperation
+
+    import time_machine
+
+    from notifications.models import AlertThrottle
+    from orders.models import OrderEvent
+
+    followers = _followers(3, orders=1)
+    poisoned = followers[0]
+    poison_key = PendingOrder.objects.get(account_id=poisoned.account_id).order_key
+    real = PaperGateway
+
+    class Poisoned:
+        def __init__(self, inner: Any):
+            self._inner = inner
+            self.exchange = inner.exchange
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def create_order(self, request: Any) -> Any:
+            raise InvalidOperation([InvalidOperation])
+
+    def factory(account: Any) -> Any:
+        gateway = real(f"account-{account.pk}")
+        return Poisoned(gateway) if account.pk == poisoned.account_id else gateway
+
+    monkeypatch.setattr("orders.queue.gateway_for", factory)
+    with time_machine.travel(timezone_now(), tick=False) as clock:
+        for _ in range(4):
+            rebalance_order_queue()
+            clock.shift(timedelta(seconds=40))  # past the lookup delay and the not-found gap
+    runs = list(JobRun.objects.filter(job_id="rebalance_order_queue").values_list("outcome", flat=True))
+    assert "error" not in runs, runs
+    kinds = list(OrderEvent.objects.filter(order_key=poison_key).order_by("id").values_list("kind", flat=True))
+    assert kinds == ["queued", "submitting", "rejected"], kinds
+    assert not PendingOrder.objects.filter(order_key=poison_key).exists()
+    assert AlertThrottle.objects.filter(key=f"queue:rejected:{poison_key}").exists()
+    for sa in followers[1:]:
+        assert OpenOrder.objects.filter(account_id=sa.account_id).count() == 1
+    assert invariant_problems([sa.account_id for sa in followers]) == []
+
+
+def timezone_now() -> Any:
+    from django.utils import timezone
+
+    return timezone.now()
