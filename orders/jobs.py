@@ -18,9 +18,10 @@ from exchanges.services import UnknownExchangeError, exchange_error_count, gatew
 from orders.circuit import account_scope, circuit_record, circuit_states, exchange_scope
 from orders.execution import execution_pool
 from orders.models import OpenOrder, PendingOrder
-from orders.queue import queue_pass, queue_work_load
+from orders.queue import PASS_WAIT_SECONDS, queue_pass, queue_work_load
 from orders.reconcile import EXCHANGE_FAILURES, ReconcileReport, orders_reconcile
 from orders.streams import stream_health_check
+from scheduler.models import JobRun
 from scheduler.runs import JobResult, current_run, scheduler_job
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ def rebalance_order_queue() -> JobResult:
     # The pass's own exchange calls get a short timeout and no in-call retries: a slow or silent
     # exchange costs one short timeout (its pairs then wait TROUBLE_RETRY), not the next ticks.
     # Unknown outcomes are settled by lookup, so nothing is lost by giving up early.
+    # A WAKE run (scheduler.wake: intake woke it between ticks) only starts its pair tasks: waiting
+    # for them could hold the job past the next tick, which would then be skipped.
+    woken = run is not None and run.kind == JobRun.Kind.WAKE
     with call_policy(timeout_ms=settings.EXCHANGE_QUEUE_TIMEOUT_MS, retries=0):
-        tally = queue_pass(work)
+        tally = queue_pass(work, wait=0.0 if woken else PASS_WAIT_SECONDS)
     return JobResult(summary=tally.summary(), noop=tally.noop)
 
 

@@ -13,7 +13,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -555,9 +556,9 @@ def _late_task_done(work: QueueWork, pair: Pair, future: Future) -> None:
     queue_counts_flush(work=work, moves=tally.moves)
 
 
-def queue_pass(work: QueueWork) -> QueueTally:
+def queue_pass(work: QueueWork, wait: float = PASS_WAIT_SECONDS) -> QueueTally:
     """One pass of rebalance_order_queue over `work`: a task per pair on the queue pool (express orders
-    first), waiting up to PASS_WAIT_SECONDS for them; then the per-minute counters.
+    first), waiting up to `wait` seconds for them; then the per-minute counters.
 
     Pairs whose task from an earlier pass still runs are left as they are (their marks stay). Tasks
     that outlive the wait go on beside the next ticks. The unexpected error of a task that ended
@@ -580,7 +581,7 @@ def queue_pass(work: QueueWork) -> QueueTally:
             busy += 1
         else:
             futures[future] = pair
-    done, running = wait(futures, timeout=PASS_WAIT_SECONDS) if futures else (set(), set())
+    done, running = futures_wait(futures, timeout=wait) if futures else (set(), set())
     failure: BaseException | None = None
     for future in done:
         if future.exception() is not None:

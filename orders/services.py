@@ -16,6 +16,7 @@ from django.db import connection, transaction
 
 from orders.models import OrderEvent, OrderIdentity, PendingOrder, QueueDirty, Signal, SignalOrder
 from scheduler.locks import PAIR_LOCK_CLASS, advisory_key
+from scheduler.wake import job_wake
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class OrderSpec:
     reference_price: Decimal | None = None
 
 
+QUEUE_JOB = "rebalance_order_queue"
+
+
 def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime) -> list[PendingOrder]:
     """Create QUEUED PendingOrders with their `queued` events and dirty marks, all in one transaction.
 
@@ -140,6 +144,8 @@ def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime
             ]
         )
         queue_mark_dirty(pairs=[(o.account_id, o.market_type, o.symbol) for o in orders], now=now)
+        if orders:
+            job_wake(QUEUE_JOB)  # on commit: the queue runs now, not at its next tick
     return orders
 
 

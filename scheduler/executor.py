@@ -14,11 +14,13 @@ from scheduler.models import JobRun
 from scheduler.runs import RunContext, current_run
 
 
-def _run_with_scheduled_time(job: Any, alias: str, run_times: list, logger_name: str, term: int) -> list:
+def _run_with_scheduled_time(
+    job: Any, alias: str, run_times: list, logger_name: str, term: int, kind: str = JobRun.Kind.SCHEDULED
+) -> list:
     # APScheduler 3 does not pass the scheduled time to the function; the wrapper reads it here.
     events: list = []
     for run_time in run_times:
-        token = current_run.set(RunContext(scheduled_at=run_time, kind=JobRun.Kind.SCHEDULED, term=term))
+        token = current_run.set(RunContext(scheduled_at=run_time, kind=kind, term=term))
         try:
             events.extend(run_job(job, alias, [run_time], logger_name))
         finally:
@@ -33,7 +35,7 @@ class ScheduledTimeExecutor(ThreadPoolExecutor):
         super().__init__(max_workers)
         self.term = term
 
-    def _do_submit_job(self, job: Any, run_times: list) -> None:
+    def _do_submit_job(self, job: Any, run_times: list, kind: str = JobRun.Kind.SCHEDULED) -> None:
         def callback(future: Any) -> None:
             exc = future.exception()
             if exc:
@@ -42,9 +44,21 @@ class ScheduledTimeExecutor(ThreadPoolExecutor):
                 self._run_job_success(job.id, future.result())
 
         future = self._pool.submit(
-            _run_with_scheduled_time, job, job._jobstore_alias, run_times, self._logger.name, self.term
+            _run_with_scheduled_time, job, job._jobstore_alias, run_times, self._logger.name, self.term, kind
         )
         future.add_done_callback(callback)
+
+    def submit_wake(self, job: Any, run_time: Any) -> bool:
+        """Submit one WAKE run of `job` at `run_time` (scheduler.wake), unless one of its runs is in progress.
+
+        The same bookkeeping as APScheduler's submit_job: max_instances holds across ticks and wakes.
+        """
+        with self._lock:
+            if self._instances[job.id] >= job.max_instances:
+                return False
+            self._do_submit_job(job, [run_time], JobRun.Kind.WAKE)
+            self._instances[job.id] += 1
+        return True
 
     def running_count(self) -> int:
         with self._lock:

@@ -56,6 +56,7 @@ class JobRun(models.Model):
         SCHEDULED = "SCHEDULED"
         MANUAL = "MANUAL"
         CATCHUP = "CATCHUP"
+        WAKE = "WAKE"  # run at once on a wake-up (scheduler.wake), between ticks
 
     class Outcome(models.TextChoices):
         RUNNING = "running"

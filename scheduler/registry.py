@@ -62,6 +62,7 @@ class JobSpec:
     budget: float  # seconds; a longer run is an overrun
     enabled: bool = True
     on_leader: CatchUp | None = None  # run once when a term starts, before the leader announcement
+    wakeable: bool = False  # may be run at once between ticks on a wake-up (scheduler.wake.job_wake)
 
     def trigger_text(self, timezone: str | None = None) -> str:
         return str(self.trigger.build(timezone or settings.SCHEDULER_TIMEZONE))
@@ -84,6 +85,7 @@ REGISTRY: tuple[JobSpec, ...] = (
         trigger=interval(seconds=1),
         grace=2,
         budget=0.8,
+        wakeable=True,  # intake wakes it: a signal's orders go out at once, not at the next tick
     ),
     JobSpec(
         id="update_open_orders",

@@ -46,6 +46,7 @@ LEADER_THREADS: list[str] = [
     "notifications.sender:OutboxSender",
     "orders.streams:user_stream_manager",
     "orders.execution:ExecutionPools",
+    "scheduler.wake:JobWaker",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
 # rows (JobSpec.on_leader), then the announcement.
