@@ -15,19 +15,20 @@ PriceQuote loaded by the precision_cache_update and update_price_cache jobs. Eac
 fresh data (every table but migrations, market data and the simulator's exchange and fault rows
 truncated), seeds N followers of one BINANCE FUTURES strategy (bulk_create: user, accounts with
 their own key, StrategyAccounts, 1,000 USDT allocated, leverage 1), creates their ccxt instances
-(the leader's warm state; timed, not part of the figures), and drives the queue as the scheduler
-would: a timer thread calls the `rebalance_order_queue` job every 1 s (the host's 1 s job: a run
-that overruns delays the next to the next whole second, as APScheduler's max_instances=1 and
-coalesce do). One webhook signal (ETH/USDT BUY, qty_per 10; MARKET, or LIMIT 5 % under the last
-price so it rests) goes through the real endpoint (django.test.Client, POST /api/webhook/) half a
-second into a tick (the mean phase of a signal arriving at a random time).
+(the leader's warm state; timed, not part of the figures), and runs the queue as the scheduler
+does: an in-process leader (SchedulerHost, APScheduler, DjangoJobStore) with rebalance_order_queue
+on its 1 s interval, the execution pools and, for the concurrent engine, the JobWaker that runs the
+queue at once when intake NOTIFYs (the serial baseline has no waker, as before issue 12). One
+webhook signal (ETH/USDT BUY, qty_per 10; MARKET, or LIMIT 5 % under the last price so it rests)
+goes through the real endpoint (django.test.Client, POST /api/webhook/) half a second
+into a tick (the mean phase of a signal arriving at a random time).
 
 Figures per (order type, N), each against the serial engine (EXECUTION_WORKERS=0, the queue as it
 was before issue 12) on fresh data in the same run; ratio = value / baseline:
   first/median/p99/last ack — seconds from the webhook's return to each order's `placed` event
     (OrderEvent.created_at: written when the exchange's acknowledgement is recorded);
-  skipped ticks — ticks that started more than 1.5 s after the one before, from the webhook
-    until the last acknowledgement;
+  skipped ticks — scheduled runs (JobRun rows) that started more than 1.5 s after the one before,
+    from the webhook until the last acknowledgement; wake runs — WAKE runs of the queue meanwhile;
   RSS — of this process (the queue's), sampled every 0.2 s over that window: start, end, max;
   exchange calls — ccxt HTTP requests in the window, those that timed out, create call p50/p99;
   CPU seconds of this process and of the simulator in the window (where the time went).
@@ -329,48 +330,83 @@ CREATE = "POST /fapi/v1/order"
 # --- the 1 s job and the memory sampler ------------------------------------------------------------
 
 
-class Ticker(threading.Thread):
-    """Calls rebalance_order_queue every TICK_SECONDS; an overrunning run delays the next to the next whole tick."""
+class Ticker:
+    """The queue as the scheduler runs it: an in-process leader (scheduler.runner.SchedulerHost) whose only
+    job is rebalance_order_queue on its 1 s interval, with the execution pools and, when `wake`, the
+    JobWaker (intake's NOTIFY runs the queue at once). Tick times are read back from its SCHEDULED
+    JobRun rows (APScheduler writes none for a tick it skips), so a skipped tick shows as a gap."""
 
-    def __init__(self) -> None:
-        super().__init__(name="bench-ticker", daemon=True)
-        self.starts: list[float] = []  # wall time of each run's start
+    def __init__(self, *, wake: bool) -> None:
+        self.wake = wake
         self.errors: list[str] = []
-        self.stop_event = threading.Event()
-        self.ticked = threading.Condition()
+        self.host: Any = None
+        self.thread: threading.Thread | None = None
+        self.since = time.time()
 
-    def run(self) -> None:
-        from django.db import close_old_connections
+    def start(self) -> None:
+        from scheduler import runner
+        from scheduler.registry import REGISTRY
 
-        from orders.jobs import rebalance_order_queue
+        threads = ["orders.execution:ExecutionPools"] + (["scheduler.wake:JobWaker"] if self.wake else [])
+        runner.LEADER_THREADS[:] = threads  # only what the queue needs (no streams, outbox, catch-ups)
+        runner.LEADER_HOOKS[:] = []
+        spec = next(s for s in REGISTRY if s.id == "rebalance_order_queue")
+        self.host = runner.SchedulerHost(specs=[spec])
+        self.since = time.time()
+        self.thread = threading.Thread(target=self._run, name="bench-leader", daemon=True)
+        self.thread.start()
 
-        origin = time.monotonic()
-        k = 0
-        while not self.stop_event.is_set():
-            with self.ticked:
-                self.starts.append(time.time())
-                self.ticked.notify_all()
-            try:
-                rebalance_order_queue()
-            except Exception as exc:  # the job wrapper records it; the ticker keeps the schedule
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-            close_old_connections()
-            k = max(k + 1, math.ceil((time.monotonic() - origin) / TICK_SECONDS))
-            self.stop_event.wait(max(0.0, origin + k * TICK_SECONDS - time.monotonic()))
-        from django.db import connection
+    def _run(self) -> None:
+        try:
+            self.host.run()
+        except Exception as exc:
+            self.errors.append(f"leader: {type(exc).__name__}: {exc}")
 
-        connection.close()
+    @property
+    def starts(self) -> list[float]:
+        """Wall start time of each scheduled run of the queue since start()."""
+        from datetime import UTC, datetime
+
+        from scheduler.models import JobRun
+
+        runs = JobRun.objects.filter(
+            job_id="rebalance_order_queue",
+            kind=JobRun.Kind.SCHEDULED,
+            started_at__gte=datetime.fromtimestamp(self.since, UTC),
+        ).order_by("scheduled_at")
+        return [at.timestamp() for at in runs.values_list("started_at", flat=True)]
+
+    @property
+    def wake_runs(self) -> int:
+        from scheduler.models import JobRun
+
+        return JobRun.objects.filter(job_id="rebalance_order_queue", kind=JobRun.Kind.WAKE).count()
 
     def wait_tick(self) -> float:
-        """Block until the next tick starts; its wall start time."""
-        with self.ticked:
-            seen = len(self.starts)
-            self.ticked.wait_for(lambda: len(self.starts) > seen, timeout=10)
-            return self.starts[-1]
+        """Block until the next scheduled run starts; its wall start time."""
+        seen = len(self.starts)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            starts = self.starts
+            if len(starts) > seen:
+                return starts[-1]
+            time.sleep(0.01)
+        raise RuntimeError("the queue job did not tick within 30 s (is the leader up?)")
 
     def stop(self) -> None:
-        self.stop_event.set()
-        self.join(60)
+        from django.db import connection
+
+        from scheduler.models import JobRun
+
+        if self.host is not None:
+            self.host.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(60)
+        if self.host is not None:
+            self.host.lock.release()
+        errors = JobRun.objects.filter(job_id="rebalance_order_queue", outcome=JobRun.Outcome.ERROR)
+        self.errors += [f"queue run {r.kind}: {r.summary[:120]}" for r in errors[:3]]
+        connection.close()
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -428,6 +464,7 @@ class FanoutResult:
     calls: list[tuple[str, float, str]] = field(default_factory=list)  # exchange HTTP requests after the webhook
     cpu: tuple[float, float] = (math.nan, math.nan)  # CPU seconds of (this process, the simulator) in the window
     errors: list[str] = field(default_factory=list)
+    wake_runs: int = 0  # WAKE runs of the queue (intake's NOTIFY) in the window
 
     def figure(self, name: str) -> float:
         acks = self.acks
@@ -438,6 +475,7 @@ class FanoutResult:
             "last_ack_s": max(acks, default=math.nan) if not self.not_acked else math.nan,
             "acknowledged": len(acks),
             "skipped_ticks": self.skipped_ticks,
+            "wake_runs": self.wake_runs,
             "longest_tick_gap_s": self.longest_gap,
             "rss_start_mb": self.rss[0],
             "rss_end_mb": self.rss[1],
@@ -479,7 +517,7 @@ def fanout_run(
     if order_type == "LIMIT":
         payload["price"] = str((last_price() * LIMIT_BELOW).quantize(Decimal("0.01"), rounding=ROUND_DOWN))
     client = Client()
-    ticker = Ticker()
+    ticker = Ticker(wake=bool(workers))  # the serial baseline is the queue as it was: ticks only
     ticker.start()
     timeout = 60 + n * (0.3 if workers else 0.6)  # generous: the simulator bounds both modes
     try:
@@ -518,13 +556,14 @@ def fanout_run(
         finished = time.time()
         result.cpu = (cpu_seconds() - cpu0[0], cpu_seconds(SIM["pid"]) - cpu0[1])
     finally:
+        result.wake_runs = ticker.wake_runs
         ticker.stop()
         execution_pool("queue").drain(60)
     result.calls = timer.take()
     result.acks = sorted(acked.values())
     result.ended_otherwise = len(ended)
     result.not_acked = n - len(acked)
-    starts = [t for t in ticker.starts if returned - TICK_SECONDS <= t <= finished + TICK_SECONDS]
+    starts = [t for t in ticker.starts if returned - TICK_SECONDS - SKIPPED_GAP <= t <= finished + TICK_SECONDS]
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     result.skipped_ticks = sum(1 for g in gaps if g > SKIPPED_GAP)
     result.longest_gap = max(gaps, default=0.0)
@@ -691,6 +730,7 @@ FANOUT_FIGURES = (
     "last_ack_s",
     "acknowledged",
     "skipped_ticks",
+    "wake_runs",
     "longest_tick_gap_s",
     "rss_start_mb",
     "rss_end_mb",
@@ -943,7 +983,8 @@ def _report(
     out = [
         f"# fan-out: one webhook signal to N followers (BINANCE FUTURES {SYMBOL}, each its own simulator account), "
         f"runsimexchange + real ccxt, {LATENCY_MS} ms latency on {', '.join(LATENCY_ENDPOINTS)}, PostgreSQL; "
-        f"rebalance_order_queue every {TICK_SECONDS:.0f} s on a timer thread, webhook {phase:g} s into a tick; "
+        f"rebalance_order_queue every {TICK_SECONDS:.0f} s on an in-process leader (JobWaker on for the value, "
+        f"off for the baseline), webhook {phase:g} s into a tick; "
         f"value = EXECUTION_WORKERS={WORKERS['queue']}, "
         "baseline = EXECUTION_WORKERS=0 (serial) on fresh data in the same run; "
         "seconds from the webhook's return to each order's `placed` event",
