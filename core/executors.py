@@ -6,6 +6,7 @@ import contextvars
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -60,7 +61,7 @@ class KeyedPool:
 
     `submit` refuses (returns None) while a task of the same key is in flight, so work on one key
     is serialized without a lock held over its I/O. Each task runs in a copy of the submitter's
-    contextvars (call policies, the current job run) with `close_old_connections` around it, on
+    contextvars (call policies, the current job run), its connections checked every few seconds, on
     a DbExecutor whose connections `close()` closes. With `max_workers=0` tasks run inline in the
     submitting thread (tests that hold their data in one uncommitted transaction use this).
     """
@@ -123,9 +124,21 @@ class KeyedPool:
         self._executor.close()
 
 
+# A worker checks its connections (close_old_connections: CONN_MAX_AGE, and with CONN_HEALTH_CHECKS
+# a `SELECT 1` on the next use) at most this often, and after any task that raised: a check per
+# task cost a database round trip per exchange call of the execution engine.
+CONNECTION_CHECK_SECONDS = 5.0
+_worker = threading.local()
+
+
 def _run_in_context(context: contextvars.Context, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    close_old_connections()
+    now = time.monotonic()
+    if now - getattr(_worker, "checked_at", -CONNECTION_CHECK_SECONDS) >= CONNECTION_CHECK_SECONDS:
+        close_old_connections()
+        _worker.checked_at = now
     try:
         return context.run(fn, *args, **kwargs)
-    finally:
+    except BaseException:
+        _worker.checked_at = -CONNECTION_CHECK_SECONDS  # a database error may have left it unusable
         close_old_connections()
+        raise
