@@ -237,7 +237,9 @@ def _apply_override(exchange: Any, family: str, market_type: MarketType) -> None
         table = exchange.exceptions.get(section, {})
         exchange.exceptions["exact"] = {**exchange.exceptions.get("exact", {}), **table.get("exact", {})}
         exchange.exceptions["broad"] = {**exchange.exceptions.get("broad", {}), **table.get("broad", {})}
-    logger.info("exchange %s %s aimed at %s", exchange.id, market_type, base)
+    # Once per template at INFO; every account's instance repeats it at DEBUG.
+    level = logging.INFO if not exchange.apiKey else logging.DEBUG
+    logger.log(level, "exchange %s %s aimed at %s", exchange.id, market_type, base)
 
 
 _policed: dict[type, type] = {}
