@@ -17,8 +17,10 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
+from django.db import transaction
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -118,7 +120,7 @@ class SlowHandler(OrderStreamHandler):
     """The real orders-side handler, with one account whose applies block and some whose REST catch-ups hang
     (a row lock held elsewhere, an exchange answering slowly); records when each update was applied."""
 
-    def __init__(self, *, slow_apply: int, hanging_rest: set[int]):
+    def __init__(self, *, slow_apply: int | None = None, hanging_rest: frozenset[int] = frozenset()):
         self.slow_apply = slow_apply
         self.hanging_rest = hanging_rest
         self.applied: dict[int, list[tuple[float, str]]] = {}
@@ -176,8 +178,9 @@ def test_keyed_pool_keeps_one_keys_order_and_lets_other_keys_pass_a_blocked_one(
         pool.close()
 
 
-def test_one_slow_account_never_delays_the_others(stream_server):
-    accounts = []
+def streamed_accounts() -> list[tuple[Any, Any]]:
+    """ACCOUNTS Bybit futures accounts with their own keys, each with one live BUY 12 @ 2900."""
+    accounts: list[tuple[Any, Any]] = []
     for i in range(ACCOUNTS):
         sa = StrategyAccountFactory(
             account__exchange="BYBIT",
@@ -187,11 +190,16 @@ def test_one_slow_account_never_delays_the_others(stream_server):
         )
         row = OpenOrderFactory(strategy_account=sa, account=sa.account, price=D("2900"), quantity=D("12"))
         accounts.append((sa, row))
+    return accounts
+
+
+def test_one_slow_account_never_delays_the_others(stream_server):
+    accounts = streamed_accounts()
     stalled_sa, _ = accounts[0]  # its handshake hangs
     slow_sa, slow_row = accounts[1]  # each of its updates takes APPLY_BLOCK seconds to apply
     hanging = {sa.account_id for sa, _ in accounts[2:7]}  # REST catch-ups hanging (more than db_workers)
     stream_server.stalled.add(stalled_sa.account.api_key)
-    handler = SlowHandler(slow_apply=slow_sa.account_id, hanging_rest=hanging)
+    handler = SlowHandler(slow_apply=slow_sa.account_id, hanging_rest=frozenset(hanging))
     config = dataclasses.replace(FAST, connect_timeout=1.0, db_workers=4, reconcile_workers=4)
     manager = UserStreamManager(None, handler=handler, config=config, clock=StreamClock())
     manager.start()
@@ -254,4 +262,43 @@ def test_one_slow_account_never_delays_the_others(stream_server):
         wait_for(lambda: all(manager.stream(aid).reconciles == 1 for aid in hanging), what="catch-ups finished")
     finally:
         manager.stop(timeout=REST_HANG + 5)
+    assert position_matches_fills() == []
+
+
+@pytest.mark.postgres
+def test_an_update_waiting_on_a_row_lock_holds_only_its_own_account(stream_server):
+    """The slow apply for real: another transaction holds the account's order row, so its update waits in
+    the database (order_state_apply's SELECT … FOR UPDATE); every other account's update is applied meanwhile."""
+    accounts = streamed_accounts()
+    locked_sa, locked_row = accounts[0]
+    handler = SlowHandler()
+    manager = UserStreamManager(None, handler=handler, config=dataclasses.replace(FAST, db_workers=4))
+    manager.start()
+    try:
+        wait_for(lambda: len(stream_server.connections) == ACCOUNTS, what="every stream open")
+        with transaction.atomic():
+            OpenOrder.objects.select_for_update().get(pk=locked_row.pk)  # held until the block ends
+            pushed = time.monotonic()
+            stream_server.push(locked_sa.account.api_key, order_item(locked_row, status="PartiallyFilled", filled="5"))
+            stream_server.push(locked_sa.account.api_key, order_item(locked_row, status="Filled", filled="12"))
+            for sa, row in accounts[1:]:
+                stream_server.push(sa.account.api_key, order_item(row, status="Filled", filled="12"))
+            others = [sa.account_id for sa, _ in accounts[1:]]
+            wait_for(lambda: all(handler.applied_at(aid) for aid in others), what="the others applied")
+            delays = [handler.applied_at(aid)[0] - pushed for aid in others]
+            time.sleep(1.0)  # the locked account's update is still waiting on its row
+            assert handler.applied_at(locked_sa.account_id) == []
+            held = time.monotonic() - pushed
+        print(
+            f"{len(others)} accounts applied {statistics.median(delays) * 1000:.0f} ms median, "
+            f"{max(delays) * 1000:.0f} ms max after the push while one account's row stayed locked {held:.1f} s"
+        )
+        assert not OpenOrder.objects.filter(account_id__in=others).exists()
+        assert Fill.objects.filter(strategy_account__account_id__in=others).count() == len(others)
+        wait_for(lambda: len(handler.applied_at(locked_sa.account_id)) == 2, what="the locked account's updates")
+        fills = Fill.objects.filter(strategy_account=locked_sa).order_by("pk")
+        assert [(f.cum_filled_after, f.delta_qty) for f in fills] == [(D("5"), D("5")), (D("12"), D("7"))]
+        assert [o for _, o in handler.applied[locked_sa.account_id]] == ["fill", "filled"]
+    finally:
+        manager.stop()
     assert position_matches_fills() == []
