@@ -86,6 +86,7 @@ bench: venv
 	$(PY) -m bench.queue
 	$(PY) -m bench.fills
 	$(PY) -m bench.fanout
+	$(PY) -m bench.memory
 
 # The whole system on a fresh PostgreSQL database under load and chaos (SPEC §9); exits non-zero on a
 # violated invariant. DRILL_PG_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres) names the server.

@@ -5,7 +5,9 @@ per account per 10 s (futures also per minute); Bybit limits order endpoints per
 A call first reserves its weight and order count here: within budget it goes at once; short of
 budget it waits (up to the caller's patience) or fails as RateLimited without reaching the
 exchange. A 429/418 reply blocks the scope until its Retry-After; the exchange's own used-weight
-header (X-MBX-USED-WEIGHT-1M) raises the local count when the exchange counted more.
+header (X-MBX-USED-WEIGHT-1M) raises the local count when the exchange counted more. Beside the
+budgets, InFlightLimits caps how many calls to one exchange run at once from this process
+(EXCHANGE_MAX_IN_FLIGHT), so a burst of pool workers never opens more connections than that.
 
 RateBudget is pure arithmetic over an injected monotonic clock (no network, no database).
 """
@@ -18,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 
@@ -219,7 +222,105 @@ def rate_budget() -> RateBudget:
 
 
 def rate_budget_reset(budget: RateBudget | None = None) -> None:
-    """Replace the process's budget (tests; settings changed)."""
-    global _budget
+    """Replace the process's budget (tests; settings changed); without one, the in-flight caps are rebuilt too."""
+    global _budget, _in_flight
     with _budget_lock:
         _budget = budget
+        if budget is None:
+            _in_flight = None
+
+
+# --- Calls in flight per exchange ------------------------------------------------------------
+
+DEFAULT_MAX_IN_FLIGHT = 32
+
+
+def max_in_flight_parse(raw: str | int | dict | None) -> dict[str, int]:
+    """EXCHANGE_MAX_IN_FLIGHT: a number for every exchange, or JSON {"default": 32, "BINANCE": 48};
+    0 means no cap. Raises ValueError naming the key and the problem."""
+    if raw is None or raw == "":
+        return {"DEFAULT": DEFAULT_MAX_IN_FLIGHT}
+    data: Any = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        data = json.loads(text) if text.startswith("{") else text
+    if not isinstance(data, dict):
+        data = {"default": data}
+    caps = {"DEFAULT": DEFAULT_MAX_IN_FLIGHT}
+    for key, value in data.items():
+        try:
+            cap = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"EXCHANGE_MAX_IN_FLIGHT[{key!r}]: expected a whole number, got {value!r}") from None
+        if cap < 0:
+            raise ValueError(f"EXCHANGE_MAX_IN_FLIGHT[{key!r}] must be 0 (no cap) or more, not {cap}")
+        caps[str(key).upper()] = cap
+    return caps
+
+
+class InFlightLimits:
+    """At most `cap` calls at once per exchange from this process (one semaphore per exchange name).
+
+    `acquire` waits up to `timeout` seconds for a slot and says whether it got one; every
+    successful acquire is followed by one `release`. `peak` records the most ever held at once.
+    """
+
+    def __init__(self, caps: dict[str, int] | None = None):
+        self.caps = {"DEFAULT": DEFAULT_MAX_IN_FLIGHT} if caps is None else caps
+        self._slots: dict[str, threading.BoundedSemaphore | None] = {}
+        self._held: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def cap(self, exchange: str) -> int:
+        name = exchange.upper()
+        return self.caps.get(name, self.caps.get("DEFAULT", DEFAULT_MAX_IN_FLIGHT))
+
+    def _semaphore(self, name: str) -> threading.BoundedSemaphore | None:
+        with self._lock:
+            if name not in self._slots:
+                cap = self.cap(name)
+                self._slots[name] = threading.BoundedSemaphore(cap) if cap > 0 else None
+            return self._slots[name]
+
+    def acquire(self, exchange: str, *, timeout: float) -> bool:
+        name = exchange.upper()
+        slots = self._semaphore(name)
+        if slots is not None and not slots.acquire(timeout=max(0.0, timeout)):
+            return False
+        with self._lock:
+            held = self._held.get(name, 0) + 1
+            self._held[name] = held
+            self.peak[name] = max(self.peak.get(name, 0), held)
+        return True
+
+    def release(self, exchange: str) -> None:
+        name = exchange.upper()
+        with self._lock:
+            self._held[name] = self._held.get(name, 1) - 1
+            slots = self._slots.get(name)
+        if slots is not None:
+            slots.release()
+
+    def in_flight(self, exchange: str) -> int:
+        with self._lock:
+            return self._held.get(exchange.upper(), 0)
+
+
+_in_flight: InFlightLimits | None = None
+
+
+def in_flight_limits() -> InFlightLimits:
+    """The process's in-flight caps, built once from settings.EXCHANGE_MAX_IN_FLIGHT."""
+    global _in_flight
+    with _budget_lock:
+        if _in_flight is None:
+            _in_flight = InFlightLimits(max_in_flight_parse(getattr(settings, "EXCHANGE_MAX_IN_FLIGHT", None)))
+        return _in_flight
+
+
+def in_flight_limits_reset(limits: InFlightLimits | None = None) -> None:
+    """Replace the process's in-flight caps (tests; settings changed)."""
+    global _in_flight
+    with _budget_lock:
+        _in_flight = limits

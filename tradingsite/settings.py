@@ -343,6 +343,10 @@ EXCHANGE_QUEUE_TIMEOUT_MS = env.int("EXCHANGE_QUEUE_TIMEOUT_MS", default=1000)
 # JSON replacing the defaults per "EXCHANGE:MARKET" key ([] turns them off there).
 EXCHANGE_RATE_LIMITS = env.str("EXCHANGE_RATE_LIMITS", default="")
 EXCHANGE_RATE_WAIT_MAX = env.float("EXCHANGE_RATE_WAIT_MAX", default=2.0)
+# Calls to one exchange running at once from this process (exchanges.ratelimit.InFlightLimits): a
+# number for every exchange or JSON {"default": 32, "BINANCE": 48}; 0 is no cap. A call waits for a
+# slot as long as for its budget (EXCHANGE_RATE_WAIT_MAX), then fails as RateLimited unsent.
+EXCHANGE_MAX_IN_FLIGHT = env.str("EXCHANGE_MAX_IN_FLIGHT", default="32")
 
 if EXCHANGE_QUEUE_TIMEOUT_MS <= 0:
     raise ImproperlyConfigured(f"EXCHANGE_QUEUE_TIMEOUT_MS must be positive (ms), not {EXCHANGE_QUEUE_TIMEOUT_MS}")
@@ -372,10 +376,11 @@ LOGGING = {
 
 
 def _check_rate_limits() -> None:
-    from exchanges.ratelimit import limits_parse
+    from exchanges.ratelimit import limits_parse, max_in_flight_parse
 
     try:
         limits_parse(EXCHANGE_RATE_LIMITS)
+        max_in_flight_parse(EXCHANGE_MAX_IN_FLIGHT)
     except ValueError as exc:
         raise ImproperlyConfigured(str(exc)) from None
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -31,7 +30,6 @@ from websockets.exceptions import ConnectionClosed
 
 # The module, not the function: alert_raise is looked up at each alert (tests replace it).
 import notifications.services
-from core.executors import DbExecutor
 from core.scrub import scrub, secret_register
 from exchanges.ccxt_gateway import _url_overrides
 from exchanges.models import StreamState
@@ -45,6 +43,7 @@ from exchanges.streams.messages import (
     bybit_order_updates,
     stream_alive,
 )
+from exchanges.streams.pool import KeyedSerialPool
 from exchanges.streams.services import StreamAccount
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,9 @@ class CatchUpReport(Protocol):
 class StreamHandler(Protocol):
     """What the manager needs from the layers that own accounts and orders (orders.streams provides it).
 
-    Each method runs in one of the manager's database threads, with close_old_connections around it.
+    Each method runs in one of the manager's worker threads (never on the event loop), with
+    close_old_connections around it: `accounts` and `update_apply` in the database pool, keyed per
+    account so one account's updates apply in order; `reconcile` (REST) in a pool of its own.
     """
 
     def accounts(self) -> list[StreamAccount]:
@@ -100,7 +101,8 @@ class StreamConfig:
     connect_timeout: float = 10.0
     accounts_every: float = 30.0  # how often the set of streamed accounts is re-read
     flags_every: float = 5.0  # how often reconnect requests from check_websocket_health are read
-    db_workers: int = 4
+    db_workers: int = 4  # threads applying updates and writing health rows, keyed per account
+    reconcile_workers: int = 4  # threads for the REST catch-ups after a (re)connect, keyed per account
 
     @classmethod
     def from_settings(cls) -> StreamConfig:
@@ -176,7 +178,9 @@ class AccountStream:
     The task is the single flight: a reconnect is only ever started by this task, after the
     previous connection is closed, so neither the watchdog nor check_websocket_health can
     start a second one. Order updates go through a queue to a second task that applies them,
-    so a slow database never delays reading pongs.
+    so a slow database never delays reading pongs. Its database calls are keyed by this account
+    in the manager's pool: an apply that takes seconds holds one worker and this account's later
+    updates, never another account's (tests/exchanges/test_stream_isolation.py).
     """
 
     def __init__(self, manager: UserStreamManager, account: StreamAccount):
@@ -473,6 +477,7 @@ class AccountStream:
         async with self._write_lock:
             write = asyncio.ensure_future(
                 self.manager.db(
+                    ("state", self.account.account_id),
                     services.stream_state_write,
                     account_id=self.account.account_id,
                     exchange=self.account.exchange,
@@ -496,7 +501,10 @@ class AccountStream:
     async def _alert(self, text: str) -> None:
         try:
             await self.manager.db(
-                notifications.services.alert_raise, key=f"stream:{self.account.account_id}", text=text
+                ("alert", self.account.account_id),
+                notifications.services.alert_raise,
+                key=f"stream:{self.account.account_id}",
+                text=text,
             )
         except asyncio.CancelledError:
             raise
@@ -509,6 +517,7 @@ class AccountStream:
             for update in updates:
                 try:
                     outcome = await self.manager.db(
+                        ("apply", self.account.account_id),
                         self.manager.handler.update_apply,
                         account_id=self.account.account_id,
                         update=update,
@@ -533,8 +542,11 @@ class AccountStream:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
         try:
-            report = await self.manager.db(
-                self.manager.handler.reconcile, account_id=self.account.account_id, now=self.clock.now()
+            report = await self.manager.rest(
+                self.account.account_id,
+                self.manager.handler.reconcile,
+                account_id=self.account.account_id,
+                now=self.clock.now(),
             )
         except asyncio.CancelledError:
             raise
@@ -576,7 +588,11 @@ class UserStreamManager:
         self.clock = clock or StreamClock()
         self.streams: dict[int, AccountStream] = {}
         self.http: aiohttp.ClientSession
-        self._executor = DbExecutor(self.config.db_workers, thread_name_prefix="user-streams-db")
+        # Two pools, each keyed per account (one account's calls in order, accounts round-robin):
+        # database work, and the REST catch-ups, which wait on the exchange for seconds and must
+        # never queue in front of another account's order update.
+        self._db_pool = KeyedSerialPool(max(1, self.config.db_workers), name="user-streams-db")
+        self._rest_pool = KeyedSerialPool(max(1, self.config.reconcile_workers), name="user-streams-rest")
         self._thread = threading.Thread(target=self._thread_main, name="user-streams", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -607,17 +623,15 @@ class UserStreamManager:
         if self._wake is not None:
             self._wake.set()
 
-    async def db(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run ORM work in a worker thread, with close_old_connections around it (outside APScheduler)."""
+    async def db(self, key: Hashable, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ORM work in a database worker thread, after the earlier calls of `key`, with
+        close_old_connections around it (outside APScheduler). Keys name an account's kind of work
+        (("apply", id), ("state", id), …): its updates stay in order, other accounts never wait on it."""
+        return await asyncio.wrap_future(self._db_pool.submit(key, fn, *args, **kwargs))
 
-        def call() -> Any:
-            close_old_connections()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                close_old_connections()
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(call))
+    async def rest(self, account_id: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run exchange (REST) work for an account in the REST pool, one call per account at a time."""
+        return await asyncio.wrap_future(self._rest_pool.submit(account_id, fn, *args, **kwargs))
 
     # --- the thread ----------------------------------------------------------------------
 
@@ -636,7 +650,8 @@ class UserStreamManager:
         finally:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
-            self._executor.close()
+            self._rest_pool.close()
+            self._db_pool.close()
             loop.close()
             logger.info("user stream manager stopped")
 
@@ -662,7 +677,7 @@ class UserStreamManager:
 
     async def _sync_accounts(self) -> None:
         try:
-            wanted = {a.account_id: a for a in await self.db(self.handler.accounts)}
+            wanted = {a.account_id: a for a in await self.db(("manager",), self.handler.accounts)}
         except Exception as exc:
             logger.warning("user streams: accounts not read (retrying): %s", _describe(exc))
             return
@@ -670,7 +685,7 @@ class UserStreamManager:
         if gone:
             await asyncio.gather(*(self.streams.pop(aid).stop() for aid in gone))
             with contextlib.suppress(Exception):
-                await self.db(services.stream_state_stop, account_ids=gone, now=self.clock.now())
+                await self.db(("manager",), services.stream_state_stop, account_ids=gone, now=self.clock.now())
             logger.info("user streams stopped for accounts %s (deactivated or changed)", gone)
         for aid, account in wanted.items():
             if aid not in self.streams and not self._stopping.is_set():
@@ -683,7 +698,7 @@ class UserStreamManager:
         if not self.streams:
             return
         try:
-            flagged = await self.db(services.stream_flags_take, account_ids=list(self.streams))
+            flagged = await self.db(("manager",), services.stream_flags_take, account_ids=list(self.streams))
         except Exception as exc:
             logger.warning("user streams: reconnect requests not read: %s", _describe(exc))
             return
@@ -705,6 +720,7 @@ class UserStreamManager:
         try:
             await asyncio.wait_for(
                 self.db(
+                    ("manager",),
                     services.stream_state_stop,
                     account_ids=[s.account.account_id for s in streams],
                     now=self.clock.now(),
