@@ -314,20 +314,33 @@ class SimEngine:
         return row
 
     def _account_lock(self, exchange: str, account: str) -> SimAccount:
-        """Lock the account's SimAccount row (created on first use); call inside transaction.atomic.
+        """Lock the account's SimAccount row (created on first use), waiting for its holder; inside transaction.atomic.
 
-        The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
-        transaction (PostgreSQL waits for the other insert's commit, then the locking read sees it).
-        A new row continues the account's sequence from its orders (those written before the row
-        existed numbered from the exchange-wide sequence of old), so cursors never move back.
+        Every writer of the account's orders, fills, balances and positions takes it first.
         """
-        row = SimAccount.objects.select_for_update().filter(exchange=exchange, account=account).first()
+        row = self._account_row(exchange, account, skip_locked=False)
+        assert row is not None  # noqa: S101 - without skip_locked the read waits and finds the row
+        return row
+
+    def _account_try_lock(self, exchange: str, account: str) -> SimAccount | None:
+        """The account's row locked, or None while another transaction holds it (never waits for a holder)."""
+        return self._account_row(exchange, account, skip_locked=True)
+
+    def _account_row(self, exchange: str, account: str, *, skip_locked: bool) -> SimAccount | None:
+        # The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
+        # transaction (PostgreSQL waits for the other insert's commit, then the locking read sees it).
+        # A new row continues the account's sequence from its orders (those written before the row
+        # existed were numbered from the exchange-wide sequence of old), so cursors never move back.
+        rows = SimAccount.objects.select_for_update(skip_locked=skip_locked).filter(exchange=exchange, account=account)
+        row = rows.first()
         if row is None:
+            if skip_locked and SimAccount.objects.filter(exchange=exchange, account=account).exists():
+                return None  # held by another transaction
             top = SimOrder.objects.filter(exchange=exchange, account=account).aggregate(m=Max("update_seq"))["m"]
             SimAccount.objects.bulk_create(
                 [SimAccount(exchange=exchange, account=account, seq=top or 0)], ignore_conflicts=True
             )
-            row = SimAccount.objects.select_for_update().get(exchange=exchange, account=account)
+            row = rows.first()
         return row
 
     def exchange_configure(
@@ -1042,7 +1055,8 @@ class SimEngine:
         clock that moved backwards (tests) runs it too. The step is claimed with a skip-locked
         try-lock (a caller whose claim finds the exchange row busy skips matching rather than
         wait), then an unlocked scan finds the orders due at `now`, and each account with one is
-        handled in its own short transaction under its SimAccount lock, re-checked there.
+        handled in its own short transaction under its SimAccount lock, re-checked there; an
+        account whose lock is held (its own create or cancel running) is left to the next step.
         """
         now = now or self.clock()
         if not self._match_claim(exchange, now, force=force):
@@ -1076,7 +1090,11 @@ class SimEngine:
         fills = triggers = 0
         for account, pks in by_account.items():
             with transaction.atomic():
-                acct = self._account_lock(exchange, account)
+                # Skip-locked: an account busy with its own create or cancel is matched at the next
+                # step (at most MATCH_INTERVAL later) rather than making this caller wait for it.
+                acct = self._account_try_lock(exchange, account)
+                if acct is None:
+                    continue
                 for order in SimOrder.objects.select_for_update().filter(pk__in=pks, status__in=OPEN).order_by("pk"):
                     found = due(order)  # again under the lock: a cancel or fill may have come first
                     if found is None:
