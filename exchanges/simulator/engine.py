@@ -84,7 +84,7 @@ from typing import cast
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Max, Q
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from core.money import ZERO, quantize
@@ -1215,17 +1215,20 @@ class SimEngine:
         ).order_by("pk")
 
     def _fault_consume(self, candidates) -> FaultHit | None:  # noqa: ANN001
-        # Cheap unlocked probe first: every gateway call passes here.
-        if not candidates.exists():
-            return None
-        with transaction.atomic():
-            for fault in candidates.select_for_update():
-                if fault.probability is not None and Decimal(str(self.rng.random())) >= fault.probability:
-                    continue
-                if fault.remaining is not None:
-                    fault.remaining -= 1
-                fault.fired += 1
-                fault.save(update_fields=["remaining", "fired"])
+        """The first candidate that fires, consumed by one conditional UPDATE (no transaction held).
+
+        Every gateway call passes here, so a fault that matches every account (a latency on all
+        creates) must not queue them: its row is locked for that one statement only.
+        """
+        for fault in candidates:
+            if fault.probability is not None and Decimal(str(self.rng.random())) >= fault.probability:
+                continue
+            row = SimFault.objects.filter(pk=fault.pk)
+            if fault.remaining is None:
+                taken = row.update(fired=F("fired") + 1)
+            else:
+                taken = row.filter(remaining__gt=0).update(remaining=F("remaining") - 1, fired=F("fired") + 1)
+            if taken:  # else spent by a concurrent call meanwhile, or deleted: try the next
                 return FaultHit(fault_id=fault.pk, kind=fault.kind, latency_ms=fault.latency_ms)
         return None
 

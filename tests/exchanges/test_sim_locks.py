@@ -247,3 +247,27 @@ def test_a_latency_fault_taken_inside_a_callers_transaction_is_logged(db, engine
 def test_runsimexchange_refuses_a_thread_count_below_one():
     with pytest.raises(CommandError, match="--db-threads"):
         call_command("runsimexchange", "--db-threads", "0")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_counted_fault_fires_exactly_its_count_under_concurrent_calls(clock: FakeClock):
+    engine = SimEngine(clock=clock)
+    counted = engine.fault_add(SimFault.Kind.HTTP_5XX, endpoint="create_order", remaining=5)
+    start = threading.Barrier(12)
+
+    def take(account: str):  # noqa: ANN202
+        start.wait(WAIT)
+        return engine.fault_take(EX, "create_order", account)
+
+    workers = [Worker(take, f"acct{i}") for i in range(12)]
+    for worker in workers:
+        worker.start()
+    hits = [w.outcome() for w in workers]
+    assert sorted(h.fault_id for h in hits if h is not None) == [counted] * 5
+    fault = SimFault.objects.get(pk=counted)
+    assert (fault.remaining, fault.fired) == (0, 5)
+    # An unlimited fault fires for every call and counts them.
+    unlimited = engine.fault_add(SimFault.Kind.LATENCY, endpoint="fetch_balance", remaining=None, latency_ms=1)
+    for i in range(3):
+        assert engine.fault_take(EX, "fetch_balance", f"acct{i}").fault_id == unlimited
+    assert SimFault.objects.get(pk=unlimited).fired == 3
