@@ -15,6 +15,7 @@ Environment: BENCH_SIMCREATES_N ("16,64"); BENCH_SIMCREATES_LAYERS ("engine,serv
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -119,7 +120,7 @@ def engine_creates(n: int, tag: str) -> list[Callable[[], None]]:
         )
         default_engine.order_create("PAPER", f"bench-{tag}-{i}", request)
 
-    return [lambda i=i: create(i) for i in range(n)]
+    return [functools.partial(create, i) for i in range(n)]
 
 
 def server_creates(n: int, tag: str, base: str) -> list[Callable[[], None]]:
@@ -146,7 +147,7 @@ def server_creates(n: int, tag: str, base: str) -> list[Callable[[], None]]:
             )
         )
 
-    return [lambda g=g, i=i: create(g, i) for i, g in enumerate(gateways)]
+    return [functools.partial(create, g, i) for i, g in enumerate(gateways)]
 
 
 def line(name: str, value: float, baseline: float) -> str:

@@ -280,7 +280,7 @@ def _state_of(order: SimOrder) -> OrderState:
 
 def _in_transaction() -> bool:
     """True inside a transaction.atomic block of the code (a test case's wrapping blocks do not count)."""
-    return any(not block._from_testcase for block in connection.atomic_blocks)
+    return any(not getattr(block, "_from_testcase", False) for block in connection.atomic_blocks)
 
 
 class SimEngine:

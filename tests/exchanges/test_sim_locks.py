@@ -269,5 +269,6 @@ def test_a_counted_fault_fires_exactly_its_count_under_concurrent_calls(clock: F
     # An unlimited fault fires for every call and counts them.
     unlimited = engine.fault_add(SimFault.Kind.LATENCY, endpoint="fetch_balance", remaining=None, latency_ms=1)
     for i in range(3):
-        assert engine.fault_take(EX, "fetch_balance", f"acct{i}").fault_id == unlimited
+        hit = engine.fault_take(EX, "fetch_balance", f"acct{i}")
+        assert hit is not None and hit.fault_id == unlimited
     assert SimFault.objects.get(pk=unlimited).fired == 3
