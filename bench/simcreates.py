@@ -302,10 +302,10 @@ def simexchange_child(port: int) -> None:
 
     call_command = management.call_command
 
-    def command(name: BaseCommand | str, *args: Any, **options: Any) -> str:
+    def command(command_name: BaseCommand | str, *args: Any, **options: Any) -> str:
         if os.environ.get("BENCH_SIMCREATES_DB_THREADS"):
             options["db_threads"] = int(os.environ["BENCH_SIMCREATES_DB_THREADS"])
-        return call_command(name, *args, **options)
+        return call_command(command_name, *args, **options)
 
     management.call_command = command  # fanout's child imports it when it runs
     fanout.simexchange_child(port)
