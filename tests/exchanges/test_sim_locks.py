@@ -16,9 +16,9 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
 from exchanges.gateway import MarketType, OrderStatus
-from exchanges.models import SimAccount, SimFault, SimFill, SimOrder
+from exchanges.models import SimAccount, SimExchange, SimFault, SimFill, SimOrder
 from exchanges.paper import PaperGateway
-from exchanges.simulator.engine import SimEngine, StreamCursor
+from exchanges.simulator.engine import MatchReport, SimEngine, StreamCursor
 from tests.exchanges.conftest import FakeClock, order
 
 EX = "PAPER"
@@ -272,3 +272,35 @@ def test_a_counted_fault_fires_exactly_its_count_under_concurrent_calls(clock: F
         hit = engine.fault_take(EX, "fetch_balance", f"acct{i}")
         assert hit is not None and hit.fault_id == unlimited
     assert SimFault.objects.get(pk=unlimited).fired == 3
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_create_never_waits_for_the_exchange_row_and_its_match_step_is_skipped_while_it_is_held(
+    clock: FakeClock,
+):
+    engine = SimEngine(clock=clock)
+    engine.price_script(EX, "ETH/USDT", ["3000"], start_at=clock.now)
+    engine.exchange_configure(EX, taker_fee_rate=Decimal("0.002"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_exchange_row() -> None:
+        # What a configuration write or another process's match claim holds, kept open.
+        with transaction.atomic():
+            SimExchange.objects.select_for_update().get(exchange=EX)
+            holding.set()
+            assert release.wait(WAIT)
+
+    holder = Worker(hold_exchange_row)
+    holder.start()
+    assert holding.wait(WAIT)
+    clock.advance(5)  # a step is due
+    created = Worker(engine.order_create, EX, "B", order("ETH/USDT", "BUY", "MARKET", "0.01", client_order_id="b1"))
+    created.start()
+    state = created.outcome()
+    assert holder.is_alive()
+    assert state.status == OrderStatus.FILLED and state.fee == Decimal("0.06")  # settings read, unlocked
+    assert engine.match(EX) == MatchReport(ran=False)  # claim skipped, not waited for
+    release.set()
+    holder.outcome()
+    assert engine.match(EX).ran
