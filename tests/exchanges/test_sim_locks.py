@@ -6,6 +6,7 @@ writer anyway); the fault and sequence tests run on both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -304,3 +305,28 @@ def test_a_create_never_waits_for_the_exchange_row_and_its_match_step_is_skipped
     release.set()
     holder.outcome()
     assert engine.match(EX).ran
+
+
+def test_the_served_app_runs_engine_calls_on_its_own_bounded_db_threads():
+    from aiohttp import web
+
+    from exchanges.simulator.server import executor_install
+    from exchanges.simulator.wire import db_call
+
+    def slow_call() -> str:
+        time.sleep(0.2)
+        return threading.current_thread().name
+
+    async def serve_and_call() -> list[str]:
+        app = web.Application()
+        executor_install(app, 3)
+        runner = web.AppRunner(app)
+        await runner.setup()  # runs on_startup: the executor becomes the loop's default
+        try:
+            return list(await asyncio.gather(*(db_call(slow_call) for _ in range(7))))
+        finally:
+            await runner.cleanup()
+
+    names = asyncio.run(serve_and_call())
+    assert len(names) == 7 and all(name.startswith("sim-db") for name in names)
+    assert len(set(names)) == 3  # seven calls at once, never more than three threads
