@@ -102,6 +102,7 @@ class SimAccount(models.Model):
     exchange = models.CharField(max_length=32)
     account = models.CharField(max_length=128)
     seq = models.BigIntegerField(default=0)  # bumped on every change of the account's orders; SimOrder.update_seq
+    last_match_at = models.DateTimeField(null=True, blank=True)  # the account's last matching step that did work
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["exchange", "account"], name="simaccount_unique_account")]

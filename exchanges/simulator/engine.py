@@ -4,14 +4,17 @@ Public API. `exchange` is a name ("PAPER", "BINANCE", "BYBIT", ...), `account` a
 PAPER account key, or an API key for the dialect server), `market_type` a MarketType, `now` an
 aware UTC datetime (default: the engine's injectable clock). Every call that reads or writes
 orders first runs a lazy matching step (at most one per MATCH_INTERVAL of engine time per
-exchange), so no background thread is needed.
+exchange), then the calling account's own (at most one that did work per MATCH_INTERVAL per
+account), so no background thread is needed and a call always sees its account matched up to
+`now`, whoever ran the exchange's step.
 
 Locking (PostgreSQL; SQLite serializes every writer anyway). The writers of one account lock its
 SimAccount row first (lock order: SimAccount → SimOrder → SimBalance/SimPosition) and number its
 order changes from its `seq`; writers of different accounts never wait for each other. Exchange
 settings (fees, caps, delistings, seed) are read unlocked. The matching step claims the exchange
 with a skip-locked try-lock on SimExchange.last_match_at (committed at once; a caller never waits
-for another's match), then locks one account at a time for that account's fills and triggers.
+for another's match), then locks one account at a time for that account's fills and triggers,
+skipping an account whose lock is held (that account's own call matches it).
 Nothing sleeps (latency faults) inside an engine transaction.
 
     engine = SimEngine(clock=timezone.now, sleep=time.sleep)      # or the module's `default_engine`
@@ -276,6 +279,11 @@ def _state_of(order: SimOrder) -> OrderState:
         spawned_order_id=str(spawned.pk) if spawned else None,
         spawned_client_order_id=spawned.client_order_id if spawned else None,
     )
+
+
+def _recent(last: datetime | None, now: datetime) -> bool:
+    """A matching step at `last` covers `now` (within MATCH_INTERVAL after it; a clock moved back is not covered)."""
+    return last is not None and last <= now < last + MATCH_INTERVAL
 
 
 def _in_transaction() -> bool:
@@ -672,7 +680,7 @@ class SimEngine:
         price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
         """
         now = now or self.clock()
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         market_type = MarketType(request.market_type)
         time_in_force = TimeInForce(time_in_force)
         row = self._exchange_row(exchange, lock=False)
@@ -851,7 +859,7 @@ class SimEngine:
         now: datetime | None = None,
     ) -> OrderState:
         """One order, open or in history; NotFound otherwise."""
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         order = self._find(
             exchange,
             account,
@@ -878,7 +886,7 @@ class SimEngine:
     ) -> OrderState:
         """Cancel a live order and release its reservation; NotFound when it is unknown or no longer open."""
         now = now or self.clock()
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         with transaction.atomic():
             acct = self._account_lock(exchange, account)
             order = self._find(
@@ -911,7 +919,7 @@ class SimEngine:
         symbol: str | None = None,
         now: datetime | None = None,
     ) -> list[OrderState]:
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         orders = SimOrder.objects.filter(
             exchange=exchange,
             account=account,
@@ -938,7 +946,7 @@ class SimEngine:
         that row's `seq`, so the account's sequence numbers commit in order and a reader never
         skips a change (the sequence is per account: other accounts' numbers are unrelated).
         """
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         orders = SimOrder.objects.filter(exchange=exchange, account=account, update_seq__gt=cursor)
         if market_type is not None:
             orders = orders.filter(market_type=MarketType(market_type))
@@ -971,7 +979,7 @@ class SimEngine:
         SimAccount row lock, so within the account their ids grow in commit order and nothing is
         skipped (ids are exchange-wide and interleave across accounts; the cursor is per account).
         """
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         orders = SimOrder.objects.filter(exchange=exchange, account=account, update_seq__gt=cursor.seq)
         if market_type is not None:
             orders = orders.filter(market_type=MarketType(market_type))
@@ -1056,11 +1064,35 @@ class SimEngine:
         try-lock (a caller whose claim finds the exchange row busy skips matching rather than
         wait), then an unlocked scan finds the orders due at `now`, and each account with one is
         handled in its own short transaction under its SimAccount lock, re-checked there; an
-        account whose lock is held (its own create or cancel running) is left to the next step.
+        account whose lock is held (its own call running) or stepped within MATCH_INTERVAL is left
+        alone: that account's calls run its own step (_match_for).
         """
         now = now or self.clock()
         if not self._match_claim(exchange, now, force=force):
             return MatchReport(ran=False)
+        live = SimOrder.objects.filter(exchange=exchange, status__in=OPEN)
+        return self._match_orders(exchange, live, now, force=force, wait=False)
+
+    def _match_for(self, exchange: str, account: str, now: datetime | None) -> None:
+        """The lazy matching before a call of `account`: the exchange's step, then the account's own.
+
+        The exchange's step may be running in another caller, or have skipped this account while
+        it was busy; the account's own step (waiting for its lock: its calls serialize anyway)
+        makes sure that what this call reads or writes is matched up to `now`.
+        """
+        now = now or self.clock()
+        self.match(exchange, now=now)
+        last = SimAccount.objects.filter(exchange=exchange, account=account).values_list("last_match_at", flat=True)
+        if not _recent(last.first(), now):
+            live = SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN)
+            self._match_orders(exchange, live, now, force=False, wait=True)
+
+    def _match_orders(self, exchange: str, live, now: datetime, *, force: bool, wait: bool) -> MatchReport:  # noqa: ANN001
+        """Match the due orders among `live` at `now`, one account at a time under its lock.
+
+        An account stepped within MATCH_INTERVAL (by another caller) is left alone unless `force`;
+        with `wait` False an account whose lock is held is left to the next step.
+        """
         row = self._exchange_row(exchange, lock=False)
         scripts = self._scripts(exchange)
         prices: dict[tuple[str, str], Decimal] = {}
@@ -1081,8 +1113,7 @@ class SimEngine:
 
         # Orders created during the step (a trigger's child) wait for the next one, as they always have.
         by_account: dict[str, list[int]] = {}
-        live = SimOrder.objects.filter(exchange=exchange, status__in=OPEN).order_by("pk")
-        for order in live.only(
+        for order in live.order_by("pk").only(
             "pk", "account", "market_type", "symbol", "side", "order_type", "conditional", "price", "stop_price"
         ):
             if due(order) is not None:
@@ -1090,10 +1121,10 @@ class SimEngine:
         fills = triggers = 0
         for account, pks in by_account.items():
             with transaction.atomic():
-                # Skip-locked: an account busy with its own create or cancel is matched at the next
-                # step (at most MATCH_INTERVAL later) rather than making this caller wait for it.
-                acct = self._account_try_lock(exchange, account)
-                if acct is None:
+                # Skip-locked: an account busy with its own call is matched by that call's own step
+                # or the next exchange step, rather than making this caller wait for it.
+                acct = self._account_lock(exchange, account) if wait else self._account_try_lock(exchange, account)
+                if acct is None or (not force and _recent(acct.last_match_at, now)):
                     continue
                 for order in SimOrder.objects.select_for_update().filter(pk__in=pks, status__in=OPEN).order_by("pk"):
                     found = due(order)  # again under the lock: a cancel or fill may have come first
@@ -1109,7 +1140,8 @@ class SimEngine:
                     else:
                         self._fill(row, acct, market, order, market.liquidity, order.price, now, maker=True)
                         fills += 1
-                acct.save(update_fields=["seq"])
+                acct.last_match_at = now
+                acct.save(update_fields=["seq", "last_match_at"])
         return MatchReport(ran=True, fills=fills, triggers=triggers)
 
     def _match_claim(self, exchange: str, now: datetime, *, force: bool) -> bool:
@@ -1121,15 +1153,14 @@ class SimEngine:
         """
         if not force:
             last = SimExchange.objects.filter(exchange=exchange).values_list("last_match_at", flat=True).first()
-            if last is not None and last <= now < last + MATCH_INTERVAL:
+            if _recent(last, now):
                 return False
         self._exchange_row(exchange, lock=False)  # exists from here on
         with transaction.atomic():
             row = SimExchange.objects.select_for_update(skip_locked=True).filter(exchange=exchange).first()
             if row is None:
                 return False
-            last = row.last_match_at
-            if not force and last is not None and last <= now < last + MATCH_INTERVAL:
+            if not force and _recent(row.last_match_at, now):
                 return False  # another process matched meanwhile
             row.last_match_at = now
             row.save(update_fields=["last_match_at"])

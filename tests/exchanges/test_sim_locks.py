@@ -330,3 +330,26 @@ def test_the_served_app_runs_engine_calls_on_its_own_bounded_db_threads():
     names = asyncio.run(serve_and_call())
     assert len(names) == 7 and all(name.startswith("sim-db") for name in names)
     assert len(set(names)) == 3  # seven calls at once, never more than three threads
+
+
+def test_a_call_sees_its_account_matched_though_another_caller_claimed_the_exchange_step(db, engine, clock):  # noqa: ANN001
+    engine.price_script(EX, "ETH/USDT", ["3000"], start_at=clock.now)
+    placed = engine.order_create(EX, "A", resting("a1"))  # a bid at 2900 rests
+    engine.price_script(EX, "ETH/USDT", ["2800"], start_at=clock.now)
+    clock.advance(2)
+    # Another caller claimed the exchange's step at this time and has not reached A (or skipped it: busy).
+    SimExchange.objects.filter(exchange=EX).update(last_match_at=clock.now)
+    assert engine.match(EX) == MatchReport(ran=False)
+
+    def look():  # noqa: ANN202
+        return engine.order_get(
+            EX, "A", symbol="ETH/USDT", market_type=MarketType.SPOT, exchange_order_id=placed.exchange_order_id
+        )
+
+    first = look()
+    assert first.filled_quantity > 0 and first.average_price == Decimal("2900")
+    # One step per account per MATCH_INTERVAL: a second call at the same time fills nothing more.
+    assert look().filled_quantity == first.filled_quantity
+    assert SimFill.objects.filter(order_id=int(placed.exchange_order_id)).count() == 1
+    clock.advance(2)
+    assert engine.match(EX).ran
