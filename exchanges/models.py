@@ -69,14 +69,16 @@ class PriceQuote(models.Model):
 
 
 class SimExchange(models.Model):
-    """One simulated exchange: its configuration, the change sequence and the matching clock.
+    """One simulated exchange: its configuration and the matching clock.
 
-    Every engine transaction that writes locks this row first, so writers of one exchange
-    are serialized (lock order: SimExchange → SimOrder → SimBalance/SimPosition).
+    Order work reads this row without locking it; only configuration writes and the matching
+    step's short claim of `last_match_at` lock it. Writers of one account lock its SimAccount.
     """
 
     exchange = models.CharField(max_length=32, unique=True)
-    seq = models.BigIntegerField(default=0)  # bumped on every order change; the stream cursor
+    # No longer bumped: the change sequence is per account (SimAccount.seq). Kept for the admin's
+    # list_display (exchanges/admin.py); drop both together.
+    seq = models.BigIntegerField(default=0)
     last_match_at = models.DateTimeField(null=True, blank=True)
     open_order_cap = models.PositiveIntegerField(default=200)  # per (account, market type, symbol)
     maker_fee_rate = models.DecimalField(max_digits=12, decimal_places=8, default="0.001")
@@ -86,6 +88,27 @@ class SimExchange(models.Model):
 
     def __str__(self) -> str:
         return self.exchange
+
+
+class SimAccount(models.Model):
+    """One account of one simulated exchange: the row its writers lock, and its change sequence.
+
+    Every engine transaction that writes an account's orders, fills, balances or positions locks
+    this row first (lock order: SimAccount → SimOrder → SimBalance/SimPosition), so the writers of
+    one account are serialized and those of different accounts run in parallel. Created on first
+    use by the engine (SimEngine._account_lock).
+    """
+
+    exchange = models.CharField(max_length=32)
+    account = models.CharField(max_length=128)
+    seq = models.BigIntegerField(default=0)  # bumped on every change of the account's orders; SimOrder.update_seq
+    last_match_at = models.DateTimeField(null=True, blank=True)  # the account's last matching step that did work
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["exchange", "account"], name="simaccount_unique_account")]
+
+    def __str__(self) -> str:
+        return f"{self.exchange}/{self.account} seq {self.seq}"
 
 
 class SimOrder(models.Model):

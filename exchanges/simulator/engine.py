@@ -4,7 +4,18 @@ Public API. `exchange` is a name ("PAPER", "BINANCE", "BYBIT", ...), `account` a
 PAPER account key, or an API key for the dialect server), `market_type` a MarketType, `now` an
 aware UTC datetime (default: the engine's injectable clock). Every call that reads or writes
 orders first runs a lazy matching step (at most one per MATCH_INTERVAL of engine time per
-exchange), so no background thread is needed.
+exchange), then the calling account's own (at most one that did work per MATCH_INTERVAL per
+account), so no background thread is needed and a call always sees its account matched up to
+`now`, whoever ran the exchange's step.
+
+Locking (PostgreSQL; SQLite serializes every writer anyway). The writers of one account lock its
+SimAccount row first (lock order: SimAccount → SimOrder → SimBalance/SimPosition) and number its
+order changes from its `seq`; writers of different accounts never wait for each other. Exchange
+settings (fees, caps, delistings, seed) are read unlocked. The matching step claims the exchange
+with a skip-locked try-lock on SimExchange.last_match_at (committed at once; a caller never waits
+for another's match), then locks one account at a time for that account's fills and triggers,
+skipping an account whose lock is held (that account's own call matches it).
+Nothing sleeps (latency faults) inside an engine transaction.
 
     engine = SimEngine(clock=timezone.now, sleep=time.sleep)      # or the module's `default_engine`
 
@@ -75,8 +86,8 @@ from enum import StrEnum
 from typing import cast
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from core.money import ZERO, quantize
@@ -100,7 +111,16 @@ from exchanges.gateway import (
     Side,
     call_policy_current,
 )
-from exchanges.models import SimBalance, SimExchange, SimFault, SimFill, SimOrder, SimPosition, SimPricePath
+from exchanges.models import (
+    SimAccount,
+    SimBalance,
+    SimExchange,
+    SimFault,
+    SimFill,
+    SimOrder,
+    SimPosition,
+    SimPricePath,
+)
 from exchanges.rounding import floor_to_step
 from exchanges.simulator.catalog import DEFAULT_BALANCES, CatalogMarket, catalog_market, catalog_markets
 
@@ -261,6 +281,16 @@ def _state_of(order: SimOrder) -> OrderState:
     )
 
 
+def _recent(last: datetime | None, now: datetime) -> bool:
+    """A matching step at `last` covers `now` (within MATCH_INTERVAL after it; a clock moved back is not covered)."""
+    return last is not None and last <= now < last + MATCH_INTERVAL
+
+
+def _in_transaction() -> bool:
+    """True inside a transaction.atomic block of the code (a test case's wrapping blocks do not count)."""
+    return any(not getattr(block, "_from_testcase", False) for block in connection.atomic_blocks)
+
+
 class SimEngine:
     """The matching engine. Stateless in memory: any number of instances and processes share one exchange."""
 
@@ -289,6 +319,36 @@ class SimEngine:
             except IntegrityError:
                 pass  # another process created it first; read it below
             row = manager.get(exchange=exchange)
+        return row
+
+    def _account_lock(self, exchange: str, account: str) -> SimAccount:
+        """Lock the account's SimAccount row (created on first use), waiting for its holder; inside transaction.atomic.
+
+        Every writer of the account's orders, fills, balances and positions takes it first.
+        """
+        row = self._account_row(exchange, account, skip_locked=False)
+        assert row is not None  # noqa: S101 - without skip_locked the read waits and finds the row
+        return row
+
+    def _account_try_lock(self, exchange: str, account: str) -> SimAccount | None:
+        """The account's row locked, or None while another transaction holds it (never waits for a holder)."""
+        return self._account_row(exchange, account, skip_locked=True)
+
+    def _account_row(self, exchange: str, account: str, *, skip_locked: bool) -> SimAccount | None:
+        # The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
+        # transaction (PostgreSQL waits for the other insert's commit, then the locking read sees it).
+        # A new row continues the account's sequence from its orders (those written before the row
+        # existed were numbered from the exchange-wide sequence of old), so cursors never move back.
+        rows = SimAccount.objects.select_for_update(skip_locked=skip_locked).filter(exchange=exchange, account=account)
+        row = rows.first()
+        if row is None:
+            if skip_locked and SimAccount.objects.filter(exchange=exchange, account=account).exists():
+                return None  # held by another transaction
+            top = SimOrder.objects.filter(exchange=exchange, account=account).aggregate(m=Max("update_seq"))["m"]
+            SimAccount.objects.bulk_create(
+                [SimAccount(exchange=exchange, account=account, seq=top or 0)], ignore_conflicts=True
+            )
+            row = rows.first()
         return row
 
     def exchange_configure(
@@ -460,7 +520,7 @@ class SimEngine:
         if used is not None:
             defaults["used"] = Decimal(used)
         with transaction.atomic():
-            self._exchange_row(exchange, lock=True)
+            self._account_lock(exchange, account)
             SimBalance.objects.update_or_create(
                 exchange=exchange,
                 account=account,
@@ -483,9 +543,9 @@ class SimEngine:
 
     # --- orders ------------------------------------------------------------------------
 
-    def _bump(self, row: SimExchange, order: SimOrder, now: datetime) -> None:
-        row.seq += 1
-        order.update_seq = row.seq
+    def _bump(self, acct: SimAccount, order: SimOrder, now: datetime) -> None:
+        acct.seq += 1
+        order.update_seq = acct.seq
         order.updated_at = now
 
     def _reservation(
@@ -527,6 +587,7 @@ class SimEngine:
     def _fill(
         self,
         row: SimExchange,
+        acct: SimAccount,
         market: CatalogMarket,
         order: SimOrder,
         qty: Decimal,
@@ -559,7 +620,7 @@ class SimEngine:
         order.status = (
             OrderStatus.FILLED.value if order.filled_quantity >= order.quantity else OrderStatus.PARTIALLY_FILLED.value
         )
-        self._bump(row, order, now)
+        self._bump(acct, order, now)
         order.save()
         SimFill.objects.create(
             order=order, quantity=qty, price=price, fee=fee, fee_currency=market.quote, is_maker=maker, created_at=now
@@ -619,14 +680,14 @@ class SimEngine:
         price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
         """
         now = now or self.clock()
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         market_type = MarketType(request.market_type)
         time_in_force = TimeInForce(time_in_force)
+        row = self._exchange_row(exchange, lock=False)
+        market = self._market(row, market_type, request.symbol)
+        last = self._price(row, market, now, self._scripts(exchange))
         with transaction.atomic():
-            row = self._exchange_row(exchange, lock=True)
-            market = self._market(row, market_type, request.symbol)
-            scripts = self._scripts(exchange)
-            last = self._price(row, market, now, scripts)
+            acct = self._account_lock(exchange, account)
             quote_quantity = None
             if quote_order:
                 if request.order_type != OrderType.MARKET:
@@ -709,30 +770,30 @@ class SimEngine:
                 expire_unfilled, order.reject_reason = True, "fill-or-kill order cannot fill at once"
             if not request.conditional:
                 self._reserve(row, market, order, ref_price)
-            self._bump(row, order, now)
+            self._bump(acct, order, now)
             order.save()
             if not expire_unfilled:
-                self._execute_new(row, market, order, last, now)
+                self._execute_new(row, acct, market, order, last, now)
             if order.status in OPEN and (expire_unfilled or time_in_force == TimeInForce.IOC):
-                self._expire(row, order, now)
-            row.save(update_fields=["seq"])
+                self._expire(acct, order, now)
+            acct.save(update_fields=["seq"])
         logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, cid)
         return _state_of(order)
 
     def _execute_new(
-        self, row: SimExchange, market: CatalogMarket, order: SimOrder, last: Decimal, now: datetime
+        self, row: SimExchange, acct: SimAccount, market: CatalogMarket, order: SimOrder, last: Decimal, now: datetime
     ) -> None:
         """A new regular order takes what it can at once: MARKET all of it, a marketable LIMIT one step."""
         if order.order_type == OrderType.MARKET:
-            self._fill(row, market, order, order.quantity, last, now, maker=False)
+            self._fill(row, acct, market, order, order.quantity, last, now, maker=False)
         elif order.order_type == OrderType.LIMIT and self._crosses(order, last):
-            self._fill(row, market, order, market.liquidity, last, now, maker=False)
+            self._fill(row, acct, market, order, market.liquidity, last, now, maker=False)
 
-    def _expire(self, row: SimExchange, order: SimOrder, now: datetime) -> None:
+    def _expire(self, acct: SimAccount, order: SimOrder, now: datetime) -> None:
         """An order whose time in force ran out at once: EXPIRED, its reservation released."""
         self._release(order, order.reserved)
         order.status = OrderStatus.EXPIRED.value
-        self._bump(row, order, now)
+        self._bump(acct, order, now)
         order.save()
 
     @staticmethod
@@ -798,7 +859,7 @@ class SimEngine:
         now: datetime | None = None,
     ) -> OrderState:
         """One order, open or in history; NotFound otherwise."""
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         order = self._find(
             exchange,
             account,
@@ -825,9 +886,9 @@ class SimEngine:
     ) -> OrderState:
         """Cancel a live order and release its reservation; NotFound when it is unknown or no longer open."""
         now = now or self.clock()
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         with transaction.atomic():
-            row = self._exchange_row(exchange, lock=True)
+            acct = self._account_lock(exchange, account)
             order = self._find(
                 exchange,
                 account,
@@ -843,9 +904,9 @@ class SimEngine:
                 raise NotFound(f"Unknown order sent: {order.pk} is {order.status}", code="-2011", exchange=exchange)
             self._release(order, order.reserved)
             order.status = OrderStatus.CANCELED.value
-            self._bump(row, order, now)
+            self._bump(acct, order, now)
             order.save()
-            row.save(update_fields=["seq"])
+            acct.save(update_fields=["seq"])
         return _state_of(order)
 
     def order_list_open(
@@ -858,7 +919,7 @@ class SimEngine:
         symbol: str | None = None,
         now: datetime | None = None,
     ) -> list[OrderState]:
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         orders = SimOrder.objects.filter(
             exchange=exchange,
             account=account,
@@ -881,10 +942,11 @@ class SimEngine:
     ) -> tuple[list[OrderState], int]:
         """Orders changed after `cursor` (their latest state, in change order) and the cursor to pass next.
 
-        Writers of one exchange are serialized on its SimExchange row, so sequence numbers
-        commit in order and a reader never skips a change.
+        Writers of one account are serialized on its SimAccount row and number its changes from
+        that row's `seq`, so the account's sequence numbers commit in order and a reader never
+        skips a change (the sequence is per account: other accounts' numbers are unrelated).
         """
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         orders = SimOrder.objects.filter(exchange=exchange, account=account, update_seq__gt=cursor)
         if market_type is not None:
             orders = orders.filter(market_type=MarketType(market_type))
@@ -894,7 +956,7 @@ class SimEngine:
     def stream_cursor(self, exchange: str, account: str) -> StreamCursor:
         """The cursor of a stream that starts now: nothing before it is reported."""
         with transaction.atomic():
-            self._exchange_row(exchange, lock=True)  # writers hold it: the three maxima agree
+            self._account_lock(exchange, account)  # the account's writers hold it: the three maxima agree
             orders = SimOrder.objects.filter(exchange=exchange, account=account)
             top = orders.aggregate(seq=Max("update_seq"), order_id=Max("pk"))
             fill_id = SimFill.objects.filter(order__in=orders).aggregate(m=Max("pk"))["m"]
@@ -913,10 +975,11 @@ class SimEngine:
 
         Rebuilt from the rows: creation (NEW), each fill (TRADE), then a final CANCELED, EXPIRED,
         REJECTED or TRIGGERED; so an order created and cancelled between two polls still shows
-        NEW first. Orders, fills and sequence numbers of one exchange are written under its
-        SimExchange row lock, so their ids grow in commit order and nothing is skipped.
+        NEW first. An account's orders, fills and sequence numbers are written under its
+        SimAccount row lock, so within the account their ids grow in commit order and nothing is
+        skipped (ids are exchange-wide and interleave across accounts; the cursor is per account).
         """
-        self.match(exchange, now=now)
+        self._match_for(exchange, account, now)
         orders = SimOrder.objects.filter(exchange=exchange, account=account, update_seq__gt=cursor.seq)
         if market_type is not None:
             orders = orders.filter(market_type=MarketType(market_type))
@@ -997,48 +1060,118 @@ class SimEngine:
         """One matching step at `now`: trigger stops, fill crossing limits (one liquidity slice each).
 
         Runs at most once per MATCH_INTERVAL of engine time per exchange unless `force`; a
-        clock that moved backwards (tests) runs it too. One transaction, exchange row locked.
+        clock that moved backwards (tests) runs it too. The step is claimed with a skip-locked
+        try-lock (a caller whose claim finds the exchange row busy skips matching rather than
+        wait), then an unlocked scan finds the orders due at `now`, and each account with one is
+        handled in its own short transaction under its SimAccount lock, re-checked there; an
+        account whose lock is held (its own call running) or stepped within MATCH_INTERVAL is left
+        alone: that account's calls run its own step (_match_for).
         """
         now = now or self.clock()
-        if not force:
-            last = SimExchange.objects.filter(exchange=exchange).values_list("last_match_at", flat=True).first()
-            if last is not None and last <= now < last + MATCH_INTERVAL:
-                return MatchReport(ran=False)
+        if not self._match_claim(exchange, now, force=force):
+            return MatchReport(ran=False)
+        live = SimOrder.objects.filter(exchange=exchange, status__in=OPEN)
+        return self._match_orders(exchange, live, now, force=force, wait=False)
+
+    def _match_for(self, exchange: str, account: str, now: datetime | None) -> None:
+        """The lazy matching before a call of `account`: the exchange's step, then the account's own.
+
+        The exchange's step may be running in another caller, or have skipped this account while
+        it was busy; the account's own step (waiting for its lock: its calls serialize anyway)
+        makes sure that what this call reads or writes is matched up to `now`.
+        """
+        now = now or self.clock()
+        self.match(exchange, now=now)
+        last = SimAccount.objects.filter(exchange=exchange, account=account).values_list("last_match_at", flat=True)
+        if not _recent(last.first(), now):
+            live = SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN)
+            self._match_orders(exchange, live, now, force=False, wait=True)
+
+    def _match_orders(self, exchange: str, live, now: datetime, *, force: bool, wait: bool) -> MatchReport:  # noqa: ANN001
+        """Match the due orders among `live` at `now`, one account at a time under its lock.
+
+        An account stepped within MATCH_INTERVAL (by another caller) is left alone unless `force`;
+        with `wait` False an account whose lock is held is left to the next step.
+        """
+        row = self._exchange_row(exchange, lock=False)
+        scripts = self._scripts(exchange)
+        prices: dict[tuple[str, str], Decimal] = {}
+
+        def due(order: SimOrder) -> tuple[CatalogMarket, Decimal] | None:
+            market = catalog_market(MarketType(order.market_type), order.symbol)
+            if market is None:
+                return None
+            key = (order.market_type, order.symbol)
+            if key not in prices:
+                prices[key] = self._price(row, market, now, scripts)
+            price = prices[key]
+            if order.conditional:
+                hit = self._stop_hit(order, price)
+            else:
+                hit = order.order_type == OrderType.MARKET or self._crosses(order, price)
+            return (market, price) if hit else None
+
+        # Orders created during the step (a trigger's child) wait for the next one, as they always have.
+        by_account: dict[str, list[int]] = {}
+        for order in live.order_by("pk").only(
+            "pk", "account", "market_type", "symbol", "side", "order_type", "conditional", "price", "stop_price"
+        ):
+            if due(order) is not None:
+                by_account.setdefault(order.account, []).append(order.pk)
         fills = triggers = 0
-        with transaction.atomic():
-            row = self._exchange_row(exchange, lock=True)
-            last = row.last_match_at
-            if not force and last is not None and last <= now < last + MATCH_INTERVAL:
-                return MatchReport(ran=False)  # another process matched meanwhile
-            row.last_match_at = now
-            scripts = self._scripts(exchange)
-            prices: dict[tuple[str, str], Decimal] = {}
-            live = SimOrder.objects.select_for_update().filter(exchange=exchange, status__in=OPEN).order_by("pk")
-            for order in live:
-                market = catalog_market(MarketType(order.market_type), order.symbol)
-                if market is None:
+        for account, pks in by_account.items():
+            with transaction.atomic():
+                # Skip-locked: an account busy with its own call is matched by that call's own step
+                # or the next exchange step, rather than making this caller wait for it.
+                acct = self._account_lock(exchange, account) if wait else self._account_try_lock(exchange, account)
+                if acct is None or (not force and _recent(acct.last_match_at, now)):
                     continue
-                key = (order.market_type, order.symbol)
-                if key not in prices:
-                    prices[key] = self._price(row, market, now, scripts)
-                price = prices[key]
-                if order.conditional:
-                    if self._stop_hit(order, price):
-                        self._trigger(row, market, order, price, now)
+                for order in SimOrder.objects.select_for_update().filter(pk__in=pks, status__in=OPEN).order_by("pk"):
+                    found = due(order)  # again under the lock: a cancel or fill may have come first
+                    if found is None:
+                        continue
+                    market, price = found
+                    if order.conditional:
+                        self._trigger(row, acct, market, order, price, now)
                         triggers += 1
-                elif order.order_type == OrderType.MARKET:
-                    self._fill(row, market, order, order.quantity, price, now, maker=False)
-                    fills += 1
-                elif self._crosses(order, price):
-                    self._fill(row, market, order, market.liquidity, order.price, now, maker=True)
-                    fills += 1
-            row.save(update_fields=["seq", "last_match_at"])
+                    elif order.order_type == OrderType.MARKET:
+                        self._fill(row, acct, market, order, order.quantity, price, now, maker=False)
+                        fills += 1
+                    else:
+                        self._fill(row, acct, market, order, market.liquidity, order.price, now, maker=True)
+                        fills += 1
+                acct.last_match_at = now
+                acct.save(update_fields=["seq", "last_match_at"])
         return MatchReport(ran=True, fills=fills, triggers=triggers)
 
-    def _trigger(self, row: SimExchange, market: CatalogMarket, order: SimOrder, price: Decimal, now: datetime) -> None:
+    def _match_claim(self, exchange: str, now: datetime, *, force: bool) -> bool:
+        """Claim the matching step at `now`: True when this caller runs it (last_match_at set to now, committed).
+
+        SKIP LOCKED makes it a try-lock: the exchange row is held only by this claim and by
+        configuration writes, each a few statements long; a busy row means someone else is
+        claiming, and the step is skipped rather than waited for.
+        """
+        if not force:
+            last = SimExchange.objects.filter(exchange=exchange).values_list("last_match_at", flat=True).first()
+            if _recent(last, now):
+                return False
+        self._exchange_row(exchange, lock=False)  # exists from here on
+        with transaction.atomic():
+            row = SimExchange.objects.select_for_update(skip_locked=True).filter(exchange=exchange).first()
+            if row is None:
+                return False
+            if not force and _recent(row.last_match_at, now):
+                return False  # another process matched meanwhile
+            row.last_match_at = now
+            row.save(update_fields=["last_match_at"])
+        return True
+
+    def _trigger(
+        self, row: SimExchange, acct: SimAccount, market: CatalogMarket, order: SimOrder, price: Decimal, now: datetime
+    ) -> None:
         """Conditional → TRIGGERED, and its regular child (STOP_LIMIT → LIMIT, STOP_MARKET → MARKET, filled at once)."""
         order.status = OrderStatus.TRIGGERED.value
-        self._bump(row, order, now)
+        self._bump(acct, order, now)
         order.save()
         is_limit = order.order_type == OrderType.STOP_LIMIT
         child = SimOrder(
@@ -1062,11 +1195,11 @@ class SimEngine:
         except InsufficientFunds as exc:
             child.status = OrderStatus.REJECTED.value
             child.reject_reason = str(exc)[:255]
-        self._bump(row, child, now)
+        self._bump(acct, child, now)
         child.save()
         order._spawned_cache = child  # type: ignore[attr-defined]
         if child.status == OrderStatus.NEW:
-            self._execute_new(row, market, child, price, now)
+            self._execute_new(row, acct, market, child, price, now)
 
     # --- faults ------------------------------------------------------------------------
 
@@ -1113,17 +1246,20 @@ class SimEngine:
         ).order_by("pk")
 
     def _fault_consume(self, candidates) -> FaultHit | None:  # noqa: ANN001
-        # Cheap unlocked probe first: every gateway call passes here.
-        if not candidates.exists():
-            return None
-        with transaction.atomic():
-            for fault in candidates.select_for_update():
-                if fault.probability is not None and Decimal(str(self.rng.random())) >= fault.probability:
-                    continue
-                if fault.remaining is not None:
-                    fault.remaining -= 1
-                fault.fired += 1
-                fault.save(update_fields=["remaining", "fired"])
+        """The first candidate that fires, consumed by one conditional UPDATE (no transaction held).
+
+        Every gateway call passes here, so a fault that matches every account (a latency on all
+        creates) must not queue them: its row is locked for that one statement only.
+        """
+        for fault in candidates:
+            if fault.probability is not None and Decimal(str(self.rng.random())) >= fault.probability:
+                continue
+            row = SimFault.objects.filter(pk=fault.pk)
+            if fault.remaining is None:
+                taken = row.update(fired=F("fired") + 1)
+            else:
+                taken = row.filter(remaining__gt=0).update(remaining=F("remaining") - 1, fired=F("fired") + 1)
+            if taken:  # else spent by a concurrent call meanwhile, or deleted: try the next
                 return FaultHit(fault_id=fault.pk, kind=fault.kind, latency_ms=fault.latency_ms)
         return None
 
@@ -1140,7 +1276,17 @@ class SimEngine:
     def _caller_wait(self, latency_ms: int, exchange: str, endpoint: str) -> None:
         """Wait out a slow reply as the calling thread would: a CallPolicy timeout (the order queue's)
         shorter than the latency fires first, with the Network error a real client raises. In the
-        dialect server the handler thread has no policy; the client's own timeout does this there."""
+        dialect server the handler thread has no policy; the client's own timeout does this there.
+
+        Never inside an engine transaction: fault_take's has committed. A caller that holds one of
+        its own (a gateway call inside transaction.atomic, against the house rule) is logged."""
+        if _in_transaction():
+            logger.error(
+                "sim latency of %d ms on %s/%s taken inside a database transaction: its locks are held meanwhile",
+                latency_ms,
+                exchange,
+                endpoint,
+            )
         limit_ms = call_policy_current().timeout_ms
         if limit_ms is not None and latency_ms > limit_ms:
             self.sleep(limit_ms / 1000)

@@ -4,7 +4,9 @@ Why aiohttp: it is already installed as a ccxt dependency (pinned in requirement
 plain HTTP and websockets on one port from one asyncio loop, and needs no ASGI server or
 Django URL routing; a Django ASGI app under daphne would drag the middleware stack and
 channels routing into what is a small protocol adapter. Engine calls are synchronous ORM
-work, so every one runs in a worker thread bracketed by close_old_connections.
+work, so every one runs in a worker thread bracketed by close_old_connections: the event
+loop's default executor is a DbExecutor of `db_threads` threads (DEFAULT_DB_THREADS), which
+bounds how many engine calls run at once and how many database connections the server holds.
 
 Routes (real API paths, so ccxt with EXCHANGE_URL_OVERRIDES talks to it unchanged): see the dialect
 modules' `register` and the README's "Simulated exchange: endpoints served" table.
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LIMITERS = web.AppKey("limiters", tuple)  # the app's rate limiters (Binance, Bybit)
+EXECUTOR = web.AppKey("executor", DbExecutor)
+# Engine calls in flight at once, one database connection each. The engine locks per account, so
+# creates of different accounts proceed side by side up to this many; asyncio's own default
+# (cpu count + 4, 6 on two cores) would cap them below a fan-out's burst.
+DEFAULT_DB_THREADS = 32
 
 
 def build_app(config: ServerConfig, engine: SimEngine | None = None) -> web.Application:
@@ -60,7 +67,13 @@ class ServerThread:
     """The dialect server on 127.0.0.1 in a background thread (tests, drills); `port` 0 picks a free one."""
 
     def __init__(
-        self, config: ServerConfig, *, engine: SimEngine | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: ServerConfig,
+        *,
+        engine: SimEngine | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        db_threads: int = DEFAULT_DB_THREADS,
     ):
         self.config = config
         self.engine = engine
@@ -71,7 +84,7 @@ class ServerThread:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._executor = DbExecutor(8, thread_name_prefix="sim-db")
+        self._executor = DbExecutor(db_threads, thread_name_prefix="sim-db")
         self.app: web.Application | None = None
 
     @property
@@ -126,6 +139,30 @@ class ServerThread:
             self._thread.join(10)
 
 
-def serve_forever(config: ServerConfig, *, host: str, port: int, engine: SimEngine | None = None) -> None:
+def executor_install(app: web.Application, db_threads: int) -> None:
+    """Run the app's engine calls (db_call) on a DbExecutor of `db_threads` threads, closed on cleanup."""
+
+    async def install(app: web.Application) -> None:
+        app[EXECUTOR] = DbExecutor(db_threads, thread_name_prefix="sim-db")
+        asyncio.get_running_loop().set_default_executor(app[EXECUTOR])
+
+    async def close(app: web.Application) -> None:
+        # Waits for calls still running, then closes their connections (blocking: the loop is stopping).
+        app[EXECUTOR].close()
+
+    app.on_startup.append(install)
+    app.on_cleanup.append(close)
+
+
+def serve_forever(
+    config: ServerConfig,
+    *,
+    host: str,
+    port: int,
+    engine: SimEngine | None = None,
+    db_threads: int = DEFAULT_DB_THREADS,
+) -> None:
     """Run the server in the foreground until interrupted (the management command)."""
-    web.run_app(build_app(config, engine), host=host, port=port, print=None, handle_signals=True)
+    app = build_app(config, engine)
+    executor_install(app, db_threads)
+    web.run_app(app, host=host, port=port, print=None, handle_signals=True)

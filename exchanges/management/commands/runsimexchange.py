@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.scrub import secret_register
 from exchanges.simulator.engine import default_engine
-from exchanges.simulator.server import RateLimitConfig, ServerConfig, serve_forever
+from exchanges.simulator.server import DEFAULT_DB_THREADS, RateLimitConfig, ServerConfig, serve_forever
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ class Command(BaseCommand):
         parser.add_argument("--api-secret", default="sim-api-secret")
         parser.add_argument("--seed", type=int, default=None, help="price-walk seed of both simulated exchanges")
         parser.add_argument(
+            "--db-threads",
+            type=int,
+            default=DEFAULT_DB_THREADS,
+            help="engine calls served at once, one database connection each (default %(default)s)",
+        )
+        parser.add_argument(
             "--no-rate-limits", action="store_true", help="serve without the exchanges' request and order limits"
         )
         parser.add_argument(
@@ -54,6 +60,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if int(options["db_threads"]) < 1:
+            raise CommandError("--db-threads must be at least 1")
         limits = rate_limit_config(enabled=not options["no_rate_limits"], overrides=list(options["rate_limit"]))
         config = ServerConfig(
             api_key=str(options["api_key"]), api_secret=str(options["api_secret"]), rate_limits=limits
@@ -65,6 +73,8 @@ class Command(BaseCommand):
                 default_engine.exchange_configure(exchange, seed=int(options["seed"]))
         self.stdout.write(
             f"simulated exchange on http://{options['host']}:{options['port']} (Binance + Bybit dialects; "
-            f"rate limits {'on' if limits.enabled else 'off'})"
+            f"rate limits {'on' if limits.enabled else 'off'}; {options['db_threads']} database threads)"
         )
-        serve_forever(config, host=str(options["host"]), port=int(options["port"]))
+        serve_forever(
+            config, host=str(options["host"]), port=int(options["port"]), db_threads=int(options["db_threads"])
+        )
