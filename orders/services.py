@@ -113,7 +113,7 @@ def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime
         )
         for i, spec in enumerate(specs)
     ]
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # inside an intake's transaction: all or nothing with it
         PendingOrder.objects.bulk_create(orders)
         OrderEvent.objects.bulk_create(
             [
