@@ -34,7 +34,7 @@ _WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 
 
 def statement_class(sql: str) -> str:
-    """"ours", "control", "exchange", "metrics" or "scheduler" (see the module docstring)."""
+    """ "ours", "control", "exchange", "metrics" or "scheduler" (see the module docstring)."""
     if _CONTROL.match(sql):
         return "control"
     tables = {t.lower() for t in _TABLE.findall(sql)}

@@ -86,7 +86,9 @@ def test_express_market_orders_placed_and_filled_at_once(n):  # noqa: ANN001
         leftover = queue_work_load(now=timezone.now())
         print("LEFTOVER", leftover and len(leftover.dirty))
     for market in markets:
-        kinds = list(OrderEvent.objects.filter(order_key=market.order_key).order_by("id").values_list("kind", flat=True))
+        kinds = list(
+            OrderEvent.objects.filter(order_key=market.order_key).order_by("id").values_list("kind", flat=True)
+        )
         assert kinds == ["queued", "submitting", "placed", "filled"], kinds
         assert Fill.objects.filter(trade__order_key=market.order_key).count() == 1
     assert not OpenOrder.objects.exists() and not PendingOrder.objects.exists()
@@ -175,9 +177,7 @@ def test_a_100_follower_webhook_fan_out_intake(order_type):  # noqa: ANN001
 
 def test_one_bad_follower_of_100_rejects_the_fan_out_with_nothing_written():
     strategy = _fan_out_strategy(100)
-    StrategyCapital.objects.filter(pk=StrategyCapital.objects.order_by("pk").last().pk).update(
-        allocated_capital=D("0")
-    )
+    StrategyCapital.objects.filter(pk=StrategyCapital.objects.order_by("pk").last().pk).update(allocated_capital=D("0"))
     signal = WebhookSignal(delivery_id="alert-2", symbol="BTC/USDT", side="BUY", order_type="MARKET", qty_per=D("10"))
     with pytest.raises(WebhookRejectedError) as rejected:
         webhook_receive(strategy=strategy, signal=signal, payload_hash="h", now=timezone.now())
