@@ -42,8 +42,12 @@ D = Decimal
 
 
 @pytest.fixture(autouse=True)
-def _clean(settings):  # noqa: ANN001
+def _clean(settings, monkeypatch):  # noqa: ANN001
     settings.ORDER_QUEUE_SLOTS = {"default": 8}
+    # The inline pass's time limits would leave orders for the next tick on a busy machine: the count
+    # is of a pass that does all its work.
+    monkeypatch.setattr("orders.queue.PASS_BUDGET_SECONDS", 60.0)
+    monkeypatch.setattr("orders.queue.PASS_LIMIT_SECONDS", 60.0)
     queue_sweep_reset()
     crash_disable_all()
     yield
@@ -83,8 +87,8 @@ def test_express_market_orders_placed_and_filled_at_once(n):  # noqa: ANN001
         clock.shift(1)
         plan, execution = _measured_pass(clock)
         clock.shift(1)
-        leftover = queue_work_load(now=timezone.now())
-        print("LEFTOVER", leftover and len(leftover.dirty))
+        # Nothing left for the next pass: the batch cleared the pair's mark (before: a pass more per pair).
+        assert queue_work_load(now=timezone.now()) is None
     for market in markets:
         kinds = list(
             OrderEvent.objects.filter(order_key=market.order_key).order_by("id").values_list("kind", flat=True)
@@ -94,7 +98,8 @@ def test_express_market_orders_placed_and_filled_at_once(n):  # noqa: ANN001
     assert not OpenOrder.objects.exists() and not PendingOrder.objects.exists()
     assert invariant_problems([sa.account_id for sa in followers]) == []
     _show(f"(a) {n} express MARKET order(s), each placed and filled at once", plan, execution, n)
-    assert execution.ours <= 12 * n, execution.of("ours")
+    # Before batching: 25 on SQLite, 28 on PostgreSQL per order, and the pair left dirty for another pass.
+    assert execution.ours <= 12 * n, execution.tables()
 
 
 @pytest.mark.parametrize("k", [1, 6])
@@ -108,14 +113,15 @@ def test_a_batch_of_limit_promotions_in_one_pair(k):  # noqa: ANN001
         clock.shift(1)
         plan, execution = _measured_pass(clock)
         clock.shift(1)
-        leftover = queue_work_load(now=timezone.now())
-        print("LEFTOVER", leftover and len(leftover.dirty))
+        # Nothing left for the next pass: the batch cleared the pair's mark (before: a pass more per pair).
+        assert queue_work_load(now=timezone.now()) is None
     assert OpenOrder.objects.filter(account_id=sa.account_id).count() == k
     assert not PendingOrder.objects.exists()
     assert not QueueDirty.objects.exists()
     assert invariant_problems([sa.account_id]) == []
     _show(f"(b) {k} LIMIT promotion(s) in one pair", plan, execution, k)
-    assert execution.ours <= 12 * k, execution.of("ours")
+    # Before batching: 11 + 8 per further order on SQLite (51 for six), 13 + 10 on PostgreSQL (63).
+    assert execution.ours <= 12, execution.tables()
 
 
 def _fan_out_strategy(n: int):  # noqa: ANN202
