@@ -469,9 +469,11 @@ def placements_record(
                 and not (state.conditional and state.status == OrderStatus.TRIGGERED)
                 and not user_cancel
             ):
-                recorded = fill_record_placed(
-                    live=live, state=state, now=now, exchange=exchange or _exchange_of(live.account_id)
-                )
+                recorded = None
+                if state.filled_quantity > 0:
+                    recorded = fill_record_placed(
+                        live=live, state=state, now=now, exchange=exchange or _exchange_of(live.account_id)
+                    )
                 complete = state.status == OrderStatus.FILLED or state.filled_quantity >= live.quantity
                 details = {"exchange_order_id": state.exchange_order_id, "filled": state.filled_quantity}
                 if recorded is not None:
