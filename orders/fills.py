@@ -17,7 +17,8 @@ from exchanges.gateway import OrderState, OrderStatus
 from orders.faults import crash_point
 from orders.models import OpenOrder, OrderEvent
 from orders.services import order_event_add, pair_lock, queue_mark_dirty
-from positions.fills import trade_fill_record, trade_lock
+from positions.fills import RecordedFill, trade_fill_record, trade_lock
+from positions.models import Fill
 from positions.selectors import trade_cumulative_filled
 
 logger = logging.getLogger(__name__)
@@ -85,17 +86,50 @@ def fill_apply(*, order: OpenOrder, state: OrderState, source: str, now: datetim
     return increment
 
 
-def _order_record_fill(*, order: OpenOrder, state: OrderState, increment: Decimal, price: Decimal, source: str) -> None:
-    """Bring the OpenOrder row (if it still exists) to the reported fill; end it when completely filled."""
-    row = OpenOrder.objects.select_for_update().filter(pk=order.pk).first()
-    details = {
+def fill_record_placed(*, live: OpenOrder, state: OrderState, now: datetime, exchange: str) -> RecordedFill | None:
+    """Record the fill a placement's reply already shows (orders.transitions.placements_record), in its
+    transaction under the pair lock: Trade (a new exchange order: one insert), Fill, Position. The
+    caller builds the OpenOrder (or none, when complete) and the events. None: the ledger has it already.
+    """
+    trade = trade_lock(
+        strategy_account_id=live.strategy_account_id,
+        account_id=live.account_id,
+        exchange_order_id=state.exchange_order_id,
+        order_key=live.order_key,
+        symbol=live.symbol,
+        market_type=live.market_type,
+        side=state.side,
+        fee_currency=state.fee_currency,
+    )
+    crash_point("fill.after_trade_upsert")
+    return trade_fill_record(
+        trade=trade,
+        strategy_account_id=live.strategy_account_id,
+        symbol=live.symbol,
+        market_type=live.market_type,
+        exchange=exchange,
+        state=state,
+        source=Fill.Source.REST,
+        now=now,
+    )
+
+
+def fill_event_details(*, state: OrderState, delta: Decimal, price: Decimal, source: str) -> dict:
+    """The details of a `filled` / `partially_filled` event."""
+    return {
         "exchange_order_id": state.exchange_order_id,
-        "delta": increment,
+        "delta": delta,
         "price": price,
         "filled": state.filled_quantity,
         "quantity": state.quantity,
         "source": source,
     }
+
+
+def _order_record_fill(*, order: OpenOrder, state: OrderState, increment: Decimal, price: Decimal, source: str) -> None:
+    """Bring the OpenOrder row (if it still exists) to the reported fill; end it when completely filled."""
+    row = OpenOrder.objects.select_for_update().filter(pk=order.pk).first()
+    details = fill_event_details(state=state, delta=increment, price=price, source=source)
     complete = state.status == OrderStatus.FILLED or state.filled_quantity >= order.quantity
     if row is None:
         # The row ended already (its final state was confirmed); the fill still belongs to the order.

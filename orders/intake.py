@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
@@ -52,6 +52,28 @@ def market_rule_active(*, exchange: str, market_type: str, symbol: str) -> tuple
     if not rule.active:
         return None, {"symbol": [f"symbol {symbol} is not active (delisted) on {where}"]}
     return rule, {}
+
+
+@dataclass
+class MarketReads:
+    """Market rules and trading prices read once per (exchange, market type, symbol) and kept for one intake:
+    the followers of a webhook's fan-out share one symbol, so 100 followers cost two reads, not 200."""
+
+    rules: dict[tuple[str, str, str], tuple[MarketRule | None, Errors]] = field(default_factory=dict)
+    prices: dict[tuple[str, str, str], Decimal | None] = field(default_factory=dict)
+
+    def rule(self, *, exchange: str, market_type: str, symbol: str) -> tuple[MarketRule | None, Errors]:
+        key = (exchange, market_type, symbol)
+        if key not in self.rules:
+            self.rules[key] = market_rule_active(exchange=exchange, market_type=market_type, symbol=symbol)
+        rule, errors = self.rules[key]
+        return rule, {name: list(messages) for name, messages in errors.items()}  # the caller adds to its copy
+
+    def price(self, *, exchange: str, market_type: str, symbol: str, now: datetime) -> Decimal | None:
+        key = (exchange, market_type, symbol)
+        if key not in self.prices:
+            self.prices[key] = price_for_trading(exchange=exchange, market_type=market_type, symbol=symbol, now=now)
+        return self.prices[key]
 
 
 def sell_exposure(*, strategy_account_id: int, symbol: str) -> tuple[Decimal, Decimal]:
@@ -122,15 +144,19 @@ class OrderCheck:
         return self.spec is None and not self.errors
 
 
-def order_check(*, draft: OrderDraft, now: datetime, private: bool = False) -> OrderCheck:
+def order_check(
+    *, draft: OrderDraft, now: datetime, private: bool = False, reads: MarketReads | None = None
+) -> OrderCheck:
     """Validate one order against the market rules, a fresh price and the sellable position (reads only).
 
     With `draft.sizing` the quantity (and, for a close, the side and type) is decided here from the
     capital or the position. `private`: the caller is not the account's owner (a webhook's token
     holder), so messages name the rule, never the capital, position or the quantity derived from them.
     A spot SELL passes here on a first look; orders_place checks it again under the pair lock.
+    `reads`: rules and prices already read for an earlier order of the same intake (a fan-out).
     """
-    rule, errors = market_rule_active(exchange=draft.exchange, market_type=draft.market_type, symbol=draft.symbol)
+    reads = reads if reads is not None else MarketReads()
+    rule, errors = reads.rule(exchange=draft.exchange, market_type=draft.market_type, symbol=draft.symbol)
     if rule is None:
         return OrderCheck(errors=errors)
     side, order_type, quantity = draft.side, draft.order_type, draft.quantity
@@ -146,9 +172,7 @@ def order_check(*, draft: OrderDraft, now: datetime, private: bool = False) -> O
 
     market_price = None
     if order_type == OrderType.MARKET:
-        market_price = price_for_trading(
-            exchange=draft.exchange, market_type=draft.market_type, symbol=draft.symbol, now=now
-        )
+        market_price = reads.price(exchange=draft.exchange, market_type=draft.market_type, symbol=draft.symbol, now=now)
     if draft.sizing is not None and not draft.sizing.close:
         reference = order_reference_price(
             order_type=order_type,
@@ -227,7 +251,8 @@ def orders_place(*, specs: list[OrderSpec], now: datetime, private: bool = False
     sells = sorted(
         {(s.account_id, s.symbol) for s in specs if s.market_type == MarketType.SPOT and s.side == Side.SELL}
     )
-    with transaction.atomic(), ExitStack() as locks:
+    # No savepoint of its own inside the caller's transaction: an error here rolls the whole intake back.
+    with transaction.atomic(savepoint=False), ExitStack() as locks:
         for account_id, symbol in sells:
             locks.enter_context(pair_lock(account_id=account_id, symbol=symbol))
         for spec in specs:

@@ -34,7 +34,7 @@ from orders.circuit import Breaker, account_scope, circuit_states, exchange_scop
 from orders.execution import execution_pool
 from orders.models import OpenOrder, PendingOrder, QueueDirty
 from orders.ranking import PairPlan, QueueEntry, Slot, entry_of, plan_pair
-from orders.selectors import DirtyMark, Pair, PairRows, queue_slots_for
+from orders.selectors import OPEN_FIELDS, DirtyMark, Pair, PairRows, queue_slots_for
 from orders.services import queue_mark_dirty, queue_mark_dirty_by
 from orders.sweep import queue_sweep_detect
 from orders.transitions import (
@@ -42,8 +42,7 @@ from orders.transitions import (
     lookup_due_at,
     order_cancel_send,
     order_demote,
-    order_promote,
-    pair_of,
+    orders_promote,
     submitting_resolve,
 )
 
@@ -173,6 +172,8 @@ class QueueWork:
     started: float = field(default_factory=lambda: time.monotonic())  # looked up per pass (tests fake it)
     counts: Counter = field(default_factory=Counter)
     troubled: set[str] = field(default_factory=set)  # exchanges that failed in transport this pass
+    # Express orders this pass handled: pending id → outcome (their rows in `rows` are as loaded).
+    express_done: dict[int, str] = field(default_factory=dict)
     _gateways: dict[int, ExchangeGateway] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `counts` across pair tasks
     # The pass's time limits apply (inline: the tick waits for the pass). A pool task sets False: it
@@ -260,13 +261,34 @@ def queue_work_load(*, now: datetime, term: Any = None) -> QueueWork | None:
     )
 
 
-def queue_express_place(*, work: QueueWork, pending: PendingOrder) -> str:
-    """Place one express (MARKET) order at once, before any slot logic."""
-    pair = pair_of(pending)
-    if pending.account_id not in work.accounts or work.blocked_until(pair):
-        return "skipped"
-    outcome = order_promote(pending_id=pending.pk, gateway=work.gateway(pending.account_id), now=work.now)
-    return "filled_at_once" if outcome == "filled" else outcome
+def queue_express_place(*, work: QueueWork, pair: Pair, pending: list[PendingOrder], dirty: DirtyTracker) -> QueueTally:
+    """Place a pair's express (MARKET) orders at once, before any slot logic: one batch (orders_promote).
+
+    Orders the batch did not send (its exchange failed meanwhile, or an inline pass ran out of time)
+    are released QUEUED and their pair is due first next tick (or after TROUBLE_RETRY).
+    """
+    tally = QueueTally()
+    if pair[0] not in work.accounts or work.blocked_until(pair):
+        return tally
+    outcomes = orders_promote(
+        rows=pending,
+        gateway=work.gateway(pair[0]),
+        now=work.now,
+        dirty=dirty,
+        may_call=lambda: work.may_call(pair[0]),
+        exchange=work.accounts[pair[0]].exchange,
+    )
+    work.express_done.update(outcomes)
+    for outcome in outcomes.values():
+        tally.add("filled_at_once" if outcome == "filled" else outcome)
+    released = tally.counts.pop("released", 0)
+    if released:
+        if work.in_trouble(pair[0]):
+            tally.add("trouble_deferred", queue_trouble_defer(work=work, pairs=[], express=[pair]))
+        else:
+            queue_express_defer(work=work, pairs=[pair])
+            tally.add("express_late", released)
+    return tally
 
 
 def _entries(rows: PairRows, now: datetime) -> tuple[list[QueueEntry], dict[str, int], dict[str, int]]:
@@ -324,6 +346,12 @@ def _next_due(work: QueueWork, pair: Pair, rows: PairRows, plan: PairPlan | None
     now = work.now
     due: list[datetime] = []
     for p in rows.pending:
+        handled = work.express_done.get(p["id"]) if p["express"] else None
+        if handled == "submitting":
+            due.append(lookup_due_at(submitting_at=now, next_attempt_at=None, now=now))
+            continue
+        if handled in ("placed", "filled", "rejected", "cancelled"):
+            continue  # placed or ended by this pass's express batch
         if p["status"] == PendingOrder.Status.SUBMITTING:
             due.append(lookup_due_at(submitting_at=p["submitting_at"], next_attempt_at=p["next_attempt_at"], now=now))
         elif p["next_attempt_at"] and p["next_attempt_at"] > now:
@@ -342,7 +370,7 @@ def _next_due(work: QueueWork, pair: Pair, rows: PairRows, plan: PairPlan | None
     return min(due) if due else None
 
 
-def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
+def queue_pair_rebalance(*, work: QueueWork, pair: Pair, dirty: DirtyTracker | None = None) -> QueueTally:
     """One pair: resolve due SUBMITTING rows, send due cancels, then demote and promote toward the
     ranking's target (demotions first; no promotion into a bucket with a demotion pending).
 
@@ -351,7 +379,7 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
     """
     tally = QueueTally(pairs=1)
     now = work.now
-    dirty = DirtyTracker(pair, work.dirty.get(pair))
+    dirty = dirty or DirtyTracker(pair, work.dirty.get(pair))
     rows = work.rows.get(pair) or PairRows()
     if pair[0] not in work.accounts:
         dirty.finish(None)  # the account is gone (its orders with it)
@@ -386,19 +414,60 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair) -> QueueTally:
             break  # and promote nothing either: the plan's promotions counted on these demotions
         tally.add("demoted")
         tally.add(order_demote(open_id=open_ids[key], gateway=work.gateway(pair[0]), now=now, dirty=dirty))
-    for key in plan.promote:
-        if not work.may_call(pair[0]):
-            break
-        tally.add(order_promote(pending_id=pending_ids[key], gateway=work.gateway(pair[0]), now=now, dirty=dirty))
-    if acted or not plan.empty:
+    promoted: dict[int, str] = {}
+    if plan.promote and work.may_call(pair[0]):
+        # One batch: claimed together, created one after another, recorded together.
+        ids = [pending_ids[key] for key in plan.promote]
+        found = PendingOrder.objects.in_bulk(ids)
+        promoted = orders_promote(
+            rows=[found[i] for i in ids if i in found],
+            gateway=work.gateway(pair[0]),
+            now=now,
+            dirty=dirty,
+            may_call=lambda: work.may_call(pair[0]),
+            exchange=work.accounts[pair[0]].exchange,
+        )
+        for outcome in promoted.values():
+            tally.add(outcome)
+    if acted or plan.demote or (promoted and not _rows_known_after(promoted)):
         rows = selectors.queue_rows_for_pairs(pairs=[pair]).get(pair) or PairRows()
         due = _next_due(work, pair, rows)
+    elif promoted:
+        due = _next_due(work, pair, _rows_after_promotions(rows, promoted, now))
     else:
         due = _next_due(work, pair, rows, plan)  # rows as planned: nothing changed them
     if due is not None and work.in_trouble(pair[0]):
         due = max(due, now + TROUBLE_RETRY)
     dirty.finish(due)
     return tally
+
+
+# Promotion outcomes whose rows the pass can tell without reading them again.
+_KNOWN_AFTER = frozenset({"placed", "filled", "submitting", "rejected"})
+
+
+def _rows_known_after(promoted: dict[int, str]) -> bool:
+    return all(outcome in _KNOWN_AFTER for outcome in promoted.values())
+
+
+def _rows_after_promotions(rows: PairRows, promoted: dict[int, str], now: datetime) -> PairRows:
+    """The pair's rows as the promotions left them (for its next due time), without reading them again:
+    placed → a live NEW row, filled or rejected → gone, submitting → SUBMITTING now. A partial fill at
+    once is PARTIALLY_FILLED in fact; the difference only matters to demotions, which the next plan,
+    made from the rows themselves, decides."""
+    after = PairRows(open=list(rows.open))
+    for p in rows.pending:
+        outcome = promoted.get(p["id"])
+        if outcome is None:
+            after.pending.append(p)
+        elif outcome == "submitting":
+            submitting = {"status": PendingOrder.Status.SUBMITTING, "submitting_at": now, "next_attempt_at": None}
+            after.pending.append({**p, **submitting})
+        elif outcome == "placed":
+            live = {k: p[k] for k in OPEN_FIELDS if k in p}
+            live.update(status=OpenOrder.Status.NEW, status_before_cancel="", next_cancel_at=None)
+            after.open.append(live)
+    return after
 
 
 def queue_pair_defer(*, work: QueueWork, pair: Pair, until: datetime) -> None:
@@ -511,19 +580,20 @@ def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder],
         if rebalance and time.monotonic() - work.started > STALE_ROWS_SECONDS:
             work = dataclasses.replace(work, rows={**work.rows, **selectors.queue_rows_for_pairs(pairs=[pair])})
         work = dataclasses.replace(work, timed=False)
-    for index, pending in enumerate(express):
-        if work.in_trouble(pending.account_id):
+    dirty = DirtyTracker(pair, work.dirty.get(pair))  # one for the pair's express batch and its rebalance
+    if express:
+        if work.in_trouble(pair[0]):
             tally.add("trouble_deferred", queue_trouble_defer(work=work, pairs=[], express=[pair]))
             return tally
         if work.out_of_time():
             queue_express_defer(work=work, pairs=[pair])
-            tally.add("express_late", len(express) - index)
+            tally.add("express_late", len(express))
             return tally
         try:
-            tally.add(queue_express_place(work=work, pending=pending))
+            tally.merge(queue_express_place(work=work, pair=pair, pending=express, dirty=dirty))
         except (GatewayError, UnknownExchangeError) as exc:
-            tally.errors.append(f"express {pending.order_key}: {type(exc).__name__}")
-            logger.warning("queue: express order %s failed: %s: %s", pending.order_key, type(exc).__name__, exc)
+            tally.errors.append(f"express {pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")
+            logger.warning("queue: express orders of %s failed: %s: %s", pair, type(exc).__name__, exc)
     if not rebalance:
         return tally
     if work.in_trouble(pair[0]):
@@ -534,7 +604,7 @@ def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder],
         tally.add("out_of_time")
         return tally
     try:
-        tally.merge(queue_pair_rebalance(work=work, pair=pair))
+        tally.merge(queue_pair_rebalance(work=work, pair=pair, dirty=dirty))
     except (GatewayError, UnknownExchangeError) as exc:
         queue_pair_defer(work=work, pair=pair, until=work.now + QUEUE_PAIR_RETRY)
         tally.errors.append(f"{pair[0]}/{pair[1]}/{pair[2]}: {type(exc).__name__}")

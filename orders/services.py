@@ -57,7 +57,14 @@ def queue_mark_dirty(*, pairs: Iterable[tuple[int, str, str]], now: datetime) ->
 
 def order_event_add(*, order: OrderIdentity, kind: str, details: dict[str, Any] | None = None) -> OrderEvent:
     """Append one event to a logical order's history (same transaction as the change it records)."""
-    return OrderEvent.objects.create(
+    event = order_event_new(order=order, kind=kind, details=details)
+    event.save(force_insert=True)
+    return event
+
+
+def order_event_new(*, order: OrderIdentity, kind: str, details: dict[str, Any] | None = None) -> OrderEvent:
+    """One event, not yet saved: a batch's events go in with one bulk_create, in the transaction of their change."""
+    return OrderEvent(
         order_key=order.order_key,
         kind=kind,
         account_id=order.account_id,
@@ -117,7 +124,7 @@ def orders_enqueue(*, specs: list[OrderSpec], signal_at: datetime, now: datetime
         )
         for i, spec in enumerate(specs)
     ]
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # inside an intake's transaction: all or nothing with it
         PendingOrder.objects.bulk_create(orders)
         OrderEvent.objects.bulk_create(
             [

@@ -12,13 +12,15 @@ these; none of them moves an order row itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypedDict, cast
 
-from django.db import transaction
+from django.db import connection, transaction
 
+from accounts.models import Account
 from core.money import decimal_text
 from core.scrub import scrub
 from exchanges.gateway import (
@@ -42,10 +44,18 @@ from exchanges.gateway import (
 from notifications.services import alert_raise
 from orders import selectors
 from orders.faults import crash_point
-from orders.fills import fill_apply
+from orders.fills import fill_apply, fill_event_details, fill_record_placed
 from orders.models import CancelRequestedBy, OpenOrder, OrderEvent, PendingOrder, QueueDirty
 from orders.selectors import DirtyMark, Pair
-from orders.services import client_order_id_for, order_event_add, pair_lock, queue_mark_dirty, queue_mark_dirty_by
+from orders.services import (
+    client_order_id_for,
+    order_event_add,
+    order_event_new,
+    pair_lock,
+    queue_mark_dirty,
+    queue_mark_dirty_by,
+)
+from positions.fills import RecordedFill
 from positions.models import Fill
 
 logger = logging.getLogger(__name__)
@@ -190,30 +200,108 @@ def _alert(key: str, text: str) -> None:
 def order_promote(
     *, pending_id: int, gateway: ExchangeGateway, now: datetime, dirty: DirtyTracker | None = None
 ) -> str:
-    """Place one QUEUED order: commit SUBMITTING with a new client id, create it, record the reply.
-
-    Returns "placed", "filled", "submitting" (outcome unknown or refused: resolved by lookup on a
-    later tick, never sent again meanwhile), "rejected" (could not form a valid order) or "skipped".
-    """
-    where = PendingOrder.objects.filter(pk=pending_id).values_list("account_id", "symbol").first()
-    if where is None:
+    """Place one QUEUED order (orders_promote with one row). Returns what orders_promote returns for it."""
+    row = PendingOrder.objects.filter(pk=pending_id).first()
+    if row is None:
         return "skipped"
-    with transaction.atomic(), pair_lock(account_id=where[0], symbol=where[1]):
-        row = PendingOrder.objects.select_for_update().filter(pk=pending_id, status=PendingOrder.Status.QUEUED).first()
-        if row is None or (row.next_attempt_at and row.next_attempt_at > now):
-            return "skipped"
+    return orders_promote(rows=[row], gateway=gateway, now=now, dirty=dirty)[row.pk]
+
+
+def orders_promote(
+    *,
+    rows: list[PendingOrder],
+    gateway: ExchangeGateway,
+    now: datetime,
+    dirty: DirtyTracker | None = None,
+    may_call: Callable[[], bool] | None = None,
+    exchange: str | None = None,
+) -> dict[int, str]:
+    """Place QUEUED orders of one pair as a batch: claim them all SUBMITTING (new client ids) in one
+    guarded UPDATE with their events, create each on the exchange with no lock held, then record the
+    replies together (placements_record).
+
+    `rows`: the orders as last read (full rows); one whose status, placement_no or backoff changed
+    since is left alone ("skipped"). `may_call` is asked before each create after the first: once it
+    says no, the orders not sent are released (QUEUED again, event `requeued`: "released"). Returns
+    an outcome per row id: "placed", "filled", "submitting" (unknown or refused: resolved by lookup,
+    never sent again meanwhile), "rejected" (could not form a valid order), "released" or "skipped".
+    """
+    outcomes = {row.pk: "skipped" for row in rows}
+    if not rows:
+        return outcomes
+    claims, invalid = _claim(rows=rows, now=now, dirty=dirty)
+    for row, reason in invalid:
+        _alert(f"queue:rejected:{row.order_key}", f"Order {row.order_key} {row.symbol} is invalid: {reason}")
+        outcomes[row.pk] = "rejected"
+    if not claims:
+        return outcomes
+    crash_point("promote.after_submitting_commit")
+    acknowledged: list[tuple[PendingOrder, OrderState]] = []
+    for index, (row, request) in enumerate(claims):
+        if index and may_call is not None and not may_call():
+            released = _claims_release(rows=[r for r, _ in claims[index:]], now=now, dirty=dirty)
+            outcomes.update(dict.fromkeys(released, "released"))
+            break
+        try:
+            state = gateway.create_order(request)
+        except LOCAL_FAILURES as exc:
+            # The order could not even be formed into a request (a value the exchange client or the
+            # simulator cannot represent): sending it again fails the same way. A permanent refusal,
+            # confirmed by one lookup and then ended as rejected with an alert, never a retry loop.
+            logger.exception("queue: create of %s (%s) failed before it was sent", row.order_key, row.client_order_id)
+            _submitting_error_record(pending=row, exc=exc, kind=PERMANENT, now=now)
+            outcomes[row.pk] = "submitting"
+            continue
+        except GatewayError as exc:
+            kind = create_error_kind(exc)
+            _submitting_error_record(pending=row, exc=exc, kind=kind, now=now)
+            logger.warning(
+                "queue: create of %s (%s) failed (%s, %s): %s",
+                row.order_key,
+                row.client_order_id,
+                kind,
+                type(exc).__name__,
+                exc,
+            )
+            outcomes[row.pk] = "submitting"
+            continue
+        crash_point("promote.after_exchange_ack")
+        acknowledged.append((row, state))
+    if acknowledged:
+        # Every reply of the batch is in: a crash here leaves them all SUBMITTING, found by lookup.
+        crash_point("promote.before_batch_record")
+        outcomes.update(placements_record(placed=acknowledged, now=now, via="create", dirty=dirty, exchange=exchange))
+    return outcomes
+
+
+def _claim(
+    *, rows: list[PendingOrder], now: datetime, dirty: DirtyTracker | None
+) -> tuple[list[tuple[PendingOrder, OrderRequest]], list[tuple[PendingOrder, str]]]:
+    """Claim the rows SUBMITTING in one transaction: one guarded UPDATE (status QUEUED, the placement_no
+    read, backoff passed) that returns the ids it claimed, and their `submitting` events in one insert.
+
+    A row that cannot make a valid order is ended `rejected` instead (nothing is sent). Returns the
+    claimed rows (updated in memory) with their requests, and the rejected rows with the reason.
+    """
+    wanted: list[tuple[PendingOrder, int, str, OrderRequest]] = []
+    invalid: list[tuple[PendingOrder, str]] = []
+    for row in rows:
         placement_no = row.placement_no + 1
         client_order_id = client_order_id_for(order_key=row.order_key, placement_no=placement_no)
         try:
             request = _request_for(row, client_order_id)
         except ValueError as exc:
-            # Nothing was sent: the row itself cannot make an order (intake validates, so rare).
-            order_event_add(order=row, kind=OrderEvent.Kind.REJECTED, details={"reason": str(exc)})
-            row.delete()
-            _touch(dirty, row, now)
-            invalid = str(exc)
-        else:
-            invalid = ""
+            invalid.append((row, str(exc)))  # nothing was sent: the row itself cannot make an order
+            continue
+        wanted.append((row, placement_no, client_order_id, request))
+    rejected: list[tuple[PendingOrder, str]] = []
+    claims: list[tuple[PendingOrder, OrderRequest]] = []
+    with transaction.atomic():
+        claimed = _claim_update(wanted=wanted, now=now) if wanted else set()
+        events = []
+        for row, placement_no, client_order_id, request in wanted:
+            if row.pk not in claimed:
+                continue
             row.placement_no = placement_no
             row.client_order_id = client_order_id
             row.status = PendingOrder.Status.SUBMITTING
@@ -223,103 +311,228 @@ def order_promote(
             row.last_lookup_at = None
             row.last_error = ""
             row.last_error_kind = ""
-            row.save()
-            order_event_add(
-                order=row,
-                kind=OrderEvent.Kind.SUBMITTING,
-                details={"placement_no": placement_no, "client_order_id": client_order_id},
+            claims.append((row, request))
+            events.append(
+                order_event_new(
+                    order=row,
+                    kind=OrderEvent.Kind.SUBMITTING,
+                    details={"placement_no": placement_no, "client_order_id": client_order_id},
+                )
             )
-            _touch(dirty, row, now)
-    if invalid:
-        _alert(f"queue:rejected:{row.order_key}", f"Order {row.order_key} {row.symbol} is invalid: {invalid}")
-        return "rejected"
-    crash_point("promote.after_submitting_commit")
-    try:
-        state = gateway.create_order(request)
-    except LOCAL_FAILURES as exc:
-        # The order could not even be formed into a request (a value the exchange client or the
-        # simulator cannot represent): sending it again fails the same way. A permanent refusal,
-        # confirmed by one lookup and then ended as rejected with an alert, never a retry loop.
-        logger.exception("queue: create of %s (%s) failed before it was sent", row.order_key, client_order_id)
-        _submitting_error_record(pending=row, exc=exc, kind=PERMANENT, now=now)
-        return "submitting"
-    except GatewayError as exc:
-        kind = create_error_kind(exc)
-        _submitting_error_record(pending=row, exc=exc, kind=kind, now=now)
-        logger.warning(
-            "queue: create of %s (%s) failed (%s, %s): %s",
-            row.order_key,
-            client_order_id,
-            kind,
-            type(exc).__name__,
-            exc,
-        )
-        return "submitting"
-    crash_point("promote.after_exchange_ack")
-    return placement_record(pending=row, state=state, now=now, via="create", dirty=dirty)
+        for row, reason in invalid:
+            gone, _ = PendingOrder.objects.filter(
+                pk=row.pk, status=PendingOrder.Status.QUEUED, placement_no=row.placement_no
+            ).delete()
+            if gone:
+                events.append(order_event_new(order=row, kind=OrderEvent.Kind.REJECTED, details={"reason": reason}))
+                rejected.append((row, reason))
+        if events:
+            OrderEvent.objects.bulk_create(events)
+            _touch(dirty, rows[0], now)
+    return claims, rejected
+
+
+def _claim_update(*, wanted: list[tuple[PendingOrder, int, str, OrderRequest]], now: datetime) -> set[int]:
+    """One UPDATE … RETURNING id: each row QUEUED → SUBMITTING with its own client order id, only if its
+    status, placement_no and backoff are still what the caller read (two claims of one row: one wins)."""
+    quote = connection.ops.quote_name
+    at = connection.ops.adapt_datetimefield_value(now)
+    case_client: list[Any] = []
+    case_placement: list[Any] = []
+    for row, placement_no, client_order_id, _ in wanted:
+        case_client += [row.pk, client_order_id]
+        case_placement += [row.pk, placement_no - 1]
+    whens = " ".join(["WHEN %s THEN %s"] * len(wanted))
+    ids = [row.pk for row, *_ in wanted]
+    sql = (
+        f"UPDATE {quote(PendingOrder._meta.db_table)} SET status = %s, placement_no = placement_no + 1, "  # noqa: S608 - our names
+        f"client_order_id = CASE id {whens} END, submitting_at = %s, next_attempt_at = NULL, "
+        "not_found_count = 0, last_lookup_at = NULL, last_error = '', last_error_kind = '', updated_at = %s "
+        f"WHERE id IN ({', '.join(['%s'] * len(ids))}) AND status = %s "
+        "AND (next_attempt_at IS NULL OR next_attempt_at <= %s) "
+        f"AND placement_no = CASE id {whens} END RETURNING id"
+    )
+    params = [PendingOrder.Status.SUBMITTING.value, *case_client, at, at, *ids]
+    params += [PendingOrder.Status.QUEUED.value, at, *case_placement]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {pk for (pk,) in cursor.fetchall()}
+
+
+def _claims_release(*, rows: list[PendingOrder], now: datetime, dirty: DirtyTracker | None) -> list[int]:
+    """Claimed orders the batch did not send (its exchange failed, or the pass ran out of time): QUEUED
+    again at once, event `requeued`. Only rows still SUBMITTING with this claim's client id; the
+    create was never called for them, so nothing can be on the exchange under that id."""
+    released = []
+    with transaction.atomic():
+        events = []
+        for row in rows:
+            if PendingOrder.objects.filter(
+                pk=row.pk, status=PendingOrder.Status.SUBMITTING, client_order_id=row.client_order_id
+            ).update(status=PendingOrder.Status.QUEUED, submitting_at=None, updated_at=now):
+                row.status, row.submitting_at = PendingOrder.Status.QUEUED, None
+                released.append(row.pk)
+                details = {
+                    "placement_no": row.placement_no,
+                    "client_order_id": row.client_order_id,
+                    "reason": "not sent: the batch stopped before it",
+                    "attempts": row.attempts,
+                }
+                events.append(order_event_new(order=row, kind=OrderEvent.Kind.REQUEUED, details=details))
+        if events:
+            OrderEvent.objects.bulk_create(events)
+            _touch(dirty, rows[0], now)
+    return released
 
 
 def _submitting_error_record(*, pending: PendingOrder, exc: Exception, kind: str, now: datetime) -> None:
-    with transaction.atomic(), pair_lock(account_id=pending.account_id, symbol=pending.symbol):
-        PendingOrder.objects.filter(
-            pk=pending.pk, status=PendingOrder.Status.SUBMITTING, client_order_id=pending.client_order_id
-        ).update(last_error=scrub(f"{type(exc).__name__}: {exc}")[:500], last_error_kind=kind)
+    # One guarded UPDATE: its row lock is enough (no pair lock needed for two error columns).
+    PendingOrder.objects.filter(
+        pk=pending.pk, status=PendingOrder.Status.SUBMITTING, client_order_id=pending.client_order_id
+    ).update(last_error=scrub(f"{type(exc).__name__}: {exc}")[:500], last_error_kind=kind)
 
 
 def placement_record(
     *, pending: PendingOrder, state: OrderState, now: datetime, via: str, dirty: DirtyTracker | None = None
 ) -> str:
-    """The exchange has the order (create reply or lookup): in one transaction create the OpenOrder,
-    delete the PendingOrder, event `placed`; then record any fill (which ends a filled order).
+    """The exchange has the order (create reply or lookup): placements_record for one order."""
+    return placements_record(placed=[(pending, state)], now=now, via=via, dirty=dirty)[pending.pk]
 
-    A user cancel requested while it was SUBMITTING makes the new row CANCELLING (USER) at once,
-    so the next pass cancels it and ends it. Returns "placed", "filled", "cancelled" or "skipped".
+
+def placements_record(
+    *,
+    placed: list[tuple[PendingOrder, OrderState]],
+    now: datetime,
+    via: str,
+    dirty: DirtyTracker | None = None,
+    exchange: str | None = None,
+) -> dict[int, str]:
+    """The exchange has these orders of one pair (create replies or a lookup): in one transaction under the
+    pair lock, delete the SUBMITTING rows (one DELETE … RETURNING), insert the OpenOrders (one insert)
+    and the events (one insert), and record fills the replies already show in the ledger.
+
+    A reply that is completely filled ends its order here (events `placed` and `filled`, no OpenOrder
+    row); a partial fill makes a PARTIALLY_FILLED row. A user cancel requested while it was SUBMITTING
+    makes the new row CANCELLING (USER) at once, so the next pass cancels it and ends it. Triggered,
+    closed and user-cancelled replies with fills go through order_trigger_record / order_state_apply
+    after the commit. Returns an outcome per row id: "placed", "filled", "cancelled", … or "skipped"
+    (resolved meanwhile by another path, e.g. update_open_orders' lookup).
     """
-    with transaction.atomic(), pair_lock(account_id=pending.account_id, symbol=pending.symbol):
-        row = (
-            PendingOrder.objects.select_for_update()
-            .filter(pk=pending.pk, status=PendingOrder.Status.SUBMITTING, client_order_id=pending.client_order_id)
-            .first()
+    outcomes = {pending.pk: "skipped" for pending, _ in placed}
+    first = placed[0][0]
+    later: list[tuple[OpenOrder, OrderState]] = []
+    logged: list[tuple[OpenOrder, OrderState]] = []
+    fills: list[tuple[OpenOrder, OrderState, RecordedFill]] = []
+    with transaction.atomic(), pair_lock(account_id=first.account_id, symbol=first.symbol):
+        taken = _pending_take(placed=placed)
+        lives: list[OpenOrder] = []
+        events: list[OrderEvent] = []
+        for pending, state in placed:
+            if pending.pk not in taken:
+                continue
+            pending.cancel_requested_by = taken[pending.pk]
+            fields = _identity(pending)
+            fields["quantity"] = pending.remaining_quantity
+            fields["filled_quantity"] = Decimal(0)  # the fill below records what the reply shows
+            live = OpenOrder(
+                **fields,
+                exchange_order_id=state.exchange_order_id,
+                conditional=pending.conditional,
+                status=OpenOrder.Status.NEW,
+                last_seen_at=now,
+            )
+            user_cancel = pending.cancel_requested_by == CancelRequestedBy.USER
+            if user_cancel:
+                live.status = OpenOrder.Status.CANCELLING
+                live.status_before_cancel = OpenOrder.Status.NEW
+                live.cancel_requested_at = now
+            events.append(
+                order_event_new(
+                    order=live,
+                    kind=OrderEvent.Kind.PLACED,
+                    details={
+                        "exchange_order_id": state.exchange_order_id,
+                        "client_order_id": pending.client_order_id,
+                        "placement_no": pending.placement_no,
+                        "status": state.status.value,
+                        "via": via,
+                    },
+                )
+            )
+            logged.append((live, state))
+            opened = state.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
+            if opened and state.filled_quantity <= 0:
+                lives.append(live)
+                outcomes[pending.pk] = "placed"
+            elif (
+                state.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED)
+                and not (state.conditional and state.status == OrderStatus.TRIGGERED)
+                and not user_cancel
+            ):
+                recorded = None
+                if state.filled_quantity > 0:
+                    recorded = fill_record_placed(
+                        live=live, state=state, now=now, exchange=exchange or _exchange_of(live.account_id)
+                    )
+                complete = state.status == OrderStatus.FILLED or state.filled_quantity >= live.quantity
+                details = {"exchange_order_id": state.exchange_order_id, "filled": state.filled_quantity}
+                if recorded is not None:
+                    fills.append((live, state, recorded))
+                    details = fill_event_details(
+                        state=state, delta=recorded.delta, price=recorded.price, source=Fill.Source.REST
+                    )
+                    if not complete:
+                        live.filled_quantity = state.filled_quantity
+                        live.status = OpenOrder.Status.PARTIALLY_FILLED
+                        partial = order_event_new(order=live, kind=OrderEvent.Kind.PARTIALLY_FILLED, details=details)
+                        events.append(partial)
+                if complete:
+                    events.append(order_event_new(order=live, kind=OrderEvent.Kind.FILLED, details=details))
+                    outcomes[pending.pk] = "filled"
+                else:
+                    lives.append(live)
+                    outcomes[pending.pk] = "placed"
+            else:
+                lives.append(live)
+                later.append((live, state))
+        if lives:
+            OpenOrder.objects.bulk_create(lives)
+        if events:
+            OrderEvent.objects.bulk_create(events)
+        if taken:
+            _touch(dirty, first, now)
+    for live, state in logged:
+        logger.info(
+            "queue: placed %s %s on the exchange as order %s (%s)",
+            live.order_key,
+            live.describe(),
+            state.exchange_order_id,
+            via,
         )
-        if row is None:
-            return "skipped"  # resolved meanwhile by another path (update_open_orders' lookup)
-        fields = _identity(row)
-        fields["quantity"] = row.remaining_quantity
-        fields["filled_quantity"] = Decimal(0)  # fill_apply records what the reply shows
-        live = OpenOrder(
-            **fields,
-            exchange_order_id=state.exchange_order_id,
-            conditional=row.conditional,
-            status=OpenOrder.Status.NEW,
-            last_seen_at=now,
+    for live, state, recorded in fills:
+        logger.info(
+            "fill %s %s %s %s @ %s (order %s, filled %s of %s, %s)",
+            live.order_key,
+            state.side,
+            decimal_text(recorded.delta),
+            live.symbol,
+            decimal_text(recorded.price),
+            live.describe(),
+            decimal_text(state.filled_quantity),
+            decimal_text(live.quantity),
+            Fill.Source.REST,
         )
-        if row.cancel_requested_by == CancelRequestedBy.USER:
-            live.status = OpenOrder.Status.CANCELLING
-            live.status_before_cancel = OpenOrder.Status.NEW
-            live.cancel_requested_at = now
-        row.delete()
-        live.save()
-        order_event_add(
-            order=live,
-            kind=OrderEvent.Kind.PLACED,
-            details={
-                "exchange_order_id": state.exchange_order_id,
-                "client_order_id": row.client_order_id,
-                "placement_no": row.placement_no,
-                "status": state.status.value,
-                "via": via,
-            },
-        )
-        _touch(dirty, live, now)
-    logger.info(
-        "queue: placed %s %s on the exchange as order %s (%s)",
-        live.order_key,
-        live.describe(),
-        state.exchange_order_id,
-        via,
-    )
-    if state.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED) and state.filled_quantity <= 0:
-        return "placed"
+    for live, state in later:
+        outcomes[_pk_of_pending(placed, live)] = _placement_after(live=live, state=state, now=now)
+    return outcomes
+
+
+def _pk_of_pending(placed: list[tuple[PendingOrder, OrderState]], live: OpenOrder) -> int:
+    return next(pending.pk for pending, _ in placed if pending.order_key == live.order_key)
+
+
+def _placement_after(*, live: OpenOrder, state: OrderState, now: datetime) -> str:
+    """What a reply other than open or filled does to the new row: a trigger, a close, a fill of a cancelled one."""
     if state.conditional and state.status == OrderStatus.TRIGGERED:
         order_trigger_record(order=live, state=state, now=now)
         return "placed"
@@ -327,6 +540,27 @@ def placement_record(
     if outcome.ended == OrderEvent.Kind.FILLED:
         return "filled"
     return outcome.ended or "placed"
+
+
+def _pending_take(*, placed: list[tuple[PendingOrder, OrderState]]) -> dict[int, str]:
+    """Delete the rows still SUBMITTING under the client ids given (one DELETE … RETURNING).
+
+    Returns id → cancel_requested_by of the rows deleted."""
+    quote = connection.ops.quote_name
+    ids = [pending.pk for pending, _ in placed]
+    client_ids = [pending.client_order_id for pending, _ in placed]
+    sql = (
+        f"DELETE FROM {quote(PendingOrder._meta.db_table)} "  # noqa: S608 - our names
+        f"WHERE id IN ({', '.join(['%s'] * len(ids))}) AND status = %s "
+        f"AND client_order_id IN ({', '.join(['%s'] * len(client_ids))}) RETURNING id, cancel_requested_by"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*ids, PendingOrder.Status.SUBMITTING.value, *client_ids])
+        return dict(cursor.fetchall())
+
+
+def _exchange_of(account_id: int) -> str:
+    return cast(str, Account.objects.filter(pk=account_id).values_list("exchange", flat=True).get())
 
 
 # --- SUBMITTING resolution (shared with update_open_orders) ------------------------------------

@@ -21,7 +21,7 @@ from accounts.services import (
     webhook_token_hash,
     webhook_token_matches,
 )
-from orders.intake import OrderDraft, Sizing, SpotSellRejectedError, order_check, orders_place
+from orders.intake import MarketReads, OrderDraft, Sizing, SpotSellRejectedError, order_check, orders_place
 from orders.models import OpenOrder, OrderType, PendingOrder, Signal, WebhookDelivery
 from orders.services import OrderSpec, SignalSource, pair_lock, signal_record
 from orders.transitions import order_cancel_by_user
@@ -243,6 +243,7 @@ def _orders_plan(*, strategy: Strategy, signal: WebhookSignal, now: datetime) ->
         raise WebhookRejectedError({"group_name": [f"strategy {strategy.group_name!r} has no active accounts"]})
     assert signal.symbol is not None and signal.order_type is not None and signal.qty_per is not None
     plan = _Plan()
+    reads = MarketReads()  # one read of the symbol's rules and price for every follower
     account_errors: dict[str, Errors] = {}
     for strategy_account in accounts:
         plan.accounts.append(strategy_account.account_id)
@@ -264,7 +265,7 @@ def _orders_plan(*, strategy: Strategy, signal: WebhookSignal, now: datetime) ->
                 close=signal.closes,
             ),
         )
-        check = order_check(draft=draft, now=now, private=True)
+        check = order_check(draft=draft, now=now, private=True, reads=reads)
         if check.errors:
             account_errors[ref] = check.errors
             logger.info(

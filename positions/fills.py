@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from uuid import UUID
 
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, models
 from django.db.models import Sum
 
 from core.money import ZERO, decimal_text, quantize
@@ -52,28 +52,56 @@ def trade_lock(
     side: str,
     fee_currency: str,
 ) -> Trade:
-    """Insert the Trade if missing (ON CONFLICT DO NOTHING), then lock it: safe against a concurrent insert.
+    """Insert the Trade if missing (ON CONFLICT DO NOTHING), else lock the existing one: safe against a
+    concurrent insert. One statement for a new exchange order (the insert's own row lock), two otherwise.
 
     Call inside the fill's transaction.
     """
-    Trade.objects.bulk_create(
-        [
-            Trade(
-                strategy_account_id=strategy_account_id,
-                account_id=account_id,
-                exchange_order_id=exchange_order_id,
-                order_key=order_key,
-                symbol=symbol,
-                market_type=market_type,
-                side=side,
-                fee_currency=fee_currency,
-            )
-        ],
-        ignore_conflicts=True,
+    trade = Trade(
+        strategy_account_id=strategy_account_id,
+        account_id=account_id,
+        exchange_order_id=exchange_order_id,
+        order_key=order_key,
+        symbol=symbol,
+        market_type=market_type,
+        side=side,
+        fee_currency=fee_currency,
     )
+    if insert_if_new(trade, conflict=("strategy_account_id", "exchange_order_id")):
+        return trade
     return Trade.objects.select_for_update().get(
         strategy_account_id=strategy_account_id, exchange_order_id=exchange_order_id
     )
+
+
+def insert_if_new(obj: models.Model, *, conflict: tuple[str, ...]) -> bool:
+    """INSERT `obj` unless a row with the same `conflict` columns exists (ON CONFLICT DO NOTHING RETURNING id).
+
+    True (and obj.pk set) when inserted: the row is `obj` as given, and on PostgreSQL locked by the
+    insert until the transaction ends. One statement on PostgreSQL and SQLite (3.35+: RETURNING).
+    """
+    opts = obj._meta
+    fields = [f for f in opts.concrete_fields if not f.primary_key]
+    quote = connection.ops.quote_name
+    values = [f.get_db_prep_save(f.pre_save(obj, True), connection=connection) for f in fields]
+    columns = ", ".join(quote(f.column) for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    target = ", ".join(quote(c) for c in conflict)
+    sql = (
+        f"INSERT INTO {quote(opts.db_table)} ({columns}) VALUES ({marks}) "  # noqa: S608 - names are the model's
+        f"ON CONFLICT ({target}) DO NOTHING RETURNING {quote(opts.pk.column)}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    obj.pk = row[0]
+    for f in fields:  # what the database holds: defaults such as 0 as their Python type (Decimal)
+        setattr(obj, f.attname, f.to_python(getattr(obj, f.attname)))
+    obj._state.adding = False
+    obj._state.db = connection.alias
+    return True
 
 
 def trade_fill_record(
@@ -89,10 +117,10 @@ def trade_fill_record(
 ) -> RecordedFill | None:
     """Append what `state` (cumulative fill of the trade's exchange order) adds to the locked `trade`.
 
-    Call inside the fill's transaction with `trade` from trade_lock. Fill insert
-    (UNIQUE(trade, cum_filled_after) backs the cumulative comparison; a duplicate is a no-op in
-    a savepoint), Position update (position_apply_fill) and the Trade's totals. None when the
-    ledger already holds this or a later report (another writer since the caller's probe).
+    Call inside the fill's transaction with `trade` from trade_lock. Fill insert with its final
+    values (UNIQUE(trade, cum_filled_after) backs the cumulative comparison), Position update
+    (position_apply_fill) and the Trade's totals. None when the ledger already holds this or a
+    later report (another writer since the caller's probe).
     """
     if trade.cumulative_filled >= state.filled_quantity:
         return None
@@ -107,24 +135,21 @@ def trade_fill_record(
     fee_delta = max(state.fee - trade.fees, ZERO) if state.fee_currency == trade.fee_currency else state.fee
     signed = increment.delta if state.side == "BUY" else -increment.delta
     price = quantize(increment.price)
-    try:
-        # Savepoint: a duplicate (cum_filled_after) is a no-op, not a broken transaction.
-        with transaction.atomic():
-            fill = Fill.objects.create(
-                trade=trade,
-                strategy_account_id=strategy_account_id,
-                symbol=symbol,
-                cum_filled_after=state.filled_quantity,
-                delta_qty=signed,
-                price=price,
-                fee=fee_delta,
-                fee_currency=state.fee_currency,
-                filled_at=state.updated_at,
-                source=source,
-            )
-    except IntegrityError:
-        logger.info("fill %s@%s already recorded", state.exchange_order_id, decimal_text(state.filled_quantity))
-        return None
+    # No savepoint around the insert: the Trade row is locked (trade_lock) and its cumulative fill
+    # checked above, and every Fill of a trade is inserted under that lock with the Trade's totals,
+    # so no Fill with this (trade, cum_filled_after) can exist here.
+    fill = Fill(
+        trade=trade,
+        strategy_account_id=strategy_account_id,
+        symbol=symbol,
+        cum_filled_after=state.filled_quantity,
+        delta_qty=signed,
+        price=price,
+        fee=fee_delta,
+        fee_currency=state.fee_currency,
+        filled_at=state.updated_at,
+        source=source,
+    )
     applied = position_apply_fill(
         fill=fill,
         market_type=market_type,
@@ -147,7 +172,8 @@ def position_apply_fill(
 ) -> AppliedFill:
     """Apply one ledger Fill to its Position (row locked; waits for a concurrent writer, never skips).
 
-    Call inside the fill's transaction. Sets fill.realized_pnl. A spot sell below zero is
+    Call inside the fill's transaction. Sets fill.realized_pnl and saves the fill (inserted here,
+    with its final values, when it is new). A spot sell below zero is
     recorded as reported, then brought back to zero by an ADJUSTMENT fill with a log line and
     an alert; a remainder below MarketInfo.min_qty after a close is closed by an ADJUSTMENT
     fill, so Position.quantity always equals the sum of Fill.delta_qty.
@@ -167,7 +193,10 @@ def position_apply_fill(
     realized = quantize(effect.realized_pnl)
     fill.realized_pnl = realized
     fill.delta_qty -= base_fee
-    fill.save(update_fields=["realized_pnl", "delta_qty"])
+    if fill.pk is None:
+        fill.save(force_insert=True)  # before any adjustment fill, so fills keep their order by id
+    else:
+        fill.save(update_fields=["realized_pnl", "delta_qty"])
     position.quantity = effect.position.quantity
     position.average_entry = quantize(effect.position.average_entry)
     position.realized_pnl += realized
@@ -223,10 +252,10 @@ def position_apply_fill(
 
 
 def _position_lock(*, strategy_account_id: int, symbol: str, market_type: str) -> Position:
-    Position.objects.bulk_create(
-        [Position(strategy_account_id=strategy_account_id, symbol=symbol, market_type=market_type)],
-        ignore_conflicts=True,
-    )
+    """The Position row, locked: a new one inserted (one statement), an existing one selected FOR UPDATE."""
+    position = Position(strategy_account_id=strategy_account_id, symbol=symbol, market_type=market_type)
+    if insert_if_new(position, conflict=("strategy_account_id", "symbol")):
+        return position
     return Position.objects.select_for_update().get(strategy_account_id=strategy_account_id, symbol=symbol)
 
 

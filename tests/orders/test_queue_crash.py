@@ -26,8 +26,14 @@ from tests.orders.queue_support import T0, enqueue, invariant_problems
 
 # Which crash points each scenario passes, in the order it meets them.
 SCENARIOS = {
-    "limit": ("promote.after_submitting_commit", "promote.after_exchange_ack"),
-    "express": ("promote.after_submitting_commit", "promote.after_exchange_ack", "fill.after_trade_upsert"),
+    # Three buys for two slots: one batch of two promotions (claimed together, recorded together).
+    "limit": ("promote.after_submitting_commit", "promote.after_exchange_ack", "promote.before_batch_record"),
+    "express": (
+        "promote.after_submitting_commit",
+        "promote.after_exchange_ack",
+        "promote.before_batch_record",
+        "fill.after_trade_upsert",
+    ),
     "demote": ("demote.after_cancelling_commit", "demote.after_cancel_ack"),
 }
 CASES = [(point, scenario) for scenario, points in SCENARIOS.items() for point in points]
@@ -165,7 +171,12 @@ def _kill_and_recover(db: procs.ProcDB, point: str) -> None:
         assert Decimal(str(best[0][0])) == Decimal("2500")
 
 
-KILL_POINTS = ["promote.after_submitting_commit", "promote.after_exchange_ack", "demote.after_cancelling_commit"]
+KILL_POINTS = [
+    "promote.after_submitting_commit",
+    "promote.after_exchange_ack",
+    "promote.before_batch_record",
+    "demote.after_cancelling_commit",
+]
 
 
 @pytest.mark.subprocess
