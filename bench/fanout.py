@@ -517,6 +517,8 @@ def fanout_run(
     if order_type == "LIMIT":
         payload["price"] = str((last_price() * LIMIT_BELOW).quantize(Decimal("0.01"), rounding=ROUND_DOWN))
     client = Client()
+    # A first request imports the URLconf and the views: a running web process has done that already.
+    client.get("/api/webhook/")  # 405, after the URLconf and the view are loaded
     ticker = Ticker(wake=bool(workers))  # the serial baseline is the queue as it was: ticks only
     ticker.start()
     timeout = 60 + n * (0.3 if workers else 0.6)  # generous: the simulator bounds both modes
