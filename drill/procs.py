@@ -29,6 +29,7 @@ logger = logging.getLogger("drill")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+DEFAULT_DB_PREFIX = "tradingsite_drill"  # the database is PREFIX_<8 hex> (DRILL_DB_PREFIX)
 # Knobs of the environment that would change what the drill measures.
 SCRUBBED_ENV = ("SCHEDULER_JOB_OVERRIDES", "ORDER_CRASH_POINTS", "ORDER_QUEUE_SLOTS", "SIMULATOR_SYNTHETIC_SYMBOLS")
 
@@ -61,8 +62,8 @@ class DrillDatabase:
     name: str
 
     @classmethod
-    def fresh_name(cls, admin_url: str) -> DrillDatabase:
-        return cls(admin_url=admin_url, name=f"tradingsite_drill_{uuid.uuid4().hex[:8]}")
+    def fresh_name(cls, admin_url: str, prefix: str = DEFAULT_DB_PREFIX) -> DrillDatabase:
+        return cls(admin_url=admin_url, name=f"{prefix}_{uuid.uuid4().hex[:8]}")
 
     @property
     def url(self) -> str:
