@@ -1,4 +1,5 @@
-"""The drill's chaos: leader SIGKILLs (with a replacement standby), pg_terminate_backend, exchange faults.
+"""The drill's chaos: leader SIGKILLs (with a replacement standby), pg_terminate_backend, exchange faults,
+and rate-limit bursts (the rest of a minute's Binance request weight spent from the same IP).
 
 A `LeaderMonitor` thread watches the Leadership row every 0.1 s so takeovers are timed from the
 database's own `since`. The `Chaos` thread plays a schedule fixed at the start (a function of the
@@ -25,6 +26,13 @@ LEADER_LOCK_APP = "tradingsite-leader-lock"
 FAULT_EVERY = (3.0, 6.0)  # seconds between two fault injections
 FAULT_WINDOW = (3.0, 8.0)  # how long a probability fault stays armed
 MIN_EVENT_GAP = 8.0  # seconds between two process or connection events
+# A rate-limit burst starts between these seconds of a wall-clock minute (the simulator counts Binance
+# weight per epoch-aligned minute) and stops before the minute rolls over: the 429s it causes then ask
+# for at most ~26 s of Retry-After, never a whole minute. Any 45 s of load holds such a moment.
+BURST_WINDOW = (34.0, 50.0)
+BURST_STOP_AT = 57.0
+BURST_MAX_REQUESTS = 400
+BURST_PATH = "/fapi/v1/ticker/24hr"  # public, weight 40 without a symbol
 
 
 @dataclass
@@ -48,6 +56,7 @@ class ChaosStats:
     events: list[ChaosEvent] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)  # "kind endpoint phase" → rules added
     errors: list[str] = field(default_factory=list)
+    bursts: list[str] = field(default_factory=list)  # one line per rate-limit burst
 
 
 class LeaderMonitor(threading.Thread):
@@ -140,8 +149,10 @@ class Chaos(threading.Thread):
         seconds: float,
         seed: int,
         streams: bool,
+        sim_url: str = "",
     ):
         super().__init__(name="drill-chaos", daemon=True)
+        self.sim_url = sim_url  # "": no rate-limit bursts
         self.db = db
         self.sql = Sql(db)
         self.supervisor = supervisor
@@ -162,6 +173,9 @@ class Chaos(threading.Thread):
 
         start = time.monotonic()
         events = _schedule(self.seconds, self.rng)
+        # One rate-limit burst per minute of load, at the first moment in BURST_WINDOW after 5 s into it;
+        # none in the last 10 s (their Retry-After would fall into the settling).
+        bursts = [m * 60 + 5.0 for m in range(int(self.seconds // 60) or 1)] if self.sim_url else []
         next_fault = start + self.rng.uniform(*FAULT_EVERY)
         try:
             while not self.stop_event.is_set() and time.monotonic() - start < self.seconds:
@@ -169,6 +183,13 @@ class Chaos(threading.Thread):
                 if events and now - start >= events[0][0]:
                     _, kind = events.pop(0)
                     self._event(kind)
+                second = time.time() % 60
+                if bursts and now - start > self.seconds - 10:
+                    self.stats.errors.append(f"{len(bursts)} rate-limit burst(s) skipped: no moment left")
+                    bursts.clear()
+                if bursts and now - start >= bursts[0] and BURST_WINDOW[0] <= second <= BURST_WINDOW[1]:
+                    bursts.pop(0)
+                    self._rate_burst()
                 if now >= next_fault:
                     self._fault(default_engine)
                     next_fault = now + self.rng.uniform(*FAULT_EVERY)
@@ -222,6 +243,36 @@ class Chaos(threading.Thread):
             self.sql.rows("SELECT pg_terminate_backend(%s)", (pid,))
         self.stats.events.append(ChaosEvent(at, kind, term, f"{len(targets)} backends"))
         logger.info("chaos: %s terminated %d backends (term %s)", kind, len(targets), term)
+
+    # --- rate-limit bursts ---------------------------------------------------------------------------
+
+    def _rate_burst(self) -> None:
+        """Spend what is left of this minute's Binance USDⓈ-M request weight from 127.0.0.1, as another
+        tool on the same address would: our clients then meet 429s (Retry-After: the rest of the minute)
+        and, if they call on regardless, the 418 ban."""
+        import requests
+
+        session = requests.Session()
+        try:
+            used = session.get(f"{self.sim_url}/fapi/v1/ping", timeout=5).headers.get("X-MBX-USED-WEIGHT-1M", "?")
+            sent, reply = 0, None
+            while sent < BURST_MAX_REQUESTS and time.time() % 60 < BURST_STOP_AT:
+                reply = session.get(f"{self.sim_url}{BURST_PATH}", timeout=5)
+                sent += 1
+                if reply.status_code in (418, 429):
+                    break
+            outcome = (
+                f"HTTP {reply.status_code}, Retry-After {reply.headers.get('Retry-After', '-')} s"
+                if reply is not None and reply.status_code in (418, 429)
+                else "never refused (the minute ran out first)"
+            )
+            line = f"weight used {used} at :{time.time() % 60:02.0f}, {sent} requests of weight 40, then {outcome}"
+        except requests.RequestException as exc:
+            line = f"failed: {type(exc).__name__}: {exc}"
+        finally:
+            session.close()
+        self.stats.bursts.append(line)
+        logger.info("chaos: rate-limit burst: %s", line)
 
     # --- exchange faults --------------------------------------------------------------------------
 

@@ -40,9 +40,11 @@ ACTIONS = (
 )
 HTTP_TIMEOUT = 10.0
 RECENT_KEYS = 300
-# Fan-out signals: (kind, weight). Two symbols only, so LIMIT signals pile up beyond the two slots of a
-# bucket (demotions, queued orders) and CANCEL signals clear them.
-FAN_KINDS = (("LIMIT", 5), ("MARKET", 3), ("CANCEL", 1))
+# Fan-out signals, in this order and again: LIMITs on one (symbol, side) per round, each further from
+# the price than the one before, so the third ranks last and waits behind the bucket's two slots
+# (queued); a MARKET that every follower places at once (the express lane); a CANCEL of the round's
+# symbol. A 60 s drill plays the first four.
+FAN_PLAN = ("LIMIT", "LIMIT", "MARKET", "LIMIT", "CANCEL", "MARKET")
 FAN_SYMBOLS = ("BTC/USDT", "ETH/USDT")
 FAN_FIRST_AFTER = 3.0  # seconds from the start to the first fan-out signal
 FAN_HTTP_TIMEOUT = 30.0  # one webhook enqueues an order per follower
@@ -283,6 +285,7 @@ class FanOutGenerator(threading.Thread):
         self.stop_event = threading.Event()
         self.stats = FanStats(followers=followers)
         self.session = requests.Session()
+        self._round = (FAN_SYMBOLS[0], "BUY")  # this round's (symbol, side) of LIMIT and CANCEL signals
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -298,14 +301,19 @@ class FanOutGenerator(threading.Thread):
                 logger.exception("fan-out signal failed")
                 if len(self.stats.errors) < 10:
                     self.stats.errors.append(f"{type(exc).__name__}: {exc}")
-            next_at += self.every * self.rng.uniform(0.8, 1.2)
+            next_at += self.every * self.rng.uniform(0.9, 1.1)
         self.session.close()
 
     def _signal(self) -> None:
-        kind = self.rng.choices([k for k, _ in FAN_KINDS], [w for _, w in FAN_KINDS])[0]
-        market = catalog_market(MarketType.FUTURES, self.rng.choice(FAN_SYMBOLS))
+        n = len(self.stats.signals)
+        kind = FAN_PLAN[n % len(FAN_PLAN)]
+        if n % len(FAN_PLAN) == 0:  # a new round: its symbol and its LIMITs' side
+            self._round = (self.rng.choice(FAN_SYMBOLS), self.rng.choice(("BUY", "SELL")))
+        symbol, side = self._round
+        if kind == "MARKET":
+            side = self.rng.choice(("BUY", "SELL"))
+        market = catalog_market(MarketType.FUTURES, symbol)
         assert market is not None
-        side = self.rng.choice(("BUY", "SELL"))
         body: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "group_name": FAN_STRATEGY,
@@ -319,7 +327,8 @@ class FanOutGenerator(threading.Thread):
             raw = walk_price(
                 symbol=market.symbol, seed=self.price_seed, at=datetime.now(tz=UTC), base_price=market.base_price
             )
-            factor = Decimal(str(self.rng.uniform(0.005, 0.03)))  # resting: a fill needs the walk to reach it
+            nth = FAN_PLAN[: n % len(FAN_PLAN)].count("LIMIT")  # 0, 1, 2: the round's first, second, third
+            factor = Decimal(str(self.rng.uniform(0.005, 0.01))) * (1 + 2 * nth)  # resting, each further away
             body["price"] = str(_floor(raw * (1 - factor if side == "BUY" else 1 + factor), market.tick_size))
         redeliver = self.rng.random() < 0.2  # the same delivery again: must add nothing
         response = self.session.post(f"{self.base_url}/api/webhook/", json=body, timeout=FAN_HTTP_TIMEOUT)

@@ -1,6 +1,6 @@
 """The drill's course: database, processes, seed, load and chaos, settle, stop, verdict (SPEC §9).
 
-    python -m drill [--seconds 300] [--settle 45] [--rate 4] [--followers 60] [--fan-every 8] [--seed N] [--keep]
+    python -m drill [--seconds 300] [--settle 45] [--rate 4] [--followers 50] [--fan-every 12] [--seed N] [--keep]
 
 Exit status: 0 when every invariant holds, 1 when one is violated, 2 when the drill itself could not
 run (a process did not start, the database was unreachable). Progress goes to stderr, the table to
@@ -48,17 +48,19 @@ HTTP_TIMEOUT_MS = 3000  # ccxt's per-request timeout in the drill: a timeout fau
 EXIT_VIOLATED, EXIT_BROKEN = 1, 2
 RECONCILE_ASK_EVERY = 10.0  # seconds between two "run now" requests of update_open_orders while settling
 SCHEDULERS = 2  # runscheduler processes kept running (a killed leader is replaced)
+FAN_QUIET_END = 15.0  # no fan-out signal in the load's last seconds: its orders get time to be placed
 
-# Rate-limit faults. The simulated exchanges enforce per-account order limits stricter than the budgets
-# our clients keep (as when an exchange lowers a limit, or another tool trades on the same key): an
-# account's burst is refused with 429 (Binance -1015 with Retry-After; Bybit 10006), and two refusals in
-# a row ban the IP for a few seconds (HTTP 418). The clients' own per-account order budgets are low
-# enough to hold calls back too (EXCHANGE_RATE_LIMITS, waits up to EXCHANGE_RATE_WAIT_MAX). The IP
-# weight limits stay above what the drill needs: reconciling ~31 Binance accounts with one all-symbol
-# open-orders call each (weight 40) already takes ~2,500 of Binance's real 2,400 per minute.
+# Rate-limit faults. Once a minute the chaos spends the rest of the minute's Binance request weight from
+# 127.0.0.1 (chaos.BURST_*), so our clients meet 429 -1003 with Retry-After and must hold back (a second
+# refusal in a row bans the address for a few seconds: HTTP 418). The simulator's Bybit per-UID order
+# limit is below the clients' budget, so a burst of one account's orders gets 10006; Binance's
+# per-account order limit equals the budget (EXCHANGE_RATE_LIMITS), which holds those calls back
+# (waiting up to EXCHANGE_RATE_WAIT_MAX). Chaos adds 429 faults (with Retry-After) on top. The IP weight
+# limit is above what the drill needs: reconciling ~26 Binance accounts with one all-symbol open-orders
+# call each (weight 40) already takes ~2,100 of Binance's real 2,400 per minute.
 SIM_RATE_LIMITS = (
-    "binance_futures_orders_per_10s=8",
-    "binance_futures_weight_per_minute=6000",
+    "binance_futures_orders_per_10s=10",
+    "binance_futures_weight_per_minute=4800",
     "binance_ban_after=2",
     "binance_ban_seconds=4",
     "bybit_orders_per_second=2",
@@ -69,7 +71,7 @@ _BINANCE_BUDGET = [
 ]
 _BYBIT_BUDGET = [{"scope": "account", "unit": "orders", "limit": 3, "seconds": 1}]
 # Both market types: the gateway books a call against its instance's market type (SPOT for every
-# account today), whatever market the call trades.
+# account today), whatever market the call trades; with SPOT's weights, hence the generous IP budget.
 CLIENT_RATE_LIMITS = {
     "BINANCE:FUTURES": _BINANCE_BUDGET,
     "BINANCE:SPOT": _BINANCE_BUDGET,
@@ -90,8 +92,8 @@ class Options:
     seed: int
     keep: bool
     pg_admin_url: str
-    followers: int = 60
-    fan_every: float = 8.0
+    followers: int = 50
+    fan_every: float = 12.0
     db_prefix: str = DEFAULT_DB_PREFIX
     schedulers: int = SCHEDULERS
 
@@ -121,10 +123,10 @@ def parse(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--followers",
         type=int,
-        default=int(os.environ.get("DRILL_FOLLOWERS", 60)),
-        help="accounts of the fan-out strategy, each its own exchange key (default DRILL_FOLLOWERS or 60; 0: none)",
+        default=int(os.environ.get("DRILL_FOLLOWERS", 50)),
+        help="accounts of the fan-out strategy, each its own exchange key (default DRILL_FOLLOWERS or 50; 0: none)",
     )
-    parser.add_argument("--fan-every", type=float, default=8.0, help="seconds between two fan-out signals (8)")
+    parser.add_argument("--fan-every", type=float, default=12.0, help="seconds between two fan-out signals (12)")
     parser.add_argument("--keep", action="store_true", help="keep the database and the logs")
     parser.add_argument(
         "--pg-admin-url",
@@ -406,7 +408,7 @@ def _drill(run: Run) -> int:
         seed=options.seed + 2,
         price_seed=price_seed,
         every=options.fan_every,
-        deadline=deadline,
+        deadline=deadline - FAN_QUIET_END,
     )
     chaos = Chaos(
         db=run.db,
@@ -416,6 +418,7 @@ def _drill(run: Run) -> int:
         seconds=options.seconds,
         seed=options.seed + 1,
         streams=streams,
+        sim_url=run.base_sim,
     )
     generators: list[LoadGenerator | FanOutGenerator] = [load, fanout] if webhook and seeded.followers else [load]
     for thread in (*generators, chaos):
@@ -488,7 +491,7 @@ def _drill(run: Run) -> int:
         ),
         checks.check_live_orders(accounts=accounts),
         checks.check_positions(accounts=accounts),
-        checks.check_fanout(signals=fanout.stats.signals, followers=seeded.followers, slots=slots),
+        checks.check_fanout(signals=fanout.stats.signals, followers=seeded.followers, slots=slots, converged=converged),
         checks.check_jobruns(),
         checks.Check("schedulers exit 0 on SIGTERM, none dies on its own", bad_exits),
     ]

@@ -91,6 +91,8 @@ def render(
     client = {k: v for k, v in figures.rate_limits.items() if k.startswith("client")}
     out(_row("rate-limit refusals sent (429/418; Bybit 10006)", str(sum(refused.values())), _counts(refused) or "none"))
     out(_row("client: back-offs after a refusal, budget holds", str(sum(client.values())), _counts(client) or "none"))
+    for line in chaos.bursts:
+        out(_row("rate-limit burst (Binance weight spent from 127.0.0.1)", "1", line))
     for job_id, outcomes in sorted(figures.jobruns.items()):
         out(_row(f"JobRuns {job_id}", str(sum(outcomes.values())), _counts(outcomes)))
     out(_row("faults injected (rules)", str(sum(chaos.faults.values())), _counts(chaos.faults)))
