@@ -9,6 +9,8 @@ or switched off at the end of its window, and `faults_off` disarms whatever is l
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import random
 import threading
@@ -32,7 +34,9 @@ MIN_EVENT_GAP = 8.0  # seconds between two process or connection events
 BURST_WINDOW = (34.0, 50.0)
 BURST_STOP_AT = 57.0
 BURST_MAX_REQUESTS = 400
-BURST_PATH = "/fapi/v1/ticker/24hr"  # public, weight 40 without a symbol
+# Signed, weight 30, and no database work in the simulator (a burst must not slow it down for the others).
+BURST_PATH = "/fapi/v1/positionSide/dual"
+BURST_WEIGHT = 30
 
 
 @dataclass
@@ -150,9 +154,11 @@ class Chaos(threading.Thread):
         seed: int,
         streams: bool,
         sim_url: str = "",
+        sim_auth: tuple[str, str] = ("", ""),
     ):
         super().__init__(name="drill-chaos", daemon=True)
         self.sim_url = sim_url  # "": no rate-limit bursts
+        self.sim_auth = sim_auth  # (API key, secret) the bursts sign with
         self.db = db
         self.sql = Sql(db)
         self.supervisor = supervisor
@@ -257,7 +263,7 @@ class Chaos(threading.Thread):
             used = session.get(f"{self.sim_url}/fapi/v1/ping", timeout=5).headers.get("X-MBX-USED-WEIGHT-1M", "?")
             sent, reply = 0, None
             while sent < BURST_MAX_REQUESTS and time.time() % 60 < BURST_STOP_AT:
-                reply = session.get(f"{self.sim_url}{BURST_PATH}", timeout=5)
+                reply = session.get(self._signed(BURST_PATH), headers={"X-MBX-APIKEY": self.sim_auth[0]}, timeout=5)
                 sent += 1
                 if reply.status_code in (418, 429):
                     break
@@ -266,13 +272,19 @@ class Chaos(threading.Thread):
                 if reply is not None and reply.status_code in (418, 429)
                 else "never refused (the minute ran out first)"
             )
-            line = f"weight used {used} at :{time.time() % 60:02.0f}, {sent} requests of weight 40, then {outcome}"
+            at = time.time() % 60
+            line = f"weight used {used} at :{at:02.0f}, {sent} requests of weight {BURST_WEIGHT}, then {outcome}"
         except requests.RequestException as exc:
             line = f"failed: {type(exc).__name__}: {exc}"
         finally:
             session.close()
         self.stats.bursts.append(line)
         logger.info("chaos: rate-limit burst: %s", line)
+
+    def _signed(self, path: str) -> str:
+        query = f"timestamp={int(time.time() * 1000)}"
+        signature = hmac.new(self.sim_auth[1].encode(), query.encode(), hashlib.sha256).hexdigest()
+        return f"{self.sim_url}{path}?{query}&signature={signature}"
 
     # --- exchange faults --------------------------------------------------------------------------
 

@@ -298,7 +298,7 @@ def _full_buckets(followers: list[ExchangeAccount], slots: int) -> set[tuple[int
 
 # --- rate limits, from the processes' logs ------------------------------------------------------------
 
-SIM_REFUSAL = re.compile(r"sim (\w+) rate limit: \S+ refused with HTTP (\d+) \((\w+|-)\)")
+SIM_REFUSAL = re.compile(r"sim (\w+) rate limit: \S+ refused with HTTP (\d+) \(([^)]*)\)")
 CLIENT_BACKOFF = re.compile(r"(\w+) (?:FUTURES|SPOT) rate limited: no calls for")
 CLIENT_BUDGET = re.compile(r"request budget spent here")
 

@@ -38,8 +38,8 @@ def test_rate_limit_figures_count_refusals_by_status_and_the_clients_reactions(t
         "2026-12-04 INFO sim BINANCE rate limit: /fapi/v1/order refused with HTTP 429 (ORDERS)\n"
         "2026-12-04 INFO sim BINANCE rate limit: /fapi/v1/order refused with HTTP 429 (ORDERS)\n"
         "2026-12-04 INFO sim BINANCE rate limit: /fapi/v1/openOrders refused with HTTP 418 (ban)\n"
-        "2026-12-04 INFO sim BYBIT rate limit: /v5/order/create refused with HTTP 200 (UID)\n"
-        "2026-12-04 INFO sim BYBIT rate limit: /v5/order/realtime refused with HTTP 403 (IP)\n"
+        "2026-12-04 INFO sim BYBIT rate limit: /v5/order/create refused with HTTP 200 (UID:/v5/order/create:FUTURES)\n"
+        "2026-12-04 INFO sim BYBIT rate limit: /v5/order/realtime refused with HTTP 403 (IP:5s)\n"
         "2026-12-04 INFO something else entirely\n"
     )
     scheduler = tmp_path / "scheduler-03.log"

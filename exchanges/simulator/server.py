@@ -126,6 +126,23 @@ class ServerThread:
             self._thread.join(10)
 
 
+# Engine work runs in these threads. asyncio's default pool (min(32, CPUs + 4): 6 on two cores) was
+# the server's bottleneck under a fan-out to many accounts: requests queued for a thread behind
+# creates waiting on the engine's lock while lookups and fault checks could have gone on.
+SERVE_DB_THREADS = 16
+
+
 def serve_forever(config: ServerConfig, *, host: str, port: int, engine: SimEngine | None = None) -> None:
     """Run the server in the foreground until interrupted (the management command)."""
-    web.run_app(build_app(config, engine), host=host, port=port, print=None, handle_signals=True)
+    app = build_app(config, engine)
+    executor = DbExecutor(SERVE_DB_THREADS, thread_name_prefix="sim-db")
+
+    async def executor_start(app: web.Application) -> None:
+        asyncio.get_running_loop().set_default_executor(executor)
+
+    async def executor_stop(app: web.Application) -> None:
+        executor.close()  # not in a worker of its own: it waits for them; the server is stopping anyway
+
+    app.on_startup.append(executor_start)
+    app.on_cleanup.append(executor_stop)
+    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
