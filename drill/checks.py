@@ -232,8 +232,16 @@ def check_fanout(*, signals: list[FanSignal], followers: list[ExchangeAccount], 
             if last == "filled" and not rows:
                 problems.append(f"{where}: filled but never on the exchange")
         elif last in LIVE_LAST:
-            if key not in live_rows or not any(r.status in SIM_OPEN for r in rows):
-                problems.append(f"{where}: {last} but not live here and on the exchange")
+            if key not in live_rows:
+                problems.append(f"{where}: {last} but no OpenOrder row")
+            elif any(r.status in SIM_OPEN for r in rows):
+                pass
+            elif converged:
+                problems.append(f"{where}: {last} here, no longer live on the exchange")
+            else:  # its fill or cancel not yet recorded
+                state = f"{last} (in flight at the end)"
+        elif last == "demoted" and not converged and key in live_rows:
+            state = "demoted (in flight at the end)"
         elif last in WAITING_LAST:
             if pending.get(key) != PendingOrder.Status.QUEUED:
                 problems.append(f"{where}: {last} but no queued row")
