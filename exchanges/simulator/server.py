@@ -126,10 +126,10 @@ class ServerThread:
             self._thread.join(10)
 
 
-# Engine work runs in these threads. asyncio's default pool (min(32, CPUs + 4): 6 on two cores) was
-# the server's bottleneck under a fan-out to many accounts: requests queued for a thread behind
-# creates waiting on the engine's lock while lookups and fault checks could have gone on.
-SERVE_DB_THREADS = 16
+# Engine work runs in these threads. With asyncio's default pool (min(32, CPUs + 4): 6 on two cores),
+# a fan-out to many accounts queued lookups and fault checks behind creates waiting on the engine's
+# lock. Each thread holds a database connection, hence not more.
+SERVE_DB_THREADS = 10
 
 
 def serve_forever(config: ServerConfig, *, host: str, port: int, engine: SimEngine | None = None) -> None:
