@@ -29,12 +29,14 @@ FAULT_EVERY = (3.0, 6.0)  # seconds between two fault injections
 FAULT_WINDOW = (3.0, 8.0)  # how long a probability fault stays armed
 MIN_EVENT_GAP = 8.0  # seconds between two process or connection events
 # A rate-limit burst starts between these seconds of a wall-clock minute (the simulator counts Binance
-# weight per epoch-aligned minute) and stops before the minute rolls over: the 429s it causes then ask
-# for at most ~16 s of Retry-After, never a whole minute. Any 50 s of load (from 5 s in to 5 s before
-# the end of a 60 s drill) holds such a moment.
-BURST_WINDOW = (44.0, 54.0)
+# weight per epoch-aligned minute) and stops before the minute rolls over, so the 429s it causes ask
+# for the rest of that minute at most, and it comes early enough in the load that the block is over
+# when the settling starts. Any 40 s of load (5 s in to 15 s before the end of a 60 s drill) holds
+# such a moment.
+BURST_WINDOW = (30.0, 54.0)
 BURST_STOP_AT = 57.0
-BURST_MAX_REQUESTS = 400
+BURST_MAX_REQUESTS = 1000
+BURST_THREADS = 6  # the weight to spend is thousands: in parallel, as a busy neighbour would
 # Signed, weight 30, and no database work in the simulator (a burst must not slow it down for the others).
 BURST_PATH = "/fapi/v1/positionSide/dual"
 BURST_WEIGHT = 30
@@ -181,7 +183,7 @@ class Chaos(threading.Thread):
         start = time.monotonic()
         events = _schedule(self.seconds, self.rng)
         # One rate-limit burst per minute of load, at the first moment in BURST_WINDOW after 5 s into it;
-        # none in the last 5 s.
+        # none in the last 15 s.
         bursts = [m * 60 + 5.0 for m in range(int(self.seconds // 60) or 1)] if self.sim_url else []
         next_fault = start + self.rng.uniform(*FAULT_EVERY)
         try:
@@ -191,7 +193,7 @@ class Chaos(threading.Thread):
                     _, kind = events.pop(0)
                     self._event(kind)
                 second = time.time() % 60
-                if bursts and now - start > self.seconds - 5:
+                if bursts and now - start > self.seconds - 15:
                     self.stats.errors.append(f"{len(bursts)} rate-limit burst(s) skipped: no moment left")
                     bursts.clear()
                 if bursts and now - start >= bursts[0] and BURST_WINDOW[0] <= second <= BURST_WINDOW[1]:
@@ -259,26 +261,39 @@ class Chaos(threading.Thread):
         and, if they call on regardless, the 418 ban."""
         import requests
 
-        session = requests.Session()
+        refused: list[requests.Response] = []
+        sent = [0]
+        lock = threading.Lock()
+
+        def spend() -> None:
+            with requests.Session() as session:
+                while not refused and time.time() % 60 < BURST_STOP_AT:
+                    with lock:
+                        if sent[0] >= BURST_MAX_REQUESTS:
+                            return
+                        sent[0] += 1
+                    reply = session.get(self._signed(BURST_PATH), headers={"X-MBX-APIKEY": self.sim_auth[0]}, timeout=5)
+                    if reply.status_code in (418, 429):
+                        refused.append(reply)
+
         try:
-            used = session.get(f"{self.sim_url}/fapi/v1/ping", timeout=5).headers.get("X-MBX-USED-WEIGHT-1M", "?")
-            sent, reply = 0, None
-            while sent < BURST_MAX_REQUESTS and time.time() % 60 < BURST_STOP_AT:
-                reply = session.get(self._signed(BURST_PATH), headers={"X-MBX-APIKEY": self.sim_auth[0]}, timeout=5)
-                sent += 1
-                if reply.status_code in (418, 429):
-                    break
+            used = requests.get(f"{self.sim_url}/fapi/v1/ping", timeout=5).headers.get("X-MBX-USED-WEIGHT-1M", "?")
+            started = time.time() % 60
+            workers = [threading.Thread(target=spend, daemon=True) for _ in range(BURST_THREADS)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(30)
             outcome = (
-                f"HTTP {reply.status_code}, Retry-After {reply.headers.get('Retry-After', '-')} s"
-                if reply is not None and reply.status_code in (418, 429)
+                f"HTTP {refused[0].status_code}, Retry-After {refused[0].headers.get('Retry-After', '-')} s"
+                if refused
                 else "never refused (the minute ran out first)"
             )
-            at = time.time() % 60
-            line = f"weight used {used} at :{at:02.0f}, {sent} requests of weight {BURST_WEIGHT}, then {outcome}"
+            line = (
+                f"weight used {used} at :{started:02.0f}, {sent[0]} requests of weight {BURST_WEIGHT}, then {outcome}"
+            )
         except requests.RequestException as exc:
             line = f"failed: {type(exc).__name__}: {exc}"
-        finally:
-            session.close()
         self.stats.bursts.append(line)
         logger.info("chaos: rate-limit burst: %s", line)
 
