@@ -285,7 +285,8 @@ class Chaos(threading.Thread):
             for worker in workers:
                 worker.join(30)
             outcome = (
-                f"HTTP {refused[0].status_code}, Retry-After {refused[0].headers.get('Retry-After', '-')} s"
+                f"HTTP {refused[0].status_code}, Retry-After {refused[0].headers.get('Retry-After', '-')} s "
+                f"({len(refused)} of the refusals counted below were the burst's own)"
                 if refused
                 else "never refused (the minute ran out first)"
             )
