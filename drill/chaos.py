@@ -238,7 +238,7 @@ class Chaos(threading.Thread):
             logger.info("chaos: replacement scheduler pid %s", replacement.pid)
             return
         schedulers = [c.pid for c in self.supervisor.living("scheduler")]
-        ports = self.supervisor.ports_of(schedulers)
+        ports = self.supervisor.ports_of(schedulers, remote_port=self.db.port)
         rows = self.sql.rows(
             "SELECT pid, client_port, application_name FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid()"

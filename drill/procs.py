@@ -69,6 +69,10 @@ class DrillDatabase:
     def url(self) -> str:
         return urlparse(self.admin_url)._replace(path=f"/{self.name}").geturl()
 
+    @property
+    def port(self) -> int:
+        return urlparse(self.admin_url).port or 5432
+
     def _admin(self, statement: sql.Composable) -> None:
         conn = psycopg2.connect(self.admin_url, connect_timeout=5)
         conn.autocommit = True
@@ -239,14 +243,16 @@ class Supervisor:
             child.signal_group(signal.SIGKILL)
         return codes
 
-    def ports_of(self, pids: list[int]) -> set[int]:
-        """Local TCP ports of the given processes' sockets (to find their PostgreSQL backends)."""
+    def ports_of(self, pids: list[int], *, remote_port: int | None = None) -> set[int]:
+        """Local TCP ports of the given processes' sockets (to find their PostgreSQL backends); with
+        `remote_port`, only of their connections to that port: a scheduler's many connections to the
+        simulator reuse local port numbers that another process's database connection may hold."""
         import psutil
 
         ports: set[int] = set()
         for pid in pids:
             with contextlib.suppress(psutil.Error):
                 for conn in psutil.Process(pid).net_connections(kind="tcp"):
-                    if conn.laddr:
+                    if conn.laddr and (remote_port is None or (conn.raddr and conn.raddr.port == remote_port)):
                         ports.add(conn.laddr.port)
         return ports
