@@ -350,7 +350,11 @@ class FanOutGenerator(threading.Thread):
             signal.redelivered = True
             if again.status_code in (200, 201, 202):
                 replayed = {str(a): [str(k) for k in keys] for a, keys in (again.json().get("orders") or {}).items()}
-                signal.replay_differs = replayed != signal.orders
+                if signal.status in (200, 201, 202):
+                    signal.replay_differs = replayed != signal.orders
+                else:  # the first delivery failed and wrote nothing: this one is the signal
+                    signal.status, signal.orders = again.status_code, replayed
+                    signal.signal_id = again.json().get("signal")
         self.stats.signals.append(signal)
         logger.info(
             "fan-out %s %s %s: HTTP %s, %d follower orders",
