@@ -1,6 +1,6 @@
 """The drill's course: database, processes, seed, load and chaos, settle, stop, verdict (SPEC §9).
 
-    python -m drill [--seconds 300] [--settle 60] [--rate 4] [--followers 50] [--fan-every 12] [--seed N] [--keep]
+    python -m drill [--seconds 300] [--settle 90] [--rate 4] [--followers 50] [--fan-every 12] [--seed N] [--keep]
 
 Exit status: 0 when every invariant holds, 1 when one is violated, 2 when the drill itself could not
 run (a process did not start, the database was unreachable). Progress goes to stderr, the table to
@@ -121,7 +121,7 @@ def parse(argv: list[str] | None) -> Options:
         default=float(os.environ.get("DRILL_SECONDS", 300)),
         help="load and chaos duration (default DRILL_SECONDS or 300)",
     )
-    parser.add_argument("--settle", type=float, default=60.0, help="most seconds to wait for convergence (60)")
+    parser.add_argument("--settle", type=float, default=90.0, help="most seconds to wait for convergence (90)")
     parser.add_argument("--rate", type=float, default=4.0, help="load actions per second (4)")
     parser.add_argument("--seed", type=int, default=None, help="load, chaos and price-walk seed (random)")
     parser.add_argument(

@@ -15,7 +15,7 @@ from tests.procs import ROOT, base_env
 pytestmark = pytest.mark.drill
 
 DRILL_SECONDS = 60
-# Set-up, 60 s of load and chaos, at most 60 s of settling, stopping and checking: well under this.
+# Set-up, 60 s of load and chaos, at most 90 s of settling, stopping and checking: well under this.
 TIMEOUT = 480
 
 
