@@ -4,11 +4,10 @@ Setup: a fresh PostgreSQL database (ts_bench_fanout_<pid> on BENCH_PG_ADMIN_URL'
 the end unless BENCH_KEEP=1), migrated; `manage.py runsimexchange` on a free 127.0.0.1 port against
 it, with a SimFault latency of 100 ms (every call, phase "before") on create_order, fetch_order,
 fetch_open_orders and cancel_order of BINANCE. Real ccxt (binanceusdm) talks to it through
-EXCHANGE_URL_OVERRIDES. The simulator accepts one API key per server and its engine account is
-the key, so the server runs in a child of this module (`--simexchange`) that wraps the command's
-Binance authentication to also accept the followers' keys (FOLLOWER_KEY_PREFIX…, same secret,
-signature checked as usual): each follower is an exchange account of its own there (own orders,
-balances, open-order listing), as it would be on Binance. Nothing else of the server changes.
+EXCHANGE_URL_OVERRIDES. The simulator's engine account is the API key and it serves the
+followers' keys from a keys file (`runsimexchange --keys`; FOLLOWER_KEY_PREFIX…, signature checked
+as usual): each follower is an exchange account of its own there (own orders, balances,
+open-order listing), as it would be on Binance.
 
 This process is the leader: Django on the same database (DJANGO_DEBUG off), MarketInfo and
 PriceQuote loaded by the precision_cache_update and update_price_cache jobs. Each run starts from
@@ -44,13 +43,13 @@ job leaves running beside it after its 18 s wait).
 Environment: BENCH_FANOUT_N ("100,1000"), BENCH_FANOUT_TYPES ("MARKET,LIMIT"),
 BENCH_FANOUT_SERIAL_MAX (1000: larger N run without the serial baseline, said in the output),
 BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_WORKERS (16) and BENCH_RECONCILE_WORKERS (8):
-the pool sizes measured against 0, BENCH_FANOUT_PHASE (0.5 s), BENCH_PG_ADMIN_URL
+the pool sizes measured against 0, BENCH_FANOUT_PHASE (0.5 s), BENCH_SIM_DB_THREADS (32: the
+simulator's --db-threads, so the simulated exchange is not what is measured), BENCH_PG_ADMIN_URL
 (postgres://postgres@127.0.0.1:5432/postgres), BENCH_KEEP=1 keeps the database and the server log.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -80,6 +79,7 @@ from bench.support import ROOT, bench_env, header, line, migrate, pg_recreate
 SIM_KEY = "bench-fanout-sim-key-4f1c2a"
 SIM_SECRET = "bench-fanout-sim-secret-9e07b3d5"  # noqa: S105 - the local simulator's own key pair
 FOLLOWER_KEY_PREFIX = "bench-fanout-follower-"
+CALIBRATION_CREATES = 16
 SYMBOL = "ETH/USDT"
 ALLOCATED = Decimal(1000)
 QTY_PER = Decimal(10)
@@ -125,31 +125,10 @@ def percentile(values: list[float], q: float) -> float:
 # --- the simulated exchange ------------------------------------------------------------------------
 
 
-def simexchange_child(port: int) -> None:
-    """`runsimexchange` whose Binance dialect also accepts the followers' keys (one engine account each)."""
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    from exchanges.simulator.dialects import binance
-
-    original = binance.BinanceDialect.authenticate
-
-    def authenticate(self: Any, request: Any, body: str, route: Any) -> str:
-        key = request.headers.get("X-MBX-APIKEY", "")
-        if not key.startswith(FOLLOWER_KEY_PREFIX):
-            return original(self, request, body, route)
-        # Synchronous, on the server's one event-loop thread: nothing else reads the config meanwhile.
-        config = self.config
-        self.config = dataclasses.replace(config, api_key=key)
-        try:
-            return original(self, request, body, route)
-        finally:
-            self.config = config
-
-    binance.BinanceDialect.authenticate = authenticate  # type: ignore[method-assign]
-    call_command("runsimexchange", port=port, api_key=SIM_KEY, api_secret=SIM_SECRET, seed=1)
+def follower_keys(n: int) -> list[str]:
+    """The first `n` followers' API keys: one simulator account each, all signed with SIM_SECRET. Every run
+    starts from truncated simulator tables, so a key reused by the next run is a fresh account there."""
+    return [f"{FOLLOWER_KEY_PREFIX}{i:05d}" for i in range(n)]
 
 
 def free_port() -> int:
@@ -158,10 +137,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_simexchange(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+def start_simexchange(env: dict[str, str], port: int, log_path: Path, *, followers: int) -> subprocess.Popen:
+    """`manage.py runsimexchange` serving SIM_KEY and `followers` follower keys (--keys), one account each."""
+    keys_path = log_path.with_name("simexchange-keys.txt")
+    keys_path.write_text("".join(f"{key}:{SIM_SECRET}\n" for key in follower_keys(followers)))
     with log_path.open("w") as handle:
-        proc = subprocess.Popen(  # noqa: S603 - this module
-            [sys.executable, "-m", "bench.fanout", "--simexchange", str(port)],
+        proc = subprocess.Popen(  # noqa: S603 - our own manage.py
+            [
+                sys.executable,
+                str(ROOT / "manage.py"),
+                "runsimexchange",
+                "--port",
+                str(port),
+                "--api-key",
+                SIM_KEY,
+                "--api-secret",
+                SIM_SECRET,
+                "--seed",
+                "1",
+                "--keys",
+                str(keys_path),
+                "--db-threads",
+                os.environ.get("BENCH_SIM_DB_THREADS", "32"),
+            ],
             cwd=ROOT,
             env=env,
             stdout=handle,
@@ -250,7 +248,7 @@ def followers_seed(n: int) -> Followers:
     strategy = strategy_create(
         name=f"fanout {tag}", group_name=f"fanout-{tag}", market_type=MarketType.FUTURES, webhook_token=token
     )
-    keys = [f"{FOLLOWER_KEY_PREFIX}{tag}-{i:05d}" for i in range(n)]
+    keys = follower_keys(n)
     accounts = Account.objects.bulk_create(
         [
             Account(user=user, name=f"follower {i}", exchange="BINANCE", api_key=key, api_secret=SIM_SECRET)
@@ -579,7 +577,7 @@ def fanout_run(
 # --- the simulator's own ceiling -------------------------------------------------------------------
 
 
-def simulator_calibrate(at_once: int = 16) -> tuple[list[float], list[float]]:
+def simulator_calibrate(at_once: int = CALIBRATION_CREATES) -> tuple[list[float], list[float]]:
     """Seconds of `at_once` MARKET creates sent straight through the gateways, one after another and then
     all at once (one thread each): what the simulated exchange itself allows, without the queue."""
     from accounts.models import Account
@@ -854,7 +852,8 @@ def main() -> int:
     failed = False
     try:
         migrate(env)
-        proc = start_simexchange(env, port, work / "runsimexchange.log")
+        followers = max([*sizes, reconcile_accounts, CALIBRATION_CREATES])
+        proc = start_simexchange(env, port, work / "runsimexchange.log", followers=followers)
         SIM["pid"] = proc.pid
         from bench.support import django_start
 
@@ -1031,7 +1030,4 @@ def _report(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--simexchange":
-        simexchange_child(int(sys.argv[2]))
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""The drill's chaos: leader SIGKILLs (with a replacement standby), pg_terminate_backend, exchange faults.
+"""The drill's chaos: leader SIGKILLs (with a replacement standby), pg_terminate_backend, exchange faults,
+and rate-limit bursts (the rest of a minute's Binance request weight spent from the same IP).
 
 A `LeaderMonitor` thread watches the Leadership row every 0.1 s so takeovers are timed from the
 database's own `since`. The `Chaos` thread plays a schedule fixed at the start (a function of the
@@ -8,6 +9,8 @@ or switched off at the end of its window, and `faults_off` disarms whatever is l
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import random
 import threading
@@ -25,6 +28,18 @@ LEADER_LOCK_APP = "tradingsite-leader-lock"
 FAULT_EVERY = (3.0, 6.0)  # seconds between two fault injections
 FAULT_WINDOW = (3.0, 8.0)  # how long a probability fault stays armed
 MIN_EVENT_GAP = 8.0  # seconds between two process or connection events
+# A rate-limit burst starts between these seconds of a wall-clock minute (the simulator counts Binance
+# weight per epoch-aligned minute) and stops before the minute rolls over, so the 429s it causes ask
+# for the rest of that minute at most, and it comes early enough in the load that the block is over
+# when the settling starts. Any 40 s of load (5 s in to 15 s before the end of a 60 s drill) holds
+# such a moment.
+BURST_WINDOW = (30.0, 54.0)
+BURST_STOP_AT = 57.0
+BURST_MAX_REQUESTS = 1000
+BURST_THREADS = 6  # the weight to spend is thousands: in parallel, as a busy neighbour would
+# Signed, weight 30, and no database work in the simulator (a burst must not slow it down for the others).
+BURST_PATH = "/fapi/v1/positionSide/dual"
+BURST_WEIGHT = 30
 
 
 @dataclass
@@ -48,6 +63,7 @@ class ChaosStats:
     events: list[ChaosEvent] = field(default_factory=list)
     faults: Counter = field(default_factory=Counter)  # "kind endpoint phase" → rules added
     errors: list[str] = field(default_factory=list)
+    bursts: list[str] = field(default_factory=list)  # one line per rate-limit burst
 
 
 class LeaderMonitor(threading.Thread):
@@ -140,8 +156,12 @@ class Chaos(threading.Thread):
         seconds: float,
         seed: int,
         streams: bool,
+        sim_url: str = "",
+        sim_auth: tuple[str, str] = ("", ""),
     ):
         super().__init__(name="drill-chaos", daemon=True)
+        self.sim_url = sim_url  # "": no rate-limit bursts
+        self.sim_auth = sim_auth  # (API key, secret) the bursts sign with
         self.db = db
         self.sql = Sql(db)
         self.supervisor = supervisor
@@ -162,6 +182,9 @@ class Chaos(threading.Thread):
 
         start = time.monotonic()
         events = _schedule(self.seconds, self.rng)
+        # One rate-limit burst per minute of load, at the first moment in BURST_WINDOW after 5 s into it;
+        # none in the last 15 s.
+        bursts = [m * 60 + 5.0 for m in range(int(self.seconds // 60) or 1)] if self.sim_url else []
         next_fault = start + self.rng.uniform(*FAULT_EVERY)
         try:
             while not self.stop_event.is_set() and time.monotonic() - start < self.seconds:
@@ -169,6 +192,13 @@ class Chaos(threading.Thread):
                 if events and now - start >= events[0][0]:
                     _, kind = events.pop(0)
                     self._event(kind)
+                second = time.time() % 60
+                if bursts and now - start > self.seconds - 15:
+                    self.stats.errors.append(f"{len(bursts)} rate-limit burst(s) skipped: no moment left")
+                    bursts.clear()
+                if bursts and now - start >= bursts[0] and BURST_WINDOW[0] <= second <= BURST_WINDOW[1]:
+                    bursts.pop(0)
+                    self._rate_burst()
                 if now >= next_fault:
                     self._fault(default_engine)
                     next_fault = now + self.rng.uniform(*FAULT_EVERY)
@@ -208,7 +238,7 @@ class Chaos(threading.Thread):
             logger.info("chaos: replacement scheduler pid %s", replacement.pid)
             return
         schedulers = [c.pid for c in self.supervisor.living("scheduler")]
-        ports = self.supervisor.ports_of(schedulers)
+        ports = self.supervisor.ports_of(schedulers, remote_port=self.db.port)
         rows = self.sql.rows(
             "SELECT pid, client_port, application_name FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid()"
@@ -222,6 +252,56 @@ class Chaos(threading.Thread):
             self.sql.rows("SELECT pg_terminate_backend(%s)", (pid,))
         self.stats.events.append(ChaosEvent(at, kind, term, f"{len(targets)} backends"))
         logger.info("chaos: %s terminated %d backends (term %s)", kind, len(targets), term)
+
+    # --- rate-limit bursts ---------------------------------------------------------------------------
+
+    def _rate_burst(self) -> None:
+        """Spend what is left of this minute's Binance USDⓈ-M request weight from 127.0.0.1, as another
+        tool on the same address would: our clients then meet 429s (Retry-After: the rest of the minute)
+        and, if they call on regardless, the 418 ban."""
+        import requests
+
+        refused: list[requests.Response] = []
+        sent = [0]
+        lock = threading.Lock()
+
+        def spend() -> None:
+            with requests.Session() as session:
+                while not refused and time.time() % 60 < BURST_STOP_AT:
+                    with lock:
+                        if sent[0] >= BURST_MAX_REQUESTS:
+                            return
+                        sent[0] += 1
+                    reply = session.get(self._signed(BURST_PATH), headers={"X-MBX-APIKEY": self.sim_auth[0]}, timeout=5)
+                    if reply.status_code in (418, 429):
+                        refused.append(reply)
+
+        try:
+            used = requests.get(f"{self.sim_url}/fapi/v1/ping", timeout=5).headers.get("X-MBX-USED-WEIGHT-1M", "?")
+            started = time.time() % 60
+            workers = [threading.Thread(target=spend, daemon=True) for _ in range(BURST_THREADS)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(30)
+            outcome = (
+                f"HTTP {refused[0].status_code}, Retry-After {refused[0].headers.get('Retry-After', '-')} s "
+                f"({len(refused)} of the refusals counted below were the burst's own)"
+                if refused
+                else "never refused (the minute ran out first)"
+            )
+            line = (
+                f"weight used {used} at :{started:02.0f}, {sent[0]} requests of weight {BURST_WEIGHT}, then {outcome}"
+            )
+        except requests.RequestException as exc:
+            line = f"failed: {type(exc).__name__}: {exc}"
+        self.stats.bursts.append(line)
+        logger.info("chaos: rate-limit burst: %s", line)
+
+    def _signed(self, path: str) -> str:
+        query = f"timestamp={int(time.time() * 1000)}"
+        signature = hmac.new(self.sim_auth[1].encode(), query.encode(), hashlib.sha256).hexdigest()
+        return f"{self.sim_url}{path}?{query}&signature={signature}"
 
     # --- exchange faults --------------------------------------------------------------------------
 

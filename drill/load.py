@@ -1,4 +1,5 @@
-"""The drill's load generator: orders, cancels and webhooks through the HTTP API at a bounded rate.
+"""The drill's load generator: orders, cancels and webhooks through the HTTP API at a bounded rate, and
+fan-out signals (webhooks of the followers' strategy, one order per follower) at a steady cadence.
 
 Prices come from the simulator's own pure price path (the seed is the server's), so "near" and "far"
 mean near and far from where the exchange is now, not from a cached quote that may be 31 s old.
@@ -19,7 +20,7 @@ from typing import Any
 
 import requests
 
-from drill.seed import SYMBOLS, Route
+from drill.seed import FAN_STRATEGY, SYMBOLS, Route
 from exchanges.gateway import MarketType
 from exchanges.simulator.catalog import CatalogMarket, catalog_market
 from exchanges.simulator.engine import walk_price
@@ -39,6 +40,14 @@ ACTIONS = (
 )
 HTTP_TIMEOUT = 10.0
 RECENT_KEYS = 300
+# Fan-out signals, in this order and again: LIMITs on one (symbol, side) per round, each further from
+# the price than the one before, so the third ranks last and waits behind the bucket's two slots
+# (queued); a MARKET that every follower places at once (the express lane); a CANCEL of the round's
+# symbol. A 60 s drill plays the first four.
+FAN_PLAN = ("LIMIT", "LIMIT", "MARKET", "LIMIT", "CANCEL", "MARKET")
+FAN_SYMBOLS = ("BTC/USDT", "ETH/USDT")
+FAN_FIRST_AFTER = 3.0  # seconds from the start to the first fan-out signal
+FAN_HTTP_TIMEOUT = 30.0  # one webhook enqueues an order per follower
 
 
 @dataclass
@@ -227,6 +236,134 @@ def _webhook_keys(body: Any) -> list[str]:
         for value in body:
             found.extend(_webhook_keys(value))
     return found
+
+
+@dataclass
+class FanSignal:
+    """One fan-out signal as the webhook accepted it: the order keys per follower account."""
+
+    delivery_id: str
+    kind: str
+    symbol: str
+    side: str
+    status: int
+    orders: dict[str, list[str]] = field(default_factory=dict)  # account id → order keys
+    signal_id: int | None = None
+    redelivered: bool = False
+    replay_differs: bool = False  # the redelivery's reply named other orders than the first reply
+
+
+@dataclass
+class FanStats:
+    followers: int = 0
+    signals: list[FanSignal] = field(default_factory=list)
+    http: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> list[FanSignal]:
+        return [s for s in self.signals if s.status in (200, 201, 202)]
+
+    def orders(self) -> dict[str, str]:
+        """Every follower order accepted: order key → account id."""
+        return {key: account for s in self.accepted for account, keys in s.orders.items() for key in keys}
+
+
+class FanOutGenerator(threading.Thread):
+    """Posts one fan-out signal (webhook of FAN_STRATEGY) every `every` seconds until the deadline."""
+
+    def __init__(
+        self, *, base_url: str, token: str, followers: int, seed: int, price_seed: int, every: float, deadline: float
+    ):
+        super().__init__(name="drill-fanout", daemon=True)
+        self.base_url = base_url
+        self.token = token
+        self.rng = random.Random(seed)  # noqa: S311 - load shape, not security
+        self.price_seed = price_seed
+        self.every = every
+        self.deadline = deadline
+        self.stop_event = threading.Event()
+        self.stats = FanStats(followers=followers)
+        self.session = requests.Session()
+        self._round = (FAN_SYMBOLS[0], "BUY")  # this round's (symbol, side) of LIMIT and CANCEL signals
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> None:
+        next_at = time.monotonic() + FAN_FIRST_AFTER
+        while not self.stop_event.wait(max(0.0, next_at - time.monotonic())) and time.monotonic() < self.deadline:
+            try:
+                self._signal()
+            except requests.RequestException as exc:
+                self.stats.http[f"fan-out {type(exc).__name__}"] += 1
+            except Exception as exc:  # reported, the cadence goes on
+                logger.exception("fan-out signal failed")
+                if len(self.stats.errors) < 10:
+                    self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+            next_at += self.every * self.rng.uniform(0.9, 1.1)
+        self.session.close()
+
+    def _signal(self) -> None:
+        n = len(self.stats.signals)
+        kind = FAN_PLAN[n % len(FAN_PLAN)]
+        if n % len(FAN_PLAN) == 0:  # a new round: its symbol and its LIMITs' side
+            self._round = (self.rng.choice(FAN_SYMBOLS), self.rng.choice(("BUY", "SELL")))
+        symbol, side = self._round
+        if kind == "MARKET":
+            side = self.rng.choice(("BUY", "SELL"))
+        market = catalog_market(MarketType.FUTURES, symbol)
+        assert market is not None
+        body: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "group_name": FAN_STRATEGY,
+            "token": self.token,
+            "symbol": market.symbol,
+            "side": side,
+            "order_type": kind,
+            "qty_per": "1",
+        }
+        if kind == "LIMIT":
+            raw = walk_price(
+                symbol=market.symbol, seed=self.price_seed, at=datetime.now(tz=UTC), base_price=market.base_price
+            )
+            nth = FAN_PLAN[: n % len(FAN_PLAN)].count("LIMIT")  # 0, 1, 2: the round's first, second, third
+            factor = Decimal(str(self.rng.uniform(0.005, 0.01))) * (1 + 2 * nth)  # resting, each further away
+            body["price"] = str(_floor(raw * (1 - factor if side == "BUY" else 1 + factor), market.tick_size))
+        redeliver = self.rng.random() < 0.2  # the same delivery again: must add nothing
+        response = self.session.post(f"{self.base_url}/api/webhook/", json=body, timeout=FAN_HTTP_TIMEOUT)
+        self.stats.http[f"POST fan-out {response.status_code}"] += 1
+        signal = FanSignal(
+            delivery_id=body["id"], kind=kind, symbol=market.symbol, side=side, status=response.status_code
+        )
+        if response.status_code in (200, 201, 202):
+            reply = response.json()
+            signal.orders = {str(a): [str(k) for k in keys] for a, keys in (reply.get("orders") or {}).items()}
+            signal.signal_id = reply.get("signal")
+        elif len(self.stats.errors) < 10:
+            self.stats.errors.append(
+                f"fan-out {kind} {market.symbol}: HTTP {response.status_code} {response.text[:200]}"
+            )
+        if redeliver:
+            again = self.session.post(f"{self.base_url}/api/webhook/", json=body, timeout=FAN_HTTP_TIMEOUT)
+            self.stats.http[f"POST fan-out redelivered {again.status_code}"] += 1
+            signal.redelivered = True
+            if again.status_code in (200, 201, 202):
+                replayed = {str(a): [str(k) for k in keys] for a, keys in (again.json().get("orders") or {}).items()}
+                if signal.status in (200, 201, 202):
+                    signal.replay_differs = replayed != signal.orders
+                else:  # the first delivery failed and wrote nothing: this one is the signal
+                    signal.status, signal.orders = again.status_code, replayed
+                    signal.signal_id = again.json().get("signal")
+        self.stats.signals.append(signal)
+        logger.info(
+            "fan-out %s %s %s: HTTP %s, %d follower orders",
+            kind,
+            side,
+            market.symbol,
+            response.status_code,
+            sum(len(k) for k in signal.orders.values()),
+        )
 
 
 def webhook_available(base_url: str) -> bool:

@@ -1,6 +1,6 @@
 """The drill's course: database, processes, seed, load and chaos, settle, stop, verdict (SPEC §9).
 
-    python -m drill [--seconds 300] [--settle 45] [--rate 4] [--seed N] [--keep]
+    python -m drill [--seconds 300] [--settle 90] [--rate 4] [--followers 50] [--fan-every 12] [--seed N] [--keep]
 
 Exit status: 0 when every invariant holds, 1 when one is violated, 2 when the drill itself could not
 run (a process did not start, the database was unreachable). Progress goes to stderr, the table to
@@ -27,7 +27,17 @@ from typing import Any
 
 import requests
 
-from drill.procs import DEFAULT_PG_ADMIN_URL, ROOT, Child, DrillDatabase, Sql, Supervisor, free_port, wait_until
+from drill.procs import (
+    DEFAULT_DB_PREFIX,
+    DEFAULT_PG_ADMIN_URL,
+    ROOT,
+    Child,
+    DrillDatabase,
+    Sql,
+    Supervisor,
+    free_port,
+    wait_until,
+)
 
 logger = logging.getLogger("drill")
 
@@ -37,6 +47,41 @@ START_TIMEOUT = 90.0
 HTTP_TIMEOUT_MS = 3000  # ccxt's per-request timeout in the drill: a timeout fault costs 3 s, not 10
 EXIT_VIOLATED, EXIT_BROKEN = 1, 2
 RECONCILE_ASK_EVERY = 10.0  # seconds between two "run now" requests of update_open_orders while settling
+SCHEDULERS = 2  # runscheduler processes kept running (a killed leader is replaced)
+FAN_QUIET_END = 15.0  # no fan-out signal in the load's last seconds: its orders get time to be placed
+
+# Rate-limit faults. Once a minute the chaos spends the rest of the minute's Binance request weight from
+# 127.0.0.1 (chaos.BURST_*), so our clients meet 429 -1003 with Retry-After and must hold back (a second
+# refusal in a row bans the address for a few seconds: HTTP 418). The simulator's Bybit per-UID order
+# limit is below the clients' budget, so a burst of one account's orders gets 10006; Binance's
+# per-account order limit equals the budget (EXCHANGE_RATE_LIMITS), which holds those calls back
+# (waiting up to EXCHANGE_RATE_WAIT_MAX). Chaos adds 429 faults (with Retry-After) on top. The
+# per-account limits stay above the load's own average order rate (~1.2/s per account), or the queue
+# would never drain. Binance's IP weight limit is 9,000 per minute, not the real 2,400: one
+# reconciliation of 26 Binance accounts (one all-symbol open-orders call each, weight 40) costs 1,040,
+# and settling asks for one every 10 s. The clients' IP budget is twice that, because the gateway
+# counts every call at its SPOT weight today (twice the USDⓈ-M one for these calls): with less, the
+# budget refuses reconciliations and the circuit breaker opens for 60 s.
+SIM_RATE_LIMITS = (
+    "binance_futures_orders_per_10s=15",
+    "binance_futures_weight_per_minute=9000",
+    "binance_ban_after=2",
+    "binance_ban_seconds=4",
+    "bybit_orders_per_second=3",
+)
+_BINANCE_BUDGET = [
+    {"scope": "ip", "unit": "weight", "limit": 18000, "seconds": 60},
+    {"scope": "account", "unit": "orders", "limit": 15, "seconds": 10},
+]
+_BYBIT_BUDGET = [{"scope": "account", "unit": "orders", "limit": 4, "seconds": 1}]
+# Both market types: the gateway books a call against its instance's market type (SPOT for every
+# account today), whatever market the call trades; with SPOT's weights, hence the generous IP budget.
+CLIENT_RATE_LIMITS = {
+    "BINANCE:FUTURES": _BINANCE_BUDGET,
+    "BINANCE:SPOT": _BINANCE_BUDGET,
+    "BYBIT:FUTURES": _BYBIT_BUDGET,
+    "BYBIT:SPOT": _BYBIT_BUDGET,
+}
 
 
 class DrillInterrupted(Exception):
@@ -51,6 +96,10 @@ class Options:
     seed: int
     keep: bool
     pg_admin_url: str
+    followers: int = 50
+    fan_every: float = 12.0
+    db_prefix: str = DEFAULT_DB_PREFIX
+    schedulers: int = SCHEDULERS
 
 
 @dataclass
@@ -72,14 +121,26 @@ def parse(argv: list[str] | None) -> Options:
         default=float(os.environ.get("DRILL_SECONDS", 300)),
         help="load and chaos duration (default DRILL_SECONDS or 300)",
     )
-    parser.add_argument("--settle", type=float, default=45.0, help="most seconds to wait for convergence (45)")
+    parser.add_argument("--settle", type=float, default=90.0, help="most seconds to wait for convergence (90)")
     parser.add_argument("--rate", type=float, default=4.0, help="load actions per second (4)")
     parser.add_argument("--seed", type=int, default=None, help="load, chaos and price-walk seed (random)")
+    parser.add_argument(
+        "--followers",
+        type=int,
+        default=int(os.environ.get("DRILL_FOLLOWERS", 50)),
+        help="accounts of the fan-out strategy, each its own exchange key (default DRILL_FOLLOWERS or 50; 0: none)",
+    )
+    parser.add_argument("--fan-every", type=float, default=12.0, help="seconds between two fan-out signals (12)")
     parser.add_argument("--keep", action="store_true", help="keep the database and the logs")
     parser.add_argument(
         "--pg-admin-url",
         default=os.environ.get("DRILL_PG_ADMIN_URL", DEFAULT_PG_ADMIN_URL),
         help="a PostgreSQL URL to create the drill database from",
+    )
+    parser.add_argument(
+        "--db-prefix",
+        default=os.environ.get("DRILL_DB_PREFIX", DEFAULT_DB_PREFIX),
+        help=f"the drill database's name before _<8 hex> (DRILL_DB_PREFIX, {DEFAULT_DB_PREFIX})",
     )
     args = parser.parse_args(argv)
     if args.seconds < 20:
@@ -91,6 +152,9 @@ def parse(argv: list[str] | None) -> Options:
         seed=args.seed if args.seed is not None else secrets.randbelow(1_000_000),
         keep=args.keep,
         pg_admin_url=args.pg_admin_url,
+        followers=max(0, args.followers),
+        fan_every=max(2.0, args.fan_every),
+        db_prefix=args.db_prefix,
     )
 
 
@@ -104,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
 
-    db = DrillDatabase.fresh_name(options.pg_admin_url)
+    db = DrillDatabase.fresh_name(options.pg_admin_url, options.db_prefix)
     var_dir = Path(tempfile.mkdtemp(prefix="tradingsite-drill-"))
     (var_dir / "logs").mkdir()
     supervisor = Supervisor(log_dir=var_dir / "logs", env={})
@@ -198,6 +262,63 @@ def _leader_thread_present(module: str) -> bool:
     return any(path.split(":")[0] == module or path.startswith(f"{module}.") for path in LEADER_THREADS)
 
 
+# --- the processes: every child the drill runs is started here -------------------------------------
+
+
+def _start_simexchange(run: Run, *, port: int, price_seed: int, keys_path: Path) -> Child:
+    """runsimexchange: the load's key pair (--api-key), the followers' (--keys), the rate-limit faults."""
+    limits = [arg for item in SIM_RATE_LIMITS for arg in ("--rate-limit", item)]
+    sim = run.supervisor.manage(
+        "simexchange",
+        "runsimexchange",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--api-secret",
+        API_SECRET,
+        "--keys",
+        str(keys_path),
+        "--seed",
+        str(price_seed),
+        *limits,
+    )
+    _started(sim, lambda: _ping(f"{run.base_sim}/api/v3/ping"), "runsimexchange")
+    return sim
+
+
+def _start_web(run: Run, *, port: int, token: str) -> Child:
+    web = run.supervisor.spawn(
+        "web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tradingsite.asgi:application"]
+    )
+    _started(web, lambda: _ping(f"{run.base_web}/api/orders/", {"Authorization": f"Token {token}"}), "daphne")
+    return web
+
+
+def _spawn_scheduler(run: Run) -> Child:
+    return run.supervisor.manage("scheduler", "runscheduler")
+
+
+def _start_schedulers(run: Run, sql: Sql) -> list[Child]:
+    """`options.schedulers` runscheduler processes; returns once one of them leads."""
+    schedulers = [_spawn_scheduler(run) for _ in range(run.options.schedulers)]
+    _started(
+        schedulers[0],
+        lambda: sql.scalar(
+            "SELECT count(*) FROM scheduler_schedulerinstance WHERE role = 'leader' "
+            "AND last_heartbeat > now() - interval '5 seconds'"
+        ),
+        "a scheduler leader",
+    )
+    return schedulers
+
+
+def _schedulers_refill(run: Run) -> None:
+    """Back to `options.schedulers` living schedulers (chaos killed some and may not have replaced them)."""
+    while len(run.supervisor.living("scheduler")) < run.options.schedulers:
+        _spawn_scheduler(run)
+
+
 def _drill(run: Run) -> int:
     options = run.options
     sim_port, web_port = free_port(), free_port()
@@ -208,6 +329,7 @@ def _drill(run: Run) -> int:
         "TRADINGSITE_VAR_DIR": str(run.var_dir),
         "EXCHANGE_URL_OVERRIDES": json.dumps({"BINANCE": run.base_sim, "BYBIT": run.base_sim}),
         "EXCHANGE_HTTP_TIMEOUT_MS": str(HTTP_TIMEOUT_MS),
+        "EXCHANGE_RATE_LIMITS": json.dumps(CLIENT_RATE_LIMITS),
         "SCHEDULER_PROBE_JOB": "1",
         # The load generator is one user from one address at a chosen rate: the intake throttles
         # (issue 13) would measure themselves, not the system.
@@ -219,11 +341,13 @@ def _drill(run: Run) -> int:
     }
     run.supervisor.env = env
     logger.info(
-        "database %s, seed %s, %s s of load and chaos at %s actions/s",
+        "database %s, seed %s, %s s of load and chaos at %s actions/s, fan-out to %d followers every %.0f s",
         run.db.name,
         options.seed,
         options.seconds,
         options.rate,
+        options.followers,
+        options.fan_every,
     )
     _migrate(run)
     _django_setup(env)
@@ -233,28 +357,20 @@ def _drill(run: Run) -> int:
 
     from drill import checks, report
     from drill.chaos import Chaos, LeaderMonitor, faults_off
-    from drill.load import LoadGenerator, webhook_available
-    from drill.seed import SYMBOLS, seed
+    from drill.load import FanOutGenerator, LoadGenerator, webhook_available
+    from drill.seed import SYMBOLS, follower_keys, seed
     from exchanges.gateway import MarketType
     from exchanges.models import MarketInfo, PriceQuote
     from exchanges.simulator.engine import default_engine
+    from orders.selectors import queue_slots_for
     from scheduler.services import jobcommand_request
 
     price_seed = options.seed % 100_000
-    sim = run.supervisor.manage(
-        "simexchange",
-        "runsimexchange",
-        "--port",
-        str(sim_port),
-        "--api-key",
-        API_KEY,
-        "--api-secret",
-        API_SECRET,
-        "--seed",
-        str(price_seed),
-    )
-    _started(sim, lambda: _ping(f"{run.base_sim}/api/v3/ping"), "runsimexchange")
-    seeded = seed(api_key=API_KEY, api_secret=API_SECRET)
+    followers = follower_keys(options.followers)
+    keys_path = run.var_dir / "simexchange-keys.txt"
+    keys_path.write_text("".join(f"{pair.key}:{pair.secret}\n" for pair in followers))
+    sim = _start_simexchange(run, port=sim_port, price_seed=price_seed, keys_path=keys_path)
+    seeded = seed(api_key=API_KEY, api_secret=API_SECRET, followers=followers)
     for job_id in ("precision_cache_update", "update_price_cache"):
         result = run.supervisor.run("runscheduler", "--run", job_id, timeout=180)
         if result.returncode:
@@ -263,26 +379,9 @@ def _drill(run: Run) -> int:
     quotes = PriceQuote.objects.filter(market_type="FUTURES", symbol__in=SYMBOLS).count()
     if markets < 2 * len(SYMBOLS) or quotes < 2 * len(SYMBOLS):
         raise RuntimeError(f"market data incomplete after the refresh: {markets} MarketInfo, {quotes} PriceQuote rows")
-
-    web = run.supervisor.spawn(
-        "web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "tradingsite.asgi:application"]
-    )
-    auth = {"Authorization": f"Token {seeded.token}"}
-    _started(web, lambda: _ping(f"{run.base_web}/api/orders/", auth), "daphne")
-
-    def spawn_scheduler() -> Child:
-        return run.supervisor.manage("scheduler", "runscheduler")
-
-    schedulers = [spawn_scheduler(), spawn_scheduler()]
+    web = _start_web(run, port=web_port, token=seeded.token)
     sql = Sql(run.db)
-    _started(
-        schedulers[0],
-        lambda: sql.scalar(
-            "SELECT count(*) FROM scheduler_schedulerinstance WHERE role = 'leader' "
-            "AND last_heartbeat > now() - interval '5 seconds'"
-        ),
-        "a scheduler leader",
-    )
+    _start_schedulers(run, sql)
     webhook = any((ROOT / "orders").glob("webhook*.py")) and webhook_available(run.base_web)
     streams = _leader_thread_present("orders.streams")
     if not webhook:
@@ -306,28 +405,41 @@ def _drill(run: Run) -> int:
         deadline=deadline,
         webhook=webhook,
     )
+    fanout = FanOutGenerator(
+        base_url=run.base_web,
+        token=seeded.fan_token,
+        followers=len(seeded.followers),
+        seed=options.seed + 2,
+        price_seed=price_seed,
+        every=options.fan_every,
+        deadline=deadline - FAN_QUIET_END,
+    )
     chaos = Chaos(
         db=run.db,
         supervisor=run.supervisor,
         monitor=monitor,
-        spawn_scheduler=spawn_scheduler,
+        spawn_scheduler=lambda: _spawn_scheduler(run),
         seconds=options.seconds,
         seed=options.seed + 1,
         streams=streams,
+        sim_url=run.base_sim,
+        sim_auth=(API_KEY, API_SECRET),
     )
-    load.start()
-    chaos.start()
+    generators: list[LoadGenerator | FanOutGenerator] = [load, fanout] if webhook and seeded.followers else [load]
+    for thread in (*generators, chaos):
+        thread.start()
     try:
-        while time.monotonic() < deadline and (load.is_alive() or chaos.is_alive()):
+        while time.monotonic() < deadline and any(t.is_alive() for t in (*generators, chaos)):
             time.sleep(0.5)
             for child in (sim, web):
                 if not child.alive():
                     raise RuntimeError(f"{child.name} exited {child.popen.returncode} mid-drill:\n{child.log_tail()}")
     finally:
-        load.stop()
-        chaos.stop()
-        load.join(15)
-        chaos.join(15)
+        for thread in (*generators, chaos):
+            thread.stop()
+        for thread in (*generators, chaos):
+            if thread.ident is not None:  # started
+                thread.join(35)
 
     # --- settle: faults off, prices frozen, load stopped; wait for convergence --------------------
     disarmed = faults_off(sql)
@@ -339,8 +451,7 @@ def _drill(run: Run) -> int:
     logger.info(
         "load and chaos over; %d faults disarmed, prices frozen; settling (at most %.0f s)", disarmed, options.settle
     )
-    while len(run.supervisor.living("scheduler")) < 2:
-        spawn_scheduler()
+    _schedulers_refill(run)
     settle_deadline = time.monotonic() + options.settle
     converged, waiting = False, ""
     asked = 0.0
@@ -376,12 +487,16 @@ def _drill(run: Run) -> int:
     sql.close()
     bad_exits = unexpected + [f"{name} exited {code} on SIGTERM" for name, code in codes.items() if code != 0]
 
-    accounts = {str(k): v for k, v in seeded.account_ids.items()}
-    account_ids = sorted(accounts.values())
+    accounts = seeded.exchange_accounts()
+    account_ids = sorted(a.account_id for a in accounts)
+    slots = queue_slots_for(exchange="BINANCE", market_type="FUTURES")
     results = [
-        checks.check_order_histories(account_ids=account_ids, posted_keys=set(load.keys_all)),
-        checks.check_live_orders(accounts=accounts, api_key=API_KEY),
-        checks.check_positions(accounts=accounts, api_key=API_KEY),
+        checks.check_order_histories(
+            account_ids=account_ids, posted_keys=set(load.keys_all) | set(fanout.stats.orders())
+        ),
+        checks.check_live_orders(accounts=accounts),
+        checks.check_positions(accounts=accounts),
+        checks.check_fanout(signals=fanout.stats.signals, followers=seeded.followers, slots=slots, converged=converged),
         checks.check_jobruns(),
         checks.Check("schedulers exit 0 on SIGTERM, none dies on its own", bad_exits),
     ]
@@ -391,12 +506,22 @@ def _drill(run: Run) -> int:
         account_ids=account_ids,
         events=chaos.stats.events,
         transitions=monitor.transitions,
+        simulator_logs=[c.log_path for c in run.supervisor.children if c.name == "simexchange"],
+        client_logs=[c.log_path for c in run.supervisor.children if c.name == "scheduler"],
     )
     header = (
         f"drill: {options.seconds:.0f} s load+chaos, settle ≤ {options.settle:.0f} s, {options.rate:g} actions/s, "
         f"seed {options.seed}, database {run.db.name} (PostgreSQL), "
         f"{len([c for c in run.supervisor.children if c.name == 'scheduler'])} scheduler processes in all"
     )
-    report.render(checks=results, figures=figures, load=load.stats, chaos=chaos.stats, header=header, notes=run.notes)
+    report.render(
+        checks=results,
+        figures=figures,
+        load=load.stats,
+        fanout=fanout.stats,
+        chaos=chaos.stats,
+        header=header,
+        notes=run.notes,
+    )
     _close_django()
     return 0 if all(c.ok for c in results) else EXIT_VIOLATED

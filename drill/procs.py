@@ -29,6 +29,7 @@ logger = logging.getLogger("drill")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
+DEFAULT_DB_PREFIX = "tradingsite_drill"  # the database is PREFIX_<8 hex> (DRILL_DB_PREFIX)
 # Knobs of the environment that would change what the drill measures.
 SCRUBBED_ENV = ("SCHEDULER_JOB_OVERRIDES", "ORDER_CRASH_POINTS", "ORDER_QUEUE_SLOTS", "SIMULATOR_SYNTHETIC_SYMBOLS")
 
@@ -61,12 +62,16 @@ class DrillDatabase:
     name: str
 
     @classmethod
-    def fresh_name(cls, admin_url: str) -> DrillDatabase:
-        return cls(admin_url=admin_url, name=f"tradingsite_drill_{uuid.uuid4().hex[:8]}")
+    def fresh_name(cls, admin_url: str, prefix: str = DEFAULT_DB_PREFIX) -> DrillDatabase:
+        return cls(admin_url=admin_url, name=f"{prefix}_{uuid.uuid4().hex[:8]}")
 
     @property
     def url(self) -> str:
         return urlparse(self.admin_url)._replace(path=f"/{self.name}").geturl()
+
+    @property
+    def port(self) -> int:
+        return urlparse(self.admin_url).port or 5432
 
     def _admin(self, statement: sql.Composable) -> None:
         conn = psycopg2.connect(self.admin_url, connect_timeout=5)
@@ -238,14 +243,16 @@ class Supervisor:
             child.signal_group(signal.SIGKILL)
         return codes
 
-    def ports_of(self, pids: list[int]) -> set[int]:
-        """Local TCP ports of the given processes' sockets (to find their PostgreSQL backends)."""
+    def ports_of(self, pids: list[int], *, remote_port: int | None = None) -> set[int]:
+        """Local TCP ports of the given processes' sockets (to find their PostgreSQL backends); with
+        `remote_port`, only of their connections to that port: a scheduler's many connections to the
+        simulator reuse local port numbers that another process's database connection may hold."""
         import psutil
 
         ports: set[int] = set()
         for pid in pids:
             with contextlib.suppress(psutil.Error):
                 for conn in psutil.Process(pid).net_connections(kind="tcp"):
-                    if conn.laddr:
+                    if conn.laddr and (remote_port is None or (conn.raddr and conn.raddr.port == remote_port)):
                         ports.add(conn.laddr.port)
         return ports

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from drill.chaos import ChaosStats
 from drill.checks import Check, Figures, examples
-from drill.load import LoadStats
+from drill.load import FanStats, LoadStats
 
 WIDTH = 58
 
@@ -24,6 +24,7 @@ def render(
     checks: list[Check],
     figures: Figures,
     load: LoadStats,
+    fanout: FanStats,
     chaos: ChaosStats,
     header: str,
     notes: list[str],
@@ -72,6 +73,26 @@ def render(
     if load.cancel_states:
         out(_row("user cancels", str(sum(load.cancel_states.values())), _counts(load.cancel_states)))
     out(_row("webhooks", "on" if load.webhook_enabled else "off (no /api/webhook/)"))
+    accepted = fanout.accepted
+    kinds: dict[str, int] = {}
+    for signal in accepted:
+        kinds[signal.kind] = kinds.get(signal.kind, 0) + 1
+    redelivered = sum(1 for s in fanout.signals if s.redelivered)
+    out(
+        _row(
+            f"fan-out signals (to {fanout.followers} followers each)",
+            str(len(accepted)),
+            f"{_counts(kinds)}; {redelivered} redelivered; of {len(fanout.signals)} posted",
+        )
+    )
+    orders = fanout.orders()
+    out(_row("follower orders (one per follower and signal)", str(len(orders)), _counts(fanout.http)))
+    refused = {k: v for k, v in figures.rate_limits.items() if not k.startswith("client")}
+    client = {k: v for k, v in figures.rate_limits.items() if k.startswith("client")}
+    out(_row("rate-limit refusals sent (429/418; Bybit 10006)", str(sum(refused.values())), _counts(refused) or "none"))
+    out(_row("client: back-offs after a refusal, budget holds", str(sum(client.values())), _counts(client) or "none"))
+    for line in chaos.bursts:
+        out(_row("rate-limit burst (Binance weight spent from 127.0.0.1)", "1", line))
     for job_id, outcomes in sorted(figures.jobruns.items()):
         out(_row(f"JobRuns {job_id}", str(sum(outcomes.values())), _counts(outcomes)))
     out(_row("faults injected (rules)", str(sum(chaos.faults.values())), _counts(chaos.faults)))
@@ -87,7 +108,9 @@ def render(
         out("job errors and overruns (most frequent):")
         for line in figures.job_errors:
             out(f"  {line}")
-    for line in [*notes, *(f"chaos: {e}" for e in chaos.errors), *(f"load: {e}" for e in load.errors)]:
+    errors = [*(f"chaos: {e}" for e in chaos.errors), *(f"load: {e}" for e in load.errors)]
+    errors += [f"fan-out: {e}" for e in fanout.errors]
+    for line in [*notes, *errors]:
         out(f"note: {line}")
     if load.rejected_examples:
         out("intake 400 examples: " + " | ".join(load.rejected_examples[:3]))

@@ -43,8 +43,9 @@ LIMITERS = web.AppKey("limiters", tuple)  # the app's rate limiters (Binance, By
 EXECUTOR = web.AppKey("executor", DbExecutor)
 # Engine calls in flight at once, one database connection each. The engine locks per account, so
 # creates of different accounts proceed side by side up to this many; asyncio's own default
-# (cpu count + 4, 6 on two cores) would cap them below a fan-out's burst.
-DEFAULT_DB_THREADS = 32
+# (cpu count + 4, 6 on two cores) would cap them below a fan-out's burst. 16 leaves room in
+# PostgreSQL's default 100 connections for the schedulers and the web process (the drill runs all).
+DEFAULT_DB_THREADS = 16
 
 
 def build_app(config: ServerConfig, engine: SimEngine | None = None) -> web.Application:

@@ -7,6 +7,7 @@ these without importing the server: no import cycle.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -57,7 +58,11 @@ class RateLimitConfig:
 
 @dataclass
 class ServerConfig:
-    """Credentials the server accepts (one key pair per server), engine exchange names and limits."""
+    """Credentials the server accepts, engine exchange names and limits.
+
+    Each API key is one engine account, as on a real exchange: `api_key`/`api_secret` is one pair
+    and `keys` (key → secret) any number more. A request is signed with its own key's secret.
+    """
 
     api_key: str
     api_secret: str
@@ -67,6 +72,56 @@ class ServerConfig:
     listen_keys: dict[str, str] = field(default_factory=dict)  # listen key → account (USDⓈ-M and spot)
     listen_key_markets: dict[str, MarketType] = field(default_factory=dict)  # listen key → its market
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    keys: dict[str, str] = field(default_factory=dict)  # API key → its secret (more accounts)
+
+    def secret_of(self, key: str) -> str | None:
+        """The secret of a registered API key; None for a key the exchange does not know."""
+        if not key:
+            return None
+        if key == self.api_key:
+            return self.api_secret
+        return self.keys.get(key)
+
+
+class KeysFileError(ValueError):
+    """A keys file that cannot be read as API key pairs; the message names the line or entry."""
+
+
+def keys_parse(text: str) -> dict[str, str]:
+    """API key pairs from a keys file: JSON (a list of {"key", "secret"} or an object key → secret),
+    else lines "key:secret" (blank lines and # comments skipped). Raises KeysFileError."""
+    stripped = text.strip()
+    keys: dict[str, str] = {}
+    if stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise KeysFileError(f"not valid JSON: {exc}") from None
+        pairs = list(data.items()) if isinstance(data, dict) else data
+        for n, item in enumerate(pairs):
+            if isinstance(item, dict):
+                item = (item.get("key"), item.get("secret"))
+            if not (isinstance(item, list | tuple) and len(item) == 2 and all(isinstance(v, str) for v in item)):
+                raise KeysFileError(f'entry {n}: expected {{"key": ..., "secret": ...}}')
+            _key_add(keys, item[0], item[1], where=f"entry {n}")
+        return keys
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, secret = line.partition(":")
+        if not sep:
+            raise KeysFileError(f"line {n}: expected key:secret")
+        _key_add(keys, key.strip(), secret.strip(), where=f"line {n}")
+    return keys
+
+
+def _key_add(keys: dict[str, str], key: str, secret: str, *, where: str) -> None:
+    if not key or not secret or any(c.isspace() for c in key + secret):
+        raise KeysFileError(f"{where}: key and secret must be non-empty, without spaces")
+    if keys.get(key, secret) != secret:
+        raise KeysFileError(f"{where}: key {key[:6]}… is listed twice with different secrets")
+    keys[key] = secret
 
 
 async def db_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

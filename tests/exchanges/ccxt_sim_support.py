@@ -11,12 +11,17 @@ from exchanges.simulator.server import ServerConfig, ServerThread
 
 API_KEY = "sim-test-key-0123456789"
 API_SECRET = "sim-test-secret-abcdefghijklmnop"
+# A second account of the same server (runsimexchange --keys): its own key and secret.
+OTHER_KEY = "sim-test-key-other-98765"
+OTHER_SECRET = "sim-test-secret-other-zyxwvutsrq"
 
 
 @pytest.fixture(scope="session")
 def sim_server(django_db_setup):  # noqa: ANN001
     # Depends on the test database so that it stops (and its threads' connections close) first.
-    server = ServerThread(ServerConfig(api_key=API_KEY, api_secret=API_SECRET, timeout_hold=3.0)).start()
+    server = ServerThread(
+        ServerConfig(api_key=API_KEY, api_secret=API_SECRET, timeout_hold=3.0, keys={OTHER_KEY: OTHER_SECRET})
+    ).start()
     yield server
     server.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from decimal import Decimal
 
@@ -16,6 +17,8 @@ from tests import procs
 
 API_KEY = "e2e-sim-key-0123456789"
 API_SECRET = "e2e-sim-secret-abcdefghijklmnop"
+OTHER_KEY = "e2e-sim-key-other-000042"
+OTHER_SECRET = "e2e-sim-secret-other-qrstuvwxyz"
 
 
 def _serving(base: str) -> bool:
@@ -25,9 +28,11 @@ def _serving(base: str) -> bool:
         return False
 
 
-def _drive(db: procs.ProcDB, settings) -> None:  # noqa: ANN001
+def _drive(db: procs.ProcDB, settings, tmp_path) -> None:  # noqa: ANN001
     port = procs.free_port()
     base = f"http://127.0.0.1:{port}"
+    keys_file = tmp_path / "sim-keys.json"
+    keys_file.write_text(json.dumps([{"key": OTHER_KEY, "secret": OTHER_SECRET}]))
     proc = procs.spawn(
         db,
         "runsimexchange",
@@ -39,6 +44,8 @@ def _drive(db: procs.ProcDB, settings) -> None:  # noqa: ANN001
         API_SECRET,
         "--seed",
         "1",
+        "--keys",
+        str(keys_file),
         name="simexchange",
     )
     try:
@@ -81,6 +88,14 @@ def _drive(db: procs.ProcDB, settings) -> None:  # noqa: ANN001
             CcxtGateway("binance", MarketType.SPOT, API_KEY, "not-the-secret-000", account_key="bad").fetch_balance(
                 MarketType.SPOT
             )
+        # The --keys account: served with its own secret, its own (empty) books, refused with another's.
+        other = CcxtGateway("binance", MarketType.FUTURES, OTHER_KEY, OTHER_SECRET, account_key="other", retries=0)
+        assert other.fetch_balance(MarketType.FUTURES).free("USDT") >= Decimal("100000")
+        assert other.fetch_open_orders(MarketType.FUTURES) == []
+        with pytest.raises(gw.Auth):
+            CcxtGateway("bybit", MarketType.SPOT, OTHER_KEY, API_SECRET, account_key="x", retries=0).fetch_balance(
+                MarketType.SPOT
+            )
         assert db.scalar("SELECT seed FROM exchanges_simexchange WHERE exchange = 'BINANCE'") == 1
     finally:
         ccxt_gateway.caches_clear()
@@ -92,13 +107,13 @@ def _drive(db: procs.ProcDB, settings) -> None:  # noqa: ANN001
             raise
     log = proc.log()
     assert code == 0, log
-    assert API_SECRET not in log
+    assert API_SECRET not in log and OTHER_SECRET not in log
 
 
-def test_runsimexchange_process_sqlite(proc_sqlite_db, settings):  # noqa: ANN001
-    _drive(proc_sqlite_db, settings)
+def test_runsimexchange_process_sqlite(proc_sqlite_db, settings, tmp_path):  # noqa: ANN001
+    _drive(proc_sqlite_db, settings, tmp_path)
 
 
 @pytest.mark.postgres
-def test_runsimexchange_process_postgres(proc_pg_db, settings):  # noqa: ANN001
-    _drive(proc_pg_db, settings)
+def test_runsimexchange_process_postgres(proc_pg_db, settings, tmp_path):  # noqa: ANN001
+    _drive(proc_pg_db, settings, tmp_path)

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from exchanges.simulator.server import RateLimitConfig, ServerConfig, ServerThread
-from tests.exchanges.ccxt_sim_support import API_KEY, API_SECRET
+from tests.exchanges.ccxt_sim_support import API_KEY, API_SECRET, OTHER_KEY, OTHER_SECRET
 
 LIMITS = RateLimitConfig(
     binance_futures_weight_per_minute=12,
@@ -26,7 +26,9 @@ LIMITS = RateLimitConfig(
 
 @pytest.fixture(scope="module")
 def limited(django_db_setup):  # noqa: ANN001
-    server = ServerThread(ServerConfig(api_key=API_KEY, api_secret=API_SECRET, rate_limits=LIMITS)).start()
+    server = ServerThread(
+        ServerConfig(api_key=API_KEY, api_secret=API_SECRET, rate_limits=LIMITS, keys={OTHER_KEY: OTHER_SECRET})
+    ).start()
     yield server
     server.stop()
 
@@ -43,11 +45,13 @@ def _early_in(seconds: int, margin: float) -> None:
         time.sleep(0.05)
 
 
-def _signed(base: str, method: str, path: str, **params: object) -> requests.Response:
+def _signed(
+    base: str, method: str, path: str, *, key: str = API_KEY, secret: str = API_SECRET, **params: object
+) -> requests.Response:
     query = "&".join(f"{k}={v}" for k, v in {**params, "timestamp": int(time.time() * 1000)}.items())
-    signature = hmac.new(API_SECRET.encode(), query.encode(), hashlib.sha256).hexdigest()
+    signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
     return requests.request(
-        method, f"{base}{path}?{query}&signature={signature}", headers={"X-MBX-APIKEY": API_KEY}, timeout=5
+        method, f"{base}{path}?{query}&signature={signature}", headers={"X-MBX-APIKEY": key}, timeout=5
     )
 
 
@@ -93,6 +97,36 @@ def test_binance_order_count_per_10s(base):
     assert counts[:2] == [(200, "1"), (200, "2")]
     assert counts[2][0] == 429 and last.json()["code"] == -1015
     assert "2 orders per TEN_SECONDS" in last.json()["msg"] and last.headers["Retry-After"]
+
+
+def test_binance_order_count_is_per_account_key(base, caplog):
+    """Two keys are two accounts: one spending its 10 s order count leaves the other's untouched; each
+    refusal is logged with its HTTP status (the drill counts them)."""
+    _early_in(10, 4)
+
+    def order(key: str, secret: str, n: int) -> requests.Response:
+        return _signed(
+            base,
+            "POST",
+            "/fapi/v1/order",
+            key=key,
+            secret=secret,
+            symbol="ETHUSDT",
+            side="BUY",
+            type="LIMIT",
+            timeInForce="GTC",
+            quantity="0.5",
+            price="100",
+            newClientOrderId=f"rk-{n}-{time.time_ns()}",
+        )
+
+    caplog.set_level("INFO", logger="exchanges.simulator.dialects.base")
+    first = [order(API_KEY, API_SECRET, n).status_code for n in range(3)]
+    other = [order(OTHER_KEY, OTHER_SECRET, n) for n in range(2)]
+    assert first == [200, 200, 429]
+    assert [(r.status_code, r.headers["X-MBX-ORDER-COUNT-10S"]) for r in other] == [(200, "1"), (200, "2")]
+    refusals = [r.getMessage() for r in caplog.records if "rate limit" in r.getMessage()]
+    assert refusals == ["sim BINANCE rate limit: /fapi/v1/order refused with HTTP 429 (ORDERS)"]
 
 
 def test_bybit_per_uid_endpoint_limit(base):

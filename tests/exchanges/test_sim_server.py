@@ -9,13 +9,17 @@ import json
 import time
 from decimal import Decimal
 
+import pytest
 import requests
 import websockets
 
+from exchanges import gateway as gw
+from exchanges.ccxt_gateway import CcxtGateway
 from exchanges.gateway import MarketType, OrderRequest, OrderType, Side
+from exchanges.models import SimOrder
 from exchanges.simulator.engine import default_engine
 from tests.exchanges import ccxt_sim_support
-from tests.exchanges.ccxt_sim_support import API_KEY, API_SECRET
+from tests.exchanges.ccxt_sim_support import API_KEY, API_SECRET, OTHER_KEY, OTHER_SECRET
 
 # The dialect-server fixtures, shared with the other real-ccxt test module.
 sim_server = ccxt_sim_support.sim_server
@@ -271,3 +275,113 @@ def test_bybit_stream_position_and_wallet_after_a_fill(sim_urls):
     ]
     assert wallet["topic"] == "wallet" and wallet["data"][0]["accountType"] == "UNIFIED"
     assert Decimal(wallet["data"][0]["totalEquity"]) > 0
+
+
+# --- many accounts: each API key is an engine account with its own secret (runsimexchange --keys) ---
+
+
+def _gateway(exchange: str, key: str, secret: str) -> CcxtGateway:
+    return CcxtGateway(exchange, MarketType.FUTURES, key, secret, account_key=f"{exchange}-{key}", retries=0)
+
+
+@pytest.mark.parametrize("exchange", ["binance", "bybit"])
+def test_two_keys_are_two_accounts(sim_urls, exchange):
+    first, other = _gateway(exchange, API_KEY, API_SECRET), _gateway(exchange, OTHER_KEY, OTHER_SECRET)
+    engine_exchange = exchange.upper()
+    # Another test may have left orders or positions on the first account: compare against them.
+    first_open = {o.client_order_id for o in first.fetch_open_orders(MarketType.FUTURES)}
+    price = default_engine.price_get(engine_exchange, MarketType.FUTURES, "BTC/USDT")
+    resting = first.create_order(
+        OrderRequest(
+            symbol="BTC/USDT",
+            market_type=MarketType.FUTURES,
+            side=Side.BUY,
+            order_type=OrderType.LIMIT,
+            quantity=Decimal("0.01"),
+            price=(price * Decimal("0.7")).quantize(Decimal("0.1")),
+            client_order_id=f"acct-a-{exchange}",
+        )
+    )
+    other.create_order(
+        OrderRequest(
+            symbol="ETH/USDT",
+            market_type=MarketType.FUTURES,
+            side=Side.SELL,
+            order_type=OrderType.MARKET,
+            quantity=Decimal("0.5"),
+            client_order_id=f"acct-b-{exchange}",
+        )
+    )
+    # Orders: each key lists only its own; a key cannot see (nor cancel) the other's order.
+    assert {o.client_order_id for o in first.fetch_open_orders(MarketType.FUTURES)} == first_open | {
+        f"acct-a-{exchange}"
+    }
+    assert f"acct-a-{exchange}" not in {o.client_order_id for o in other.fetch_open_orders(MarketType.FUTURES)}
+    with pytest.raises(gw.NotFound):
+        other.cancel_order(
+            symbol="BTC/USDT", market_type=MarketType.FUTURES, exchange_order_id=resting.exchange_order_id
+        )
+    # Positions and balances: the other account's fill moved its own books, not the first's.
+    positions = {
+        key: {p.symbol.split(":")[0]: p.quantity for p in default_engine.position_list(engine_exchange, key)}
+        for key in (API_KEY, OTHER_KEY)
+    }
+    assert positions[OTHER_KEY].get("ETH/USDT") == Decimal("-0.5")
+    assert default_engine.balance_get(engine_exchange, OTHER_KEY, MarketType.FUTURES) != default_engine.balance_get(
+        engine_exchange, API_KEY, MarketType.FUTURES
+    )
+    rows = SimOrder.objects.filter(
+        exchange=engine_exchange, client_order_id__in=[f"acct-a-{exchange}", f"acct-b-{exchange}"]
+    )
+    assert dict(rows.values_list("client_order_id", "account")) == {
+        f"acct-a-{exchange}": API_KEY,
+        f"acct-b-{exchange}": OTHER_KEY,
+    }
+    first.cancel_order(symbol="BTC/USDT", market_type=MarketType.FUTURES, exchange_order_id=resting.exchange_order_id)
+
+
+def test_binance_key_signed_with_another_keys_secret_is_refused(sim_urls):
+    def account(key: str, secret: str) -> requests.Response:
+        query = f"timestamp={int(time.time() * 1000)}"
+        signature = hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
+        return requests.get(
+            f"{sim_urls.base_url}/fapi/v2/account?{query}&signature={signature}",
+            headers={"X-MBX-APIKEY": key},
+            timeout=5,
+        )
+
+    assert account(OTHER_KEY, OTHER_SECRET).status_code == 200
+    wrong = account(OTHER_KEY, API_SECRET)  # the first account's secret
+    assert (wrong.status_code, wrong.json()["code"]) == (400, -1022)
+    unknown = account("sim-test-key-unknown-000", OTHER_SECRET)
+    assert (unknown.status_code, unknown.json()["code"]) == (401, -2015)
+    # ccxt maps both to an authentication error.
+    with pytest.raises(gw.Auth):
+        _gateway("binance", OTHER_KEY, API_SECRET).fetch_balance(MarketType.FUTURES)
+    with pytest.raises(gw.Auth):
+        _gateway("binance", "sim-test-key-unknown-000", OTHER_SECRET).fetch_balance(MarketType.FUTURES)
+
+
+def test_bybit_key_signed_with_another_keys_secret_is_refused(sim_urls):
+    query = "accountType=UNIFIED"
+
+    def wallet(key: str, secret: str) -> dict:
+        ts, window = str(int(time.time() * 1000)), "5000"
+        sign = hmac.new(secret.encode(), f"{ts}{key}{window}{query}".encode(), hashlib.sha256).hexdigest()
+        headers = {"X-BAPI-API-KEY": key, "X-BAPI-TIMESTAMP": ts, "X-BAPI-RECV-WINDOW": window, "X-BAPI-SIGN": sign}
+        return requests.get(f"{sim_urls.base_url}/v5/account/wallet-balance?{query}", headers=headers, timeout=5).json()
+
+    assert wallet(OTHER_KEY, OTHER_SECRET)["retCode"] == 0
+    assert wallet(OTHER_KEY, API_SECRET)["retCode"] == 10004
+    assert wallet("sim-test-key-unknown-000", OTHER_SECRET)["retCode"] == 10003
+
+    async def stream_auth(key: str, secret: str) -> bool:
+        async with websockets.connect(f"ws://127.0.0.1:{sim_urls.port}/v5/private") as ws:
+            expires = int(time.time() * 1000) + 10_000
+            sign = hmac.new(secret.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+            await ws.send(json.dumps({"op": "auth", "args": [key, expires, sign]}))
+            return bool(json.loads(await ws.recv())["success"])
+
+    assert asyncio.run(stream_auth(OTHER_KEY, OTHER_SECRET)) is True
+    assert asyncio.run(stream_auth(OTHER_KEY, API_SECRET)) is False
+    assert asyncio.run(stream_auth("sim-test-key-unknown-000", OTHER_SECRET)) is False

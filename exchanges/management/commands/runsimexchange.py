@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from core.scrub import secret_register
 from exchanges.simulator.engine import default_engine
 from exchanges.simulator.server import DEFAULT_DB_THREADS, RateLimitConfig, ServerConfig, serve_forever
+from exchanges.simulator.wire import KeysFileError, keys_parse
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,40 @@ def rate_limit_config(*, enabled: bool, overrides: list[str]) -> RateLimitConfig
     return RateLimitConfig(**values)
 
 
+def keys_load(paths: list[str]) -> dict[str, str]:
+    """The API key pairs of every keys file (see wire.keys_parse); CommandError naming the file."""
+    keys: dict[str, str] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                found = keys_parse(handle.read())
+        except OSError as exc:
+            raise CommandError(f"--keys {path}: {exc.strerror or exc}") from None
+        except KeysFileError as exc:
+            raise CommandError(f"--keys {path}: {exc}") from None
+        clash = next((k for k, secret in found.items() if keys.get(k, secret) != secret), None)
+        if clash is not None:
+            raise CommandError(f"--keys {path}: key {clash[:6]}… has another secret in an earlier file")
+        keys.update(found)
+    return keys
+
+
 class Command(BaseCommand):
     help = "Serve the simulator as Binance (/api/v3, /fapi, /sapi) and Bybit (/v5) REST + WS on one port."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--port", type=int, default=8765)
         parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--api-key", default="sim-api-key")
+        parser.add_argument("--api-key", default="sim-api-key", help="one account's API key (always served)")
         parser.add_argument("--api-secret", default="sim-api-secret")
+        parser.add_argument(
+            "--keys",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help='more accounts, one per API key: a JSON list of {"key", "secret"} (or an object key → '
+            "secret) or lines key:secret; repeatable",
+        )
         parser.add_argument("--seed", type=int, default=None, help="price-walk seed of both simulated exchanges")
         parser.add_argument(
             "--db-threads",
@@ -63,17 +90,20 @@ class Command(BaseCommand):
         if int(options["db_threads"]) < 1:
             raise CommandError("--db-threads must be at least 1")
         limits = rate_limit_config(enabled=not options["no_rate_limits"], overrides=list(options["rate_limit"]))
+        keys = keys_load([str(path) for path in options["keys"]])
         config = ServerConfig(
-            api_key=str(options["api_key"]), api_secret=str(options["api_secret"]), rate_limits=limits
+            api_key=str(options["api_key"]), api_secret=str(options["api_secret"]), rate_limits=limits, keys=keys
         )
-        secret_register(config.api_key)
-        secret_register(config.api_secret)
+        for key, secret in [(config.api_key, config.api_secret), *keys.items()]:
+            secret_register(key)
+            secret_register(secret)
         if options["seed"] is not None:
             for exchange in (config.binance_exchange, config.bybit_exchange):
                 default_engine.exchange_configure(exchange, seed=int(options["seed"]))
         self.stdout.write(
             f"simulated exchange on http://{options['host']}:{options['port']} (Binance + Bybit dialects; "
-            f"rate limits {'on' if limits.enabled else 'off'}; {options['db_threads']} database threads)"
+            f"{1 + len(keys.keys() - {config.api_key})} API key(s); rate limits {'on' if limits.enabled else 'off'}; "
+            f"{options['db_threads']} database threads)"
         )
         serve_forever(
             config, host=str(options["host"]), port=int(options["port"]), db_threads=int(options["db_threads"])

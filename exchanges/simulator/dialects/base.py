@@ -161,8 +161,15 @@ class Dialect:
                 if self.limits_on:
                     verdict = self.limiter.charge(self.rate_charges(call))
                 if verdict is not None and not verdict.allowed:
-                    logger.info("sim %s rate limit: %s refused (%s)", self.exchange, request.path, verdict.over)
                     response = self.rate_refused(verdict, call)
+                    # One line per refusal, by status: the drill counts the 429s and 418s it caused.
+                    logger.info(
+                        "sim %s rate limit: %s refused with HTTP %s (%s)",
+                        self.exchange,
+                        request.path,
+                        response.status,
+                        "ban" if verdict.banned_until is not None else verdict.over.name if verdict.over else "-",
+                    )
                 else:
                     response = await self._serve(call, fn)
             except DialectError as exc:

@@ -225,7 +225,8 @@ class BinanceDialect(Dialect):
 
     def authenticate(self, request: web.Request, body: str, route: Route) -> str:
         key = request.headers.get("X-MBX-APIKEY", "")
-        if key != self.config.api_key:
+        secret = self.config.secret_of(key)
+        if secret is None:
             raise BinanceError(401, -2015, "Invalid API-key, IP, or permissions for action.")
         if route.auth != "signed":
             return key
@@ -236,7 +237,7 @@ class BinanceDialect(Dialect):
             raise BinanceError(
                 400, -1102, "Mandatory parameter 'signature' was not sent, was empty/null, or malformed."
             )
-        if not signature_ok(self.config.api_secret, payload, signature.split("&")[0]):
+        if not signature_ok(secret, payload, signature.split("&")[0]):
             raise BinanceError(400, -1022, "Signature for this request is not valid.")
         fields = dict(parse_qsl(payload))
         try:
@@ -258,6 +259,7 @@ class BinanceDialect(Dialect):
                     "msg": "Too many requests; current limit of IP(127.0.0.1) is 2400 requests per minute.",
                 },
                 status=429,
+                headers={"Retry-After": "1"},  # as the real 429s: the client must honour it
             )
         if kind == SimFault.Kind.MAINTENANCE:
             return web.json_response({"code": 1, "msg": "System is under maintenance."}, status=503)

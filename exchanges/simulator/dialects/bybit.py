@@ -137,14 +137,13 @@ class BybitDialect(Dialect):
 
     def authenticate(self, request: web.Request, body: str, route: Route) -> str:
         key = request.headers.get("X-BAPI-API-KEY", "")
-        if key != self.config.api_key:
+        secret = self.config.secret_of(key)
+        if secret is None:
             raise BybitError(10003, "API key is invalid.")
         timestamp = request.headers.get("X-BAPI-TIMESTAMP", "")
         window = request.headers.get("X-BAPI-RECV-WINDOW", "5000")
         payload = body if request.method == "POST" else request.query_string
-        if not signature_ok(
-            self.config.api_secret, f"{timestamp}{key}{window}{payload}", request.headers.get("X-BAPI-SIGN", "")
-        ):
+        if not signature_ok(secret, f"{timestamp}{key}{window}{payload}", request.headers.get("X-BAPI-SIGN", "")):
             raise BybitError(10004, "error sign! origin_string[redacted]")
         try:
             ts, recv = int(timestamp), int(window)
@@ -813,9 +812,8 @@ class BybitDialect(Dialect):
                 await ws.send_json({"req_id": req_id, "op": "pong", "args": [str(now_ms())], "conn_id": "sim"})
         elif op == "auth":
             key, expires, signature = (list(msg.get("args") or []) + ["", "", ""])[:3]
-            ok = key == self.config.api_key and signature_ok(
-                self.config.api_secret, f"GET/realtime{expires}", str(signature)
-            )
+            secret = self.config.secret_of(str(key))
+            ok = secret is not None and signature_ok(secret, f"GET/realtime{expires}", str(signature))
             ok = ok and str(expires).isdigit() and int(expires) > now_ms()
             await ws.send_json(
                 {
