@@ -6,8 +6,8 @@ nothing else is touched. Two layers, each on fresh accounts:
   engine — N SimEngine.order_create calls, one per account, handed at once to a pool of
            BENCH_SIMCREATES_THREADS threads (one database connection each): what the engine's
            locks allow;
-  server — `runsimexchange` on a free port (as bench.fanout's child: the Binance dialect also
-           accepts one API key per follower, one engine account each; `--db-threads` from
+  server — `runsimexchange` on a free port (`--keys`: one API key per client, one engine account
+           each; `--db-threads` from
            BENCH_SIMCREATES_DB_THREADS when set) and N client threads, each sending one Binance
            USDⓈ-M MARKET create through its own CcxtGateway: the server's executor and HTTP path too,
            with a latency fault of BENCH_SIMCREATES_LATENCY_MS (100, as bench.fanout) on every create.
@@ -35,7 +35,6 @@ from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOL = "ETH/USDT"
@@ -248,7 +247,8 @@ def main() -> int:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             env = dict(os.environ, DJANGO_SETTINGS_MODULE="tradingsite.settings")
-            proc = start_server(env, port, Path(tempfile.gettempdir()) / f"bench-simcreates-{os.getpid()}.log")
+            log_path = Path(tempfile.gettempdir()) / f"bench-simcreates-{os.getpid()}.log"
+            proc = start_server(env, port, log_path, n=max(sizes))
             settings.EXCHANGE_URL_OVERRIDES = {"BINANCE": base}
             ccxt_gateway.caches_clear()
         for layer in layers:
@@ -262,13 +262,22 @@ def main() -> int:
     return 0
 
 
-def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
-    """This module's `--simexchange` child, ready to serve."""
+def start_server(env: dict[str, str], port: int, log_path: Path, *, n: int) -> subprocess.Popen:
+    """`manage.py runsimexchange` serving the keys of server_creates (tags "s" and "c", `n` each), ready."""
     import requests
 
+    from bench.fanout import FOLLOWER_KEY_PREFIX, SIM_SECRET
+
+    keys_path = log_path.with_suffix(".keys")
+    keys_path.write_text(
+        "".join(f"{FOLLOWER_KEY_PREFIX}{tag}{i:04d}:{SIM_SECRET}\n" for tag in ("s", "c") for i in range(n))
+    )
+    command = [sys.executable, str(ROOT / "manage.py"), "runsimexchange", "--port", str(port), "--keys", str(keys_path)]
+    if os.environ.get("BENCH_SIMCREATES_DB_THREADS"):
+        command += ["--db-threads", os.environ["BENCH_SIMCREATES_DB_THREADS"]]
     with log_path.open("w") as handle:
-        proc = subprocess.Popen(  # noqa: S603 - this module
-            [sys.executable, "-m", "bench.simcreates", "--simexchange", str(port)],
+        proc = subprocess.Popen(  # noqa: S603 - our own manage.py
+            command,
             cwd=ROOT,
             env=env,
             stdout=handle,
@@ -290,30 +299,6 @@ def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
     raise RuntimeError("runsimexchange did not answer within 120 s")
 
 
-def simexchange_child(port: int) -> None:
-    """bench.fanout's server child (followers' keys accepted), with BENCH_SIMCREATES_DB_THREADS when set."""
-    import django
-
-    django.setup()
-    from django.core import management
-    from django.core.management.base import BaseCommand
-
-    from bench import fanout
-
-    call_command = management.call_command
-
-    def command(command_name: BaseCommand | str, *args: Any, **options: Any) -> str:
-        if os.environ.get("BENCH_SIMCREATES_DB_THREADS"):
-            options["db_threads"] = int(os.environ["BENCH_SIMCREATES_DB_THREADS"])
-        return call_command(command_name, *args, **options)
-
-    management.call_command = command  # fanout's child imports it when it runs
-    fanout.simexchange_child(port)
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    if len(sys.argv) == 3 and sys.argv[1] == "--simexchange":
-        simexchange_child(int(sys.argv[2]))
-        sys.exit(0)
     sys.exit(main())
