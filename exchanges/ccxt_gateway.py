@@ -53,6 +53,9 @@ _DUPLICATE_PATTERNS = (
     re.compile(r"OrderLinkedID is duplicate", re.IGNORECASE),
     re.compile(r'"code"\s*:\s*-20132\b'),  # USDⓈ-M algo endpoints: "The client algo id is duplicated"
 )
+# Rate-limit refusals that concern one account (its order count), not the IP: Binance -1015 "Too
+# many new orders", Bybit 10006 (per-UID limit). Their Retry-After blocks that account only.
+ACCOUNT_LIMIT_CODES = frozenset({"-1015", "10006"})
 _CODE_PATTERN = re.compile(r'"(?:code|retCode)"\s*:\s*"?(-?\d+)')
 
 
@@ -486,11 +489,25 @@ class CcxtGateway:
         with _markets_lock:
             if not template.markets:
                 with call_policy():  # a one-off load for the process, not the caller's call: own timeout, retries
-                    self._call(lambda: template.load_markets(), retry=True, endpoint="load_markets", client=template)
+                    self._call(
+                        lambda: template.load_markets(),
+                        retry=True,
+                        endpoint="load_markets",
+                        client=template,
+                        market_type=market_type,
+                    )
                 logger.info("loaded %d %s %s markets", len(template.markets), self.exchange, market_type)
         return template
 
-    def _call(self, fn: Callable[[], T], *, retry: bool, endpoint: str, client: Any = None) -> T:
+    def _call(
+        self,
+        fn: Callable[[], T],
+        *,
+        retry: bool,
+        endpoint: str,
+        client: Any = None,
+        market_type: MarketType | None = None,
+    ) -> T:
         """Run one ccxt call within the process's rate budget (exchanges.ratelimit), mapping its errors.
 
         Short of budget the call waits (at most EXCHANGE_RATE_WAIT_MAX, or the caller's shorter
@@ -498,6 +515,10 @@ class CcxtGateway:
         when EXCHANGE_MAX_IN_FLIGHT calls to the exchange are running already. A 429/418
         reply blocks the exchange market for its Retry-After; the used-weight header keeps the
         local count at least the exchange's. Reads are retried on Network and RateLimited.
+
+        `market_type`: the market of the call (its weights and limits; a gateway serves both), the
+        gateway's own by default. A refusal that names the account (Binance -1015 too many orders,
+        Bybit 10006 per-UID limit) blocks that account only, not every account of the exchange.
         """
         policy = call_policy_current()
         retries = self.retries if policy.retries is None else min(policy.retries, self.retries)
@@ -506,7 +527,7 @@ class CcxtGateway:
             patience = min(patience, policy.timeout_ms / 1000)
         budget = rate_budget()
         slots = in_flight_limits()
-        market = self.market_type.value
+        market = MarketType(market_type or self.market_type).value
         attempt = 0
         while True:
             wait = budget.reserve(
@@ -541,8 +562,15 @@ class CcxtGateway:
                 error = map_ccxt_error(failure, exchange=self.exchange)
                 if isinstance(error, gw.RateLimited):
                     block = _retry_after(client, failure)
-                    budget.block(exchange=self.exchange, market_type=market, seconds=block)
-                    logger.warning("%s %s rate limited: no calls for %.1f s", self.exchange, market, block)
+                    account = self.account_key if error.code in ACCOUNT_LIMIT_CODES else ""
+                    budget.block(exchange=self.exchange, market_type=market, seconds=block, account_key=account)
+                    logger.warning(
+                        "%s %s%s rate limited: no calls for %.1f s",
+                        self.exchange,
+                        market,
+                        f" account {account}" if account else "",
+                        block,
+                    )
                 if retry and isinstance(error, gw.Network | gw.RateLimited) and attempt < retries:
                     delay = self.backoff_seconds * (2**attempt)
                     attempt += 1
@@ -618,7 +646,13 @@ class CcxtGateway:
             )
             pairs = {sym: entry.get("price") for sym, entry in raw.items()}
         else:
-            raw = self._call(lambda: client.fetch_tickers(), retry=True, endpoint="fetch_last_prices", client=client)
+            raw = self._call(
+                lambda: client.fetch_tickers(),
+                retry=True,
+                endpoint="fetch_last_prices",
+                client=client,
+                market_type=market_type,
+            )
             pairs = {sym: entry.get("last") for sym, entry in raw.items()}
         wanted = set(symbols) if symbols is not None else None
         prices: dict[str, Decimal] = {}
@@ -637,7 +671,9 @@ class CcxtGateway:
         """Free and used per currency of the market type's wallet; retried on Network/RateLimited."""
         market_type = MarketType(market_type)
         client = self._client(market_type)
-        raw = self._call(lambda: client.fetch_balance(), retry=True, endpoint="fetch_balance", client=client)
+        raw = self._call(
+            lambda: client.fetch_balance(), retry=True, endpoint="fetch_balance", client=client, market_type=market_type
+        )
         assets: dict[str, AssetBalance] = {}
         for currency, entry in raw.items():
             if currency in ("info", "free", "used", "total", "timestamp", "datetime", "debt") or not isinstance(
@@ -684,6 +720,7 @@ class CcxtGateway:
             retry=False,
             endpoint="create_order",
             client=client,
+            market_type=market_type,
         )
         state = self._to_state(raw, market_type, conditional=request.conditional, request=request)
         logger.info(
@@ -724,6 +761,7 @@ class CcxtGateway:
             retry=False,
             endpoint="cancel_order",
             client=client,
+            market_type=market_type,
         )
         if raw.get("amount") is None:
             # Bybit and the USDⓈ-M algo endpoint acknowledge with ids only: read the order back.
@@ -767,6 +805,7 @@ class CcxtGateway:
                 retry=True,
                 endpoint="fetch_order",
                 client=client,
+                market_type=market_type,
             )
             return self._to_state(raw, market_type, conditional=conditional)
         filter_params: dict[str, Any] = {"orderFilter": "StopOrder" if conditional else "Order"}
@@ -779,7 +818,7 @@ class CcxtGateway:
             def fetch_orders(fetch: Callable[..., Any] = fetch) -> Any:
                 return fetch(ccxt_symbol, None, None, dict(filter_params))
 
-            found = self._call(fetch_orders, retry=True, endpoint="fetch_order", client=client)
+            found = self._call(fetch_orders, retry=True, endpoint="fetch_order", client=client, market_type=market_type)
             for raw in found:
                 if (exchange_order_id and str(raw.get("id")) == str(exchange_order_id)) or (
                     client_order_id and raw.get("clientOrderId") == client_order_id
@@ -807,6 +846,7 @@ class CcxtGateway:
             retry=True,
             endpoint="fetch_open_orders" if ccxt_symbol else "fetch_open_orders_all",
             client=client,
+            market_type=market_type,
         )
         states = [self._to_state(raw, market_type, conditional=conditional) for raw in raw_orders]
         if self.family == "binance" and market_type == MarketType.SPOT:

@@ -202,9 +202,19 @@ class Maintenance(GatewayError):
 
 
 class RateLimited(GatewayError):
-    """Too many requests (HTTP 429/418)."""
+    """Too many requests (HTTP 429/418), or refused here before sending (`code` in LOCAL_REFUSAL_CODES)."""
 
     retryable = True
+
+
+# RateLimited codes of a call our own client refused before it left the process (exchanges.ratelimit:
+# the request budget is spent, or EXCHANGE_MAX_IN_FLIGHT calls are running): the exchange never saw it.
+LOCAL_REFUSAL_CODES = frozenset({"budget", "in_flight"})
+
+
+def not_sent(exc: BaseException) -> bool:
+    """Whether a failed call is known never to have reached the exchange (a local refusal)."""
+    return isinstance(exc, RateLimited) and exc.code in LOCAL_REFUSAL_CODES
 
 
 class Network(GatewayError):

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import Account
-from exchanges.gateway import Auth, GatewayError, call_policy
+from exchanges.gateway import Auth, GatewayError, call_policy, not_sent
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
 from orders.circuit import account_scope, circuit_record, circuit_states, exchange_scope
 from orders.execution import execution_pool
@@ -91,6 +91,10 @@ def _reconcile_account_market(
         logger.warning("reconcile %s: authentication failed: %s", label, exc)
         return "failed", f"{label}: Auth"
     except EXCHANGE_FAILURES as exc:
+        if not_sent(exc):
+            # Our own rate budget held the call back: the exchange is not failing, so no breaker
+            # counts it; the account market is reconciled by a later run.
+            return "skipped", f"{label} (held back by the local rate budget)"
         exchange_error_count(exchange=account.exchange)
         with run.lock:
             run.outcomes[ex_scope] = (True, f"{type(exc).__name__}: {exc}")

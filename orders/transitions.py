@@ -40,6 +40,7 @@ from exchanges.gateway import (
     RateLimited,
     Rejected,
     Side,
+    not_sent,
 )
 from notifications.services import alert_raise
 from orders import selectors
@@ -253,6 +254,15 @@ def orders_promote(
             outcomes[row.pk] = "submitting"
             continue
         except GatewayError as exc:
+            if not_sent(exc):
+                # Our own rate budget refused it before sending: nothing can be on the exchange under
+                # this id, so it and the rest of the batch (the budget is spent) are QUEUED again now.
+                logger.info("queue: create of %s held back here: %s", row.order_key, exc)
+                released = _claims_release(
+                    rows=[r for r, _ in claims[index:]], now=now, dirty=dirty, reason=f"not sent: {exc}"
+                )
+                outcomes.update(dict.fromkeys(released, "released"))
+                break
             kind = create_error_kind(exc)
             _submitting_error_record(pending=row, exc=exc, kind=kind, now=now)
             logger.warning(
@@ -359,10 +369,16 @@ def _claim_update(*, wanted: list[tuple[PendingOrder, int, str, OrderRequest]], 
         return {pk for (pk,) in cursor.fetchall()}
 
 
-def _claims_release(*, rows: list[PendingOrder], now: datetime, dirty: DirtyTracker | None) -> list[int]:
-    """Claimed orders the batch did not send (its exchange failed, or the pass ran out of time): QUEUED
-    again at once, event `requeued`. Only rows still SUBMITTING with this claim's client id; the
-    create was never called for them, so nothing can be on the exchange under that id."""
+def _claims_release(
+    *,
+    rows: list[PendingOrder],
+    now: datetime,
+    dirty: DirtyTracker | None,
+    reason: str = "not sent: the batch stopped before it",
+) -> list[int]:
+    """Claimed orders the batch did not send (its exchange failed, the pass ran out of time, our own
+    rate budget refused the create): QUEUED again at once, event `requeued`. Only rows still
+    SUBMITTING with this claim's client id; none reached the exchange under that id."""
     released = []
     with transaction.atomic():
         events = []
@@ -375,7 +391,7 @@ def _claims_release(*, rows: list[PendingOrder], now: datetime, dirty: DirtyTrac
                 details = {
                     "placement_no": row.placement_no,
                     "client_order_id": row.client_order_id,
-                    "reason": "not sent: the batch stopped before it",
+                    "reason": scrub(reason)[:300],
                     "attempts": row.attempts,
                 }
                 events.append(order_event_new(order=row, kind=OrderEvent.Kind.REQUEUED, details=details))

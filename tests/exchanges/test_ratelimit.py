@@ -130,3 +130,37 @@ def test_a_short_wait_is_slept_and_a_call_policy_caps_the_patience():
     with call_policy(timeout_ms=300, retries=0), pytest.raises(gw.RateLimited):
         gateway._call(lambda: 3, retry=False, endpoint="create_order")
     assert slept == [1.0]
+
+
+def test_a_call_is_booked_on_its_own_market_and_an_accounts_order_limit_blocks_that_account_only():
+    clock = Clock()
+    rate_budget_reset(
+        RateBudget(
+            {
+                "BINANCE:SPOT": [RateLimit("account", "orders", 1, 10)],
+                "BINANCE:FUTURES": [RateLimit("account", "orders", 1, 10)],
+            },
+            clock=clock,
+        )
+    )
+    slept: list[float] = []
+    # A gateway built for SPOT serves the account's FUTURES calls too: each is booked on its market.
+    spot = CcxtGateway("binance", MarketType.SPOT, "k" * 16, "s" * 16, account_key="a", retries=0, sleep=slept.append)
+    assert spot._call(lambda: 1, retry=False, endpoint="create_order", market_type=MarketType.FUTURES) == 1
+    assert spot._call(lambda: 2, retry=False, endpoint="create_order", market_type=MarketType.SPOT) == 2
+    with pytest.raises(gw.RateLimited, match="BINANCE FUTURES create_order: request budget spent"):
+        spot._call(lambda: 3, retry=False, endpoint="create_order", market_type=MarketType.FUTURES)
+
+    # -1015 (too many orders of this account): its Retry-After blocks this account, not the exchange.
+    clock.now += 60
+    other = CcxtGateway("binance", MarketType.FUTURES, "k" * 16, "s" * 16, account_key="b", retries=0)
+
+    def too_many() -> Any:
+        raise ccxt.RateLimitExceeded('binanceusdm 429 {"code":-1015,"msg":"Too many new orders."}')
+
+    with pytest.raises(gw.RateLimited):
+        spot._call(too_many, retry=False, endpoint="fetch_order", client=FakeClient({"Retry-After": "30"}))
+    with pytest.raises(gw.RateLimited, match="next call in 30.00 s") as refused:
+        spot._call(lambda: 4, retry=False, endpoint="fetch_order")
+    assert gw.not_sent(refused.value)
+    assert other._call(lambda: 5, retry=False, endpoint="fetch_order") == 5

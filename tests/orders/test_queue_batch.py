@@ -13,7 +13,7 @@ import pytest
 import time_machine
 from django.utils import timezone
 
-from exchanges.gateway import Network
+from exchanges.gateway import Network, RateLimited
 from exchanges.models import SimOrder
 from exchanges.paper import PaperGateway
 from orders.faults import crash_disable_all, crash_enable
@@ -149,3 +149,29 @@ def test_a_stale_claim_of_rows_already_claimed_sends_nothing():
     assert sent_per_order() == Counter({o.order_key.hex[:24]: 1 for o in orders})
     assert all(kinds(o) == ["queued", "submitting"] for o in orders)
     assert isinstance(gateway.inner, PaperGateway)
+
+
+def test_a_create_our_rate_budget_held_back_is_queued_again_at_once_never_looked_up(monkeypatch):  # noqa: ANN001
+    spy = SpyFactory()
+    monkeypatch.setattr("orders.queue.gateway_for", spy)
+    paper_market_info(market_type="SPOT", symbol="ETH/USDT")
+    sa = StrategyAccountFactory(strategy__market_type="SPOT")
+    with time_machine.travel(T0, tick=False) as clock:
+        limits = [enqueue(sa, "BUY", f"{2000 + 10 * i}") for i in range(3)]
+        held = RateLimited("BINANCE SPOT create_order: request budget spent here; next call in 3.00 s", code="budget")
+        spy.inject("create_order", lambda: held)  # refused by our own client: it never left the process
+        tick(clock)
+        assert spy.count("create_order") == 1
+        # Nothing can be on the exchange: all three are QUEUED again now (no SUBMITTING row to look up).
+        assert set(PendingOrder.objects.values_list("status", flat=True)) == {"QUEUED"}
+        for order in limits:
+            assert kinds(order) == ["queued", "submitting", "requeued"], kinds(order)
+        reasons = OrderEvent.objects.filter(kind="requeued").values_list("details__reason", flat=True)
+        assert any("request budget spent here" in r for r in reasons)
+        tick(clock, seconds=3)  # the trouble retry is over: placed, each under its next client id
+        for order in limits:
+            assert kinds(order)[-1] == "placed", kinds(order)
+    assert spy.count("fetch_order") == 0
+    assert invariant_problems([sa.account_id]) == []
+    assert OpenOrder.objects.filter(account_id=sa.account_id).count() == 3
+    assert sent_per_order() == Counter({o.order_key.hex[:24]: 1 for o in limits})

@@ -10,7 +10,16 @@ import pytest
 import time_machine
 
 from exchanges import services as exchange_services
-from exchanges.gateway import Auth, ExchangeGateway, MarketType, OrderRequest, OrderState, OrderType, Side
+from exchanges.gateway import (
+    Auth,
+    ExchangeGateway,
+    MarketType,
+    OrderRequest,
+    OrderState,
+    OrderType,
+    RateLimited,
+    Side,
+)
 from exchanges.models import SimFault
 from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
@@ -258,6 +267,26 @@ def test_three_failed_runs_open_the_exchange_breaker_and_an_open_breaker_skips_i
     circuit = CircuitState.objects.get(scope="exchange:PAPER:SPOT")
     assert (circuit.failures, circuit.opened_until, circuit.cooldown_seconds) == (0, None, 0)
     assert OpenOrder.objects.get(pk=order.pk).missing_runs == 1  # reconciled again (first miss)
+
+
+def test_calls_our_own_rate_budget_holds_back_never_count_against_the_exchange(clock, monkeypatch):  # noqa: ANN001
+    sa = StrategyAccountFactory()
+    order = OpenOrderFactory(strategy_account=sa, exchange_order_id="999999")
+    held: Counter = Counter()
+
+    class HeldBack(SpyGateway):
+        def fetch_open_orders(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            held["fetch_open_orders"] += 1
+            raise RateLimited("PAPER SPOT fetch_open_orders: request budget spent here", code="budget")
+
+    factory = exchange_services.GATEWAY_FACTORIES["PAPER"]
+    monkeypatch.setitem(exchange_services.GATEWAY_FACTORIES, "PAPER", lambda acc: HeldBack(factory(acc), Counter()))
+    for _ in range(4):
+        jr = run(clock)
+        assert "held back by the local rate budget" in jr.summary, jr.summary
+    assert held["fetch_open_orders"] == 4  # tried every run: no breaker opened, nothing skipped for it
+    assert not CircuitState.objects.filter(failures__gt=0).exists()
+    assert OpenOrder.objects.get(pk=order.pk).missing_runs == 0  # and the order was left as it was
 
 
 def test_an_auth_failure_opens_only_that_accounts_breaker(clock, monkeypatch):
