@@ -14,11 +14,14 @@ from scheduler.models import JobRun
 from scheduler.runs import RunContext, current_run
 
 
-def _run_with_scheduled_time(job: Any, alias: str, run_times: list, logger_name: str, term: int) -> list:
+def _run_with_scheduled_time(
+    job: Any, alias: str, run_times: list, logger_name: str, term: int | None, shard_run: bool = False
+) -> list:
     # APScheduler 3 does not pass the scheduled time to the function; the wrapper reads it here.
     events: list = []
     for run_time in run_times:
-        token = current_run.set(RunContext(scheduled_at=run_time, kind=JobRun.Kind.SCHEDULED, term=term))
+        ctx = RunContext(scheduled_at=run_time, kind=JobRun.Kind.SCHEDULED, term=term, shard_run=shard_run)
+        token = current_run.set(ctx)
         try:
             events.extend(run_job(job, alias, [run_time], logger_name))
         finally:
@@ -27,11 +30,16 @@ def _run_with_scheduled_time(job: Any, alias: str, run_times: list, logger_name:
 
 
 class ScheduledTimeExecutor(ThreadPoolExecutor):
-    """ThreadPoolExecutor whose runs carry (scheduled time, leadership term) into the job wrapper."""
+    """ThreadPoolExecutor whose runs carry (scheduled time, leadership term) into the job wrapper.
 
-    def __init__(self, max_workers: int, term: int):
+    `shard_run`: the executor of a process's shard scheduler (per-account jobs for its own shards;
+    term None: its runs are fenced by their shards' terms, not by leadership).
+    """
+
+    def __init__(self, max_workers: int, term: int | None, *, shard_run: bool = False):
         super().__init__(max_workers)
         self.term = term
+        self.shard_run = shard_run
 
     def _do_submit_job(self, job: Any, run_times: list) -> None:
         def callback(future: Any) -> None:
@@ -42,7 +50,7 @@ class ScheduledTimeExecutor(ThreadPoolExecutor):
                 self._run_job_success(job.id, future.result())
 
         future = self._pool.submit(
-            _run_with_scheduled_time, job, job._jobstore_alias, run_times, self._logger.name, self.term
+            _run_with_scheduled_time, job, job._jobstore_alias, run_times, self._logger.name, self.term, self.shard_run
         )
         future.add_done_callback(callback)
 

@@ -62,6 +62,9 @@ class JobSpec:
     budget: float  # seconds; a longer run is an overrun
     enabled: bool = True
     on_leader: CatchUp | None = None  # run once when a term starts, before the leader announcement
+    # Per-account work: with sharding on (PostgreSQL), run by every process that owns account shards,
+    # each on its own scheduler and for its own shards' accounts only (scheduler.shards).
+    sharded: bool = False
 
     def trigger_text(self, timezone: str | None = None) -> str:
         return str(self.trigger.build(timezone or settings.SCHEDULER_TIMEZONE))
@@ -84,6 +87,7 @@ REGISTRY: tuple[JobSpec, ...] = (
         trigger=interval(seconds=1),
         grace=2,
         budget=0.8,
+        sharded=True,
     ),
     JobSpec(
         id="update_open_orders",
@@ -92,6 +96,7 @@ REGISTRY: tuple[JobSpec, ...] = (
         trigger=interval(seconds=29),
         grace=29,
         budget=20,
+        sharded=True,
     ),
     JobSpec(
         id="update_price_cache",
