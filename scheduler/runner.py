@@ -277,7 +277,8 @@ class SchedulerHost:
         Only the leader writes the job store; here the registry's rows are scheduled afresh (a restart
         runs them from now on, which for 1 s and 29 s pollers is what they want).
         """
-        self.shard_executor = ScheduledTimeExecutor(settings.SCHEDULER_THREADS, None, shard_run=True)
+        # One thread per job is enough (max_instances=1); each holds a database connection while it runs.
+        self.shard_executor = ScheduledTimeExecutor(max(1, len(self._sharded_specs())), None, shard_run=True)
         scheduler = BackgroundScheduler(
             jobstores={"default": MemoryJobStore()},
             executors={"default": self.shard_executor},

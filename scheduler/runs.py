@@ -145,10 +145,11 @@ def _shard_context(job_id: str, ctx: RunContext) -> RunContext | None:
 
     The leader's job store still schedules the job (status, pause, next run), but with sharding on
     its firing is left to the shard schedulers; a manual or catch-up run covers this process's shards.
+    Sharding is on in a process when the scheduler host installed a shard owner (PostgreSQL).
     """
     spec = registry_spec(job_id)
-    if spec is None or not spec.sharded or not shards.sharding_enabled():
-        return ctx
+    if spec is None or not spec.sharded or shards.shard_owner() is None:
+        return ctx  # not sharded, or a process that owns no shards by design (`--run`, tests): every account
     if ctx.kind == JobRun.Kind.SCHEDULED and not ctx.shard_run:
         return None
     owned = shards.shards_owned()
