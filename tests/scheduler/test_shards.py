@@ -53,6 +53,25 @@ print("PROBLEMS=" + json.dumps(invariant_problems([{ids}])))
 """
 
 
+def query(db: ProcDB, sql: str, params: tuple = ()) -> list[tuple]:
+    """db.query, retried while the shared test server is out of connections for a moment."""
+    import psycopg2
+
+    for attempt in range(50):
+        try:
+            return db.query(sql, params)
+        except psycopg2.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.2)
+    return []
+
+
+def scalar(db: ProcDB, sql: str, params: tuple = ()) -> object:
+    rows = query(db, sql, params)
+    return rows[0][0] if rows else None
+
+
 def shell(db: ProcDB, code: str) -> str:
     result = manage("shell", "-c", code, env=db.env())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,18 +80,18 @@ def shell(db: ProcDB, code: str) -> str:
 
 def held(db: ProcDB) -> dict[int, int]:
     """shard → scheduler pid, for the shards whose lease holder holds the shard's advisory lock now."""
-    return {shard: pid for shard, pid, _ in db.query(HELD, (SHARD_CLASS,))}
+    return {shard: pid for shard, pid, _ in query(db, HELD, (SHARD_CLASS,))}
 
 
 def settled(db: ProcDB, ids: list[int]) -> bool:
     """Every account has its two best BUYs live (2500 and 2020) and nothing in flight or queued to place."""
-    live = db.query("SELECT account_id, price FROM orders_openorder WHERE order_type = 'LIMIT'")
+    live = query(db, "SELECT account_id, price FROM orders_openorder WHERE order_type = 'LIMIT'")
     by_account: dict[int, set] = {}
     for account_id, price in live:
         by_account.setdefault(account_id, set()).add(int(price))
-    busy = db.scalar(
-        "SELECT count(*) FROM orders_pendingorder WHERE status = 'SUBMITTING' OR order_type = 'MARKET'"
-    ) + db.scalar("SELECT count(*) FROM orders_openorder WHERE status = 'CANCELLING'")
+    busy = scalar(
+        db, "SELECT count(*) FROM orders_pendingorder WHERE status = 'SUBMITTING' OR order_type = 'MARKET'"
+    ) + scalar(db, "SELECT count(*) FROM orders_openorder WHERE status = 'CANCELLING'")
     return busy == 0 and all(by_account.get(i) == {2500, 2020} for i in ids)
 
 
@@ -105,12 +124,13 @@ def test_three_schedulers_share_shards_and_take_over_a_killed_ones_shards(proc_p
 
         # Every account's two best orders placed, by the processes that own them.
         wait_for(
-            lambda: db.scalar("SELECT count(*) FROM orders_openorder") == 2 * ACCOUNTS,
+            lambda: scalar(db, "SELECT count(*) FROM orders_openorder") == 2 * ACCOUNTS,
             timeout=60,
             what="two live orders per account",
         )
         runners = {
-            pid for (pid,) in db.query("SELECT DISTINCT pid FROM scheduler_jobrun WHERE job_id = 'rebalance_order_queue'")
+            pid
+            for (pid,) in query(db, "SELECT DISTINCT pid FROM scheduler_jobrun WHERE job_id = 'rebalance_order_queue'")
         }
         assert runners == pids, "every process runs the queue for its own shards"
 
@@ -139,30 +159,30 @@ def test_three_schedulers_share_shards_and_take_over_a_killed_ones_shards(proc_p
         # 3. Nothing twice. Each (job, scheduled time) ran at most once per shard: shard sets disjoint.
         for job_id in ("rebalance_order_queue", "update_open_orders"):
             by_time: dict = {}
-            for scheduled_at, shards in db.query(
-                "SELECT scheduled_at, shards FROM scheduler_jobrun WHERE job_id = %s", (job_id,)
+            for scheduled_at, shards in query(
+                db, "SELECT scheduled_at, shards FROM scheduler_jobrun WHERE job_id = %s", (job_id,)
             ):
                 covered = [int(s) for s in shards.split(",")] if shards else list(range(SHARDS))
                 by_time.setdefault(scheduled_at, []).extend(covered)
             doubles = {t: c for t, c in by_time.items() if len(c) != len(set(c))}
             assert doubles == {}, f"{job_id}: a shard ran twice at one scheduled time"
         # Each exchange order was created once and acknowledged by exactly one `placed` event.
-        placed = db.query(
-            "SELECT details->>'client_order_id', count(*) FROM orders_orderevent WHERE kind = 'placed' GROUP BY 1"
+        placed = query(
+            db, "SELECT details->>'client_order_id', count(*) FROM orders_orderevent WHERE kind = 'placed' GROUP BY 1"
         )
         assert [row for row in placed if row[1] != 1] == []
-        created = {cid for (cid,) in db.query("SELECT client_order_id FROM exchanges_simorder")}
+        created = {cid for (cid,) in query(db, "SELECT client_order_id FROM exchanges_simorder")}
         assert {cid for cid, _ in placed} == created
         # Each MARKET order filled once; no event of any order doubled by two owners.
-        fills = db.query(
-            "SELECT order_key, count(*) FROM orders_orderevent WHERE kind = 'filled' GROUP BY 1 HAVING count(*) > 1"
+        fills = query(
+            db, "SELECT order_key, count(*) FROM orders_orderevent WHERE kind = 'filled' GROUP BY 1 HAVING count(*) > 1"
         )
         assert fills == []
-        assert db.scalar("SELECT count(*) FROM orders_orderevent WHERE kind = 'filled'") == ACCOUNTS
+        assert scalar(db, "SELECT count(*) FROM orders_orderevent WHERE kind = 'filled'") == ACCOUNTS
         out = shell(db, CHECK.format(ids=",".join(map(str, ids))))
         problems = json.loads(next(x for x in out.splitlines() if x.startswith("PROBLEMS=")).removeprefix("PROBLEMS="))
         assert problems == []
-        demoted = db.scalar("SELECT count(*) FROM orders_orderevent WHERE kind = 'demoted'")
+        demoted = scalar(db, "SELECT count(*) FROM orders_orderevent WHERE kind = 'demoted'")
         print(f"orders: {len(placed)} placements, {demoted} demotions, {ACCOUNTS} market fills; 0 doubled")
     finally:
         codes = [p.stop() for p in procs if p.popen.poll() is None]
