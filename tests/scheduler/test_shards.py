@@ -121,6 +121,11 @@ def test_three_schedulers_share_shards_and_take_over_a_killed_ones_shards(proc_p
         counts = Counter(held(db).values())
         print(f"\nspread after {time.monotonic() - t0:.1f} s: {sorted(counts.values())} (fair share {fair})")
         assert min(counts.values()) >= SHARDS - 2 * fair
+        listing = manage("runscheduler", "--shards", env=db.env(ACCOUNT_SHARDS=str(SHARDS)))
+        assert listing.returncode == 0, listing.stderr
+        print(listing.stdout.splitlines()[-1])
+        assert f"{SHARDS} shards; held by" in listing.stdout and "0 free" in listing.stdout
+        assert all(f":{pid} " in listing.stdout for pid in pids)
 
         # Every account's two best orders placed, by the processes that own them.
         wait_for(
@@ -187,3 +192,60 @@ def test_three_schedulers_share_shards_and_take_over_a_killed_ones_shards(proc_p
     finally:
         codes = [p.stop() for p in procs if p.popen.poll() is None]
     assert codes == [0, 0]
+
+
+# --- one process's owner, in-process ---------------------------------------------------------------
+
+
+@pytest.fixture
+def _pg_only():
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL (set DATABASE_URL=postgres://...)")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_owner_takes_its_fair_share_releases_to_a_peer_and_stops_on_a_stale_probe(_pg_only, settings, staff_client):
+    from django.test import Client
+
+    from scheduler.shards import ShardOwner
+
+    settings.ACCOUNT_SHARDS = 4
+    busy: set[int] = set()
+    first = ShardOwner(instance_id="a", host="alpha", pid=1, busy=lambda shard, _: shard in busy)
+    second = ShardOwner(instance_id="b", host="beta", pid=2, busy=lambda shard, _: False)
+    try:
+        first.tick()
+        assert sorted(first.owned()) == [0, 1, 2, 3]
+        assert all(first.owns_account(account_id) for account_id in range(8))
+        body = staff_client.get("/api/system/scheduler/status").json()
+        assert [(s["shard"], s["held"], s["host"], s["pid"], s["term"]) for s in body["shards"]] == [
+            (shard, True, "alpha", 1, 1) for shard in range(4)
+        ]
+
+        # A peer joins: the fair share halves; the first gives up two (one still busy: kept until idle).
+        second.tick()
+        assert second.owned() == {}
+        busy.add(3)
+        first.tick()
+        assert sorted(first.owned()) == [0, 1]  # no new work on 2 and 3 from now on
+        second.tick()
+        assert sorted(second.owned()) == [2]  # 3 is still locked: its last task has not finished
+        busy.clear()
+        first.tick()
+        second.tick()
+        assert sorted(second.owned()) == [2, 3]
+        assert second.owned()[3] == 2  # a new term for the shard's new owner
+        settings.METRICS_TOKEN = "shard-metrics"
+        metrics = Client().get("/metrics", HTTP_AUTHORIZATION="Bearer shard-metrics").content.decode()
+        assert 'scheduler_shards_owned{host="beta",pid="2"} 2.0' in metrics
+        assert "scheduler_shards_free 0.0" in metrics
+
+        # An owner whose last successful probe is too old touches nothing (a partitioned process).
+        settings.SHARD_PROBE_MAX_AGE = 0.0
+        time.sleep(0.01)
+        assert first.owned() == {} and not first.owns_account(0)
+    finally:
+        first.locks.close()
+        second.locks.close()

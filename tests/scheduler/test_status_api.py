@@ -175,6 +175,7 @@ def test_status_body_for_seeded_state(seeded, staff_client):
             "last_heartbeat": "2026-11-24T08:34:19+09:00",
         },
         "standbys": [{"host": "beta", "pid": 200, "last_heartbeat": "2026-11-24T08:34:18+09:00"}],
+        "shards": [],  # SQLite: not sharded
         "jobs": [
             {
                 "id": "fast_job",
