@@ -273,7 +273,9 @@ def _drill(run: Run) -> int:
     def spawn_scheduler() -> Child:
         return run.supervisor.manage("scheduler", "runscheduler")
 
-    schedulers = [spawn_scheduler(), spawn_scheduler()]
+    # DRILL_SCHEDULERS=3: three schedulers sharing the account shards (chaos then also kills non-leaders).
+    scheduler_count = max(2, int(os.environ.get("DRILL_SCHEDULERS", "2")))
+    schedulers = [spawn_scheduler() for _ in range(scheduler_count)]
     sql = Sql(run.db)
     _started(
         schedulers[0],
@@ -314,6 +316,7 @@ def _drill(run: Run) -> int:
         seconds=options.seconds,
         seed=options.seed + 1,
         streams=streams,
+        kill_any=scheduler_count > 2,
     )
     load.start()
     chaos.start()
@@ -339,7 +342,7 @@ def _drill(run: Run) -> int:
     logger.info(
         "load and chaos over; %d faults disarmed, prices frozen; settling (at most %.0f s)", disarmed, options.settle
     )
-    while len(run.supervisor.living("scheduler")) < 2:
+    while len(run.supervisor.living("scheduler")) < scheduler_count:
         spawn_scheduler()
     settle_deadline = time.monotonic() + options.settle
     converged, waiting = False, ""
