@@ -62,7 +62,8 @@ class DrillDatabase:
 
     @classmethod
     def fresh_name(cls, admin_url: str) -> DrillDatabase:
-        return cls(admin_url=admin_url, name=f"tradingsite_drill_{uuid.uuid4().hex[:8]}")
+        prefix = os.environ.get("DRILL_DB_PREFIX", "tradingsite_drill_")  # one per engineer on a shared server
+        return cls(admin_url=admin_url, name=f"{prefix}{uuid.uuid4().hex[:8]}")
 
     @property
     def url(self) -> str:
