@@ -60,7 +60,9 @@ def execution_shard_busy(*, shard: int, shards: Any) -> bool:
         pools = list(_pools.values())
     for pool in pools:
         for key in pool.keys_in_flight():
-            account_id = key[1] if key and key[0] == "reconcile" else key[0]
+            if not isinstance(key, tuple) or not key:
+                continue
+            account_id = key[1] if key[0] == "reconcile" else key[0]
             if isinstance(account_id, int) and shards.has(account_id):
                 return True
     return False

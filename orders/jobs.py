@@ -119,8 +119,8 @@ def update_open_orders() -> JobResult:
     market not yet started are skipped for this run. Each breaker records one outcome per run.
     """
     now = timezone.now()
-    run = current_run.get()
-    shards = shard_filter(run.shards if run else None)
+    ctx = current_run.get()
+    shards = shard_filter(ctx.shards if ctx else None)
     mine = shards.q() if shards is not None else Q()  # a sharded scheduler's own accounts only
     pairs = sorted(
         set(OpenOrder.objects.filter(mine).values_list("account_id", "market_type").distinct())

@@ -8,6 +8,7 @@ import math
 import signal
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def query(db: ProcDB, sql: str, params: tuple = ()) -> list[tuple]:
     return []
 
 
-def scalar(db: ProcDB, sql: str, params: tuple = ()) -> object:
+def scalar(db: ProcDB, sql: str, params: tuple = ()) -> Any:
     rows = query(db, sql, params)
     return rows[0][0] if rows else None
 
