@@ -169,11 +169,28 @@ def run_wrapped(job_id: str, fn: Callable[..., Any], args: tuple, kwargs: dict) 
         return None
     if sharded is not ctx:
         ctx = sharded
+        owner = shards.shard_owner()
+        covered = ctx.shards or ()
+        if owner is not None:
+            owner.run_started(covered)  # a shard given up from now on is released only after this run
+            still = owner.owned()
+            if any(still.get(shard) != term for shard, term in ctx.shard_terms):
+                # Given up (or lost) between the look and the registration: leave those shards out.
+                terms = tuple((shard, term) for shard, term in ctx.shard_terms if still.get(shard) == term)
+                if not terms:
+                    owner.run_finished(covered)
+                    return None
+                kept = tuple(s for s, _ in terms)
+                ctx = dataclasses.replace(ctx, shards=kept, shard_terms=terms)
+                owner.run_finished(tuple(s for s in covered if s not in kept))
+                covered = kept
         token = current_run.set(ctx)  # the body reads its shards from here
         try:
             return _run_claimed(job_id, fn, args, kwargs, ctx=ctx, started_at=started_at)
         finally:
             current_run.reset(token)
+            if owner is not None:
+                owner.run_finished(covered)
     return _run_claimed(job_id, fn, args, kwargs, ctx=ctx, started_at=started_at)
 
 

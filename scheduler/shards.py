@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from django.db.models.lookups import In
 from django.utils import timezone
 
 from scheduler.locks import lock_connection
-from scheduler.models import ShardLease
+from scheduler.models import JobRun, ShardLease
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,17 @@ def shard_lease_begin(*, shard: int, instance_id: str, host: str, pid: int, back
         lease.backend_pid = backend_pid
         lease.since = timezone.now()
         lease.save()
+    # A run still marked running on this shard was left by a process that lost it without giving it
+    # up (a live owner gives a shard up only once its runs on it ended): close it, as a new leader does.
+    for run_id, shards in (
+        JobRun.objects.filter(outcome=JobRun.Outcome.RUNNING).exclude(shards="").values_list("id", "shards")
+    ):
+        if str(shard) in shards.split(","):
+            JobRun.objects.filter(pk=run_id, outcome=JobRun.Outcome.RUNNING).update(
+                outcome=JobRun.Outcome.ERROR,
+                finished_at=lease.since,
+                summary=f"abandoned: its process lost shard {shard} before the run finished (term {lease.term})",
+            )
     return lease.term
 
 
@@ -171,6 +183,7 @@ class ShardOwner:
         self._active: dict[int, int] = {}  # shard → term: ours and in use
         self._draining: dict[int, float] = {}  # shard → monotonic time it was given up: no new work
         self._since: dict[int, Any] = {}
+        self._running: Counter[int] = Counter()  # shard → sharded runs of this process in flight on it
         self._probed_at = -math.inf
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -186,6 +199,14 @@ class ShardOwner:
 
     def owns_account(self, account_id: int) -> bool:
         return shard_of(account_id, self.count) in self.owned()
+
+    def run_started(self, shards: tuple[int, ...]) -> None:
+        with self._lock:
+            self._running.update(shards)
+
+    def run_finished(self, shards: tuple[int, ...]) -> None:
+        with self._lock:
+            self._running.subtract(shards)
 
     def shard_set(self) -> ShardSet:
         return ShardSet(count=self.count, shards=frozenset(self.owned()))
@@ -292,6 +313,9 @@ class ShardOwner:
         return [(start + i) % self.count for i in range(self.count)]
 
     def _shard_busy(self, shard: int) -> bool:
+        with self._lock:
+            if self._running[shard] > 0:
+                return True  # a run of ours (an inline queue pass, say) still covers it
         single = ShardSet(count=self.count, shards=frozenset({shard}))
         try:
             if self._busy is not None:
