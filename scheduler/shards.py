@@ -3,13 +3,18 @@
 ACCOUNT_SHARDS shards (default 16); an account's shard is `account_id % ACCOUNT_SHARDS`. Every
 process holds, on one dedicated autocommit connection (the leader lock's settings: keepalives,
 connect and statement timeouts), a member lock (so peers count live processes from pg_locks, at
-once when one dies) and the locks of the shards it owns. Every SHARD_POLL (1 s) its owner thread
+once when one dies) and the locks of the shards it owns. Every SHARD_POLL (0.5 s) its owner thread
 probes the locks it holds, releases shards above its fair share (ceil(shards / live processes)) once
 no task of its own still works on them, and takes free shards up to that share, starting a new
 ShardLease term for each. `shards_owned()` answers from the last successful probe only while it is
-younger than SHARD_PROBE_MAX_AGE (3 s): a process cut off from the database stops touching its
-accounts seconds after its last probe, well before PostgreSQL drops its session (keepalives, about
-15 s) and lets another process take them. On SQLite sharding is off: one process owns everything.
+younger than SHARD_PROBE_MAX_AGE (2 s): a process cut off from the database stops touching its
+accounts 2 s after its last probe, well before PostgreSQL drops its session (keepalives, about
+15 s) and lets another process take them. A lock connection can also be cut while its process
+lives (pg_terminate_backend): its locks go at once, so a process that takes a shard whose last
+holder may still be running (heartbeat younger than 2.5 s, not stopped) uses it only
+SHARD_PROBE_MAX_AGE later, when that holder has stopped touching it. A dead, stopped or
+rebalancing holder (which marks the lease released) costs no wait. On SQLite sharding is off: one
+process owns everything.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from apscheduler.util import ref_to_obj
@@ -33,10 +39,12 @@ from django.db.models.lookups import In
 from django.utils import timezone
 
 from scheduler.locks import lock_connection
-from scheduler.models import JobRun, ShardLease
+from scheduler.models import JobRun, SchedulerInstance, ShardLease
 
 logger = logging.getLogger(__name__)
 
+# A process heartbeats every 2 s: one whose last heartbeat is younger than this may still be running.
+PEER_ALIVE_SECONDS = 2.5
 SHARD_LOCK_CLASS = 0x7368  # "sh": one lock per shard number
 MEMBER_LOCK_CLASS = 0x736D  # "sm": one per live process (its lock connection's backend pid)
 
@@ -182,6 +190,9 @@ class ShardOwner:
         self._lock = threading.Lock()
         self._active: dict[int, int] = {}  # shard → term: ours and in use
         self._draining: dict[int, float] = {}  # shard → monotonic time it was given up: no new work
+        # shard → (term, monotonic time it becomes active): taken from a holder that may still be alive
+        # (its lock connection was cut, say), which stops within SHARD_PROBE_MAX_AGE of losing the lock.
+        self._pending: dict[int, tuple[int, float]] = {}
         self._since: dict[int, Any] = {}
         self._running: Counter[int] = Counter()  # shard → sharded runs of this process in flight on it
         self._probed_at = -math.inf
@@ -229,17 +240,21 @@ class ShardOwner:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:
+            except Exception as exc:
+                # The lock connection (or the database) failed mid-round: what we hold is unknown, so
+                # stop everything now and start again from a fresh connection on the next round.
                 logger.exception("shard owner tick failed")
+                self._drop_all(f"round failed: {type(exc).__name__}")
             finally:
                 close_old_connections()
             self._stop.wait(settings.SHARD_POLL)
 
     def _drop_all(self, reason: str) -> None:
         with self._lock:
-            lost = sorted(self._active) + sorted(self._draining)
+            lost = sorted(self._active) + sorted(self._draining) + sorted(self._pending)
             self._active.clear()
             self._draining.clear()
+            self._pending.clear()
             self._probed_at = -math.inf
             if lost:
                 self.changes += 1
@@ -256,15 +271,21 @@ class ShardOwner:
             return
         now = time.monotonic()
         with self._lock:
-            lost = [s for s in list(self._active) + list(self._draining) if s not in mine]
+            lost = [s for s in [*self._active, *self._draining, *self._pending] if s not in mine]
             for shard in lost:
                 self._active.pop(shard, None)
                 self._draining.pop(shard, None)
+                self._pending.pop(shard, None)
+            for shard, (term, at) in list(self._pending.items()):
+                if now >= at:
+                    self._pending.pop(shard)
+                    self._active[shard] = term
+                    self.changes += 1
             if lost:
                 self.changes += 1
             self._probed_at = now
             fair = math.ceil(self.count / max(1, members))
-            extra = len(self._active) - fair
+            extra = len(self._active) + len(self._pending) - fair
             if extra > 0:
                 # Give up the newest-numbered extras: no new work starts on them from now on.
                 for shard in sorted(self._active, reverse=True)[:extra]:
@@ -277,12 +298,14 @@ class ShardOwner:
         for shard, since in sorted(draining.items()):
             if now - since < settings.SHARD_DRAIN_MAX and self._shard_busy(shard):
                 continue
+            # Given up on purpose, after our last task on it: its next owner need not wait for us.
+            ShardLease.objects.filter(shard=shard, instance_id=self.instance_id).update(instance_id="")
             self.locks.release(shard)
             with self._lock:
                 self._draining.pop(shard, None)
             logger.info("shard %s released (fair share %s of %s live processes)", shard, fair, members)
         with self._lock:
-            held = len(self._active) + len(self._draining)
+            held = len(self._active) + len(self._draining) + len(self._pending)
         free = [s for s in self._claim_order() if s not in taken and s not in mine]
         for shard in free:
             if held >= fair:
@@ -290,6 +313,7 @@ class ShardOwner:
             if not self.locks.try_acquire(shard):
                 continue
             try:
+                wait = self._previous_owner_wait(shard)
                 term = shard_lease_begin(
                     shard=shard,
                     instance_id=self.instance_id,
@@ -301,11 +325,35 @@ class ShardOwner:
                 self.locks.release(shard)
                 raise
             with self._lock:
-                self._active[shard] = term
+                if wait:
+                    self._pending[shard] = (term, time.monotonic() + wait)
+                else:
+                    self._active[shard] = term
+                    self.changes += 1
                 self._since[shard] = timezone.now()
-                self.changes += 1
             held += 1
-            logger.info("shard %s taken (term %s)", shard, term)
+            if wait:
+                logger.info(
+                    "shard %s taken (term %s); active in %.1f s, once its last owner stopped", shard, term, wait
+                )
+            else:
+                logger.info("shard %s taken (term %s)", shard, term)
+
+    def _previous_owner_wait(self, shard: int) -> float:
+        """Seconds before a shard just taken may be used: SHARD_PROBE_MAX_AGE when its last holder may
+        still be running (lost its lock connection but not its process: it stops touching the shard
+        within that long of its last good probe), else 0 (it gave the shard up, stopped, or is dead)."""
+        previous = ShardLease.objects.filter(shard=shard).values_list("instance_id", flat=True).first()
+        if not previous or previous == self.instance_id:
+            return 0.0
+        alive = (
+            SchedulerInstance.objects.filter(
+                instance_id=previous, last_heartbeat__gte=timezone.now() - timedelta(seconds=PEER_ALIVE_SECONDS)
+            )
+            .exclude(role=SchedulerInstance.Role.STOPPED)
+            .exists()
+        )
+        return float(settings.SHARD_PROBE_MAX_AGE) if alive else 0.0
 
     def _claim_order(self) -> list[int]:
         # Start at a different shard in each process so that simultaneous claimers rarely collide.
