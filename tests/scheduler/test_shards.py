@@ -258,3 +258,33 @@ def test_owner_takes_its_fair_share_releases_to_a_peer_and_stops_on_a_stale_prob
     finally:
         first.locks.close()
         second.locks.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_shard_whose_holder_may_still_run_is_used_only_after_that_holder_stopped(_pg_only, settings):
+    from django.utils import timezone
+
+    from scheduler.models import SchedulerInstance
+    from scheduler.shards import ShardOwner
+
+    settings.ACCOUNT_SHARDS = 2
+    settings.SHARD_PROBE_MAX_AGE = 1.0
+    first = ShardOwner(instance_id="a", host="alpha", pid=1, busy=lambda *_: False)
+    second = ShardOwner(instance_id="b", host="beta", pid=2, busy=lambda *_: False)
+    try:
+        first.tick()
+        assert sorted(first.owned()) == [0, 1]
+        now = timezone.now()
+        SchedulerInstance.objects.create(
+            instance_id="a", host="alpha", pid=1, role="standby", started_at=now, last_heartbeat=now
+        )
+        first.locks.close()  # its lock connection is cut; the process lives on (for up to 1 s more)
+        second.tick()
+        assert second.owned() == {}, "taken, but not used while its last holder may still act on it"
+        time.sleep(1.1)
+        assert first.owned() == {}, "the old holder stopped: its last good probe is too old"
+        second.tick()
+        assert sorted(second.owned()) == [0, 1]
+    finally:
+        first.locks.close()
+        second.locks.close()
