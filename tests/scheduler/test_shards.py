@@ -167,6 +167,12 @@ def test_three_schedulers_share_shards_and_take_over_a_killed_ones_shards(proc_p
         took = time.monotonic() - killed_at
         print(f"shards {lost} moved after SIGKILL in {took:.2f} s; now {sorted(Counter(held(db).values()).values())}")
         assert took < 15, "a dead process's shards move within seconds (goal 5 s)"
+        # A holder that may still have been alive (a heartbeat under 2.5 s old) makes its shards wait
+        # SHARD_PROBE_MAX_AGE (2 s) before use: say how many did.
+        time.sleep(2.5)
+        lines = "".join(p.log() for p in procs if p.pid in survivors).splitlines()
+        waited = [s for s in lost if any(f"shard {s} taken" in line and "active in" in line for line in lines)]
+        print(f"of those, {len(waited)} waited 2 s for their last holder to stop (usable by {took + 2:.2f} s)")
 
         wait_for(lambda: settled(db, ids), timeout=90, what="every account to settle after the takeover")
 
