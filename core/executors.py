@@ -85,6 +85,11 @@ class KeyedPool:
         with self._lock:
             return len(self._inflight)
 
+    def keys_in_flight(self) -> list[Hashable]:
+        """The keys of the tasks in flight now."""
+        with self._lock:
+            return list(self._inflight)
+
     def submit(self, key: Hashable, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future | None:
         """Start `fn(*args, **kwargs)` for `key`; None when a task of `key` is still in flight."""
         if self._executor is None:

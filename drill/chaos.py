@@ -53,9 +53,10 @@ class Transition:
 @dataclass
 class ChaosEvent:
     at: float  # epoch seconds
-    kind: str  # "sigkill" | "terminate_lock" | "terminate_all"
+    kind: str  # "sigkill" | "sigkill_shard_owner" | "terminate_lock" | "terminate_all"
     term_before: int | None
     detail: str
+    moved_after: float | None = None  # sigkill_shard_owner: seconds until every account shard was held again
 
 
 @dataclass
@@ -158,10 +159,15 @@ class Chaos(threading.Thread):
         streams: bool,
         sim_url: str = "",
         sim_auth: tuple[str, str] = ("", ""),
+        kill_any: bool = False,
     ):
         super().__init__(name="drill-chaos", daemon=True)
         self.sim_url = sim_url  # "": no rate-limit bursts
         self.sim_auth = sim_auth  # (API key, secret) the bursts sign with
+        # With account shards over several schedulers every other SIGKILL hits a scheduler that is not
+        # the leader (its shards move, leadership does not).
+        self.kill_any = kill_any
+        self._kills = 0
         self.db = db
         self.sql = Sql(db)
         self.supervisor = supervisor
@@ -225,7 +231,19 @@ class Chaos(threading.Thread):
         current = self.monitor.current()
         term = current.term if current else None
         if kind == "sigkill":
+            self._kills += 1
             leader = self._leader_child()
+            others = [c for c in self.supervisor.living("scheduler") if leader is None or c.pid != leader.pid]
+            if self.kill_any and self._kills % 2 == 0 and others:
+                victim = self.rng.choice(others)
+                at = time.time()
+                self.supervisor.kill(victim)
+                moved = self._shards_held_again(at)
+                self.stats.events.append(ChaosEvent(at, "sigkill_shard_owner", term, f"pid {victim.pid}", moved))
+                logger.info("chaos: SIGKILL non-leader scheduler pid %s; its shards moved in %s s", victim.pid, moved)
+                replacement = self.spawn_scheduler()
+                logger.info("chaos: replacement scheduler pid %s", replacement.pid)
+                return
             if leader is None:
                 logger.warning("chaos: no live leader of ours to kill (term %s); skipped", term)
                 self.stats.errors.append(f"sigkill skipped: no live leader (term {term})")
@@ -302,6 +320,21 @@ class Chaos(threading.Thread):
         query = f"timestamp={int(time.time() * 1000)}"
         signature = hmac.new(self.sim_auth[1].encode(), query.encode(), hashlib.sha256).hexdigest()
         return f"{self.sim_url}{path}?{query}&signature={signature}"
+
+    def _shards_held_again(self, since: float, timeout: float = 30.0) -> float | None:
+        """Seconds from `since` until every account shard's lock is held again by a live process (None: not in time)."""
+        from scheduler.shards import SHARD_LOCK_CLASS, shard_count
+
+        while time.time() - since < timeout:
+            held = self.sql.scalar(
+                "SELECT count(DISTINCT objid) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                (SHARD_LOCK_CLASS,),
+            )
+            if held == shard_count():
+                return time.time() - since
+            time.sleep(0.05)
+        return None
 
     # --- exchange faults --------------------------------------------------------------------------
 

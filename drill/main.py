@@ -142,6 +142,12 @@ def parse(argv: list[str] | None) -> Options:
         default=os.environ.get("DRILL_DB_PREFIX", DEFAULT_DB_PREFIX),
         help=f"the drill database's name before _<8 hex> (DRILL_DB_PREFIX, {DEFAULT_DB_PREFIX})",
     )
+    parser.add_argument(
+        "--schedulers",
+        type=int,
+        default=int(os.environ.get("DRILL_SCHEDULERS", SCHEDULERS)),
+        help="runscheduler processes (DRILL_SCHEDULERS, default 2; 3: account shards spread, non-leaders killed too)",
+    )
     args = parser.parse_args(argv)
     if args.seconds < 20:
         parser.error("--seconds must be at least 20 (two leader kills need room)")
@@ -155,6 +161,7 @@ def parse(argv: list[str] | None) -> Options:
         followers=max(0, args.followers),
         fan_every=max(2.0, args.fan_every),
         db_prefix=args.db_prefix,
+        schedulers=max(2, args.schedulers),
     )
 
 
@@ -424,6 +431,7 @@ def _drill(run: Run) -> int:
         streams=streams,
         sim_url=run.base_sim,
         sim_auth=(API_KEY, API_SECRET),
+        kill_any=run.options.schedulers > 2,
     )
     generators: list[LoadGenerator | FanOutGenerator] = [load, fanout] if webhook and seeded.followers else [load]
     for thread in (*generators, chaos):

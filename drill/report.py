@@ -48,8 +48,11 @@ def render(
     out(_row("figure", "value", "detail"))
     out("-" * 110)
     for event, seconds in figures.takeovers:
-        label = "takeover after SIGKILL" if event.kind == "sigkill" else f"new term after {event.kind}"
-        goal = " (goal ≤ 5 s)" if event.kind == "sigkill" else ""
+        label = {
+            "sigkill": "takeover after SIGKILL",
+            "sigkill_shard_owner": "shards moved after SIGKILL of a non-leader",
+        }.get(event.kind, f"new term after {event.kind}")
+        goal = " (goal ≤ 5 s)" if event.kind.startswith("sigkill") else ""
         out(_row(label, _seconds(seconds), f"{event.detail}, term {event.term_before}{goal}"))
     for gap in figures.gaps:
         out(

@@ -50,6 +50,24 @@ def execution_pools_close(timeout: float = 10.0) -> None:
         pool.close(timeout)
 
 
+def execution_shard_busy(*, shard: int, shards: Any) -> bool:
+    """Whether a task of this process still works on an account of `shards` (a scheduler.shards.ShardSet).
+
+    The shard owner releases a shard it gave up only once this says no. Queue keys are pairs
+    (account id first); reconcile keys are ("reconcile", account id, market type).
+    """
+    with _pools_lock:
+        pools = list(_pools.values())
+    for pool in pools:
+        for key in pool.keys_in_flight():
+            if not isinstance(key, tuple) or not key:
+                continue
+            account_id = key[1] if key[0] == "reconcile" else key[0]
+            if isinstance(account_id, int) and shards.has(account_id):
+                return True
+    return False
+
+
 class ExecutionPools:
     """Leader thread adapter (scheduler.runner LEADER_THREADS): the pools start on demand; `stop` drains them."""
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import Account
@@ -23,6 +24,7 @@ from orders.reconcile import EXCHANGE_FAILURES, ReconcileReport, orders_reconcil
 from orders.streams import stream_health_check
 from scheduler.models import JobRun
 from scheduler.runs import JobResult, current_run, scheduler_job
+from scheduler.shards import shard_account_owned, shard_filter
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,10 @@ def rebalance_order_queue() -> JobResult:
     """
     now = timezone.now()
     run = current_run.get()
-    work = queue_work_load(now=now, term=run.term if run else None)
+    shards = shard_filter(run.shards if run else None)
+    # A new term, or a new shard set, sweeps on its first pass (its new pairs' state is unknown here).
+    term = (run.term, run.shards) if run and run.shards is not None else (run.term if run else None)
+    work = queue_work_load(now=now, term=term, shards=shards)
     if work is None:
         return JobResult(summary="nothing dirty", noop=True)
     # The pass's own exchange calls get a short timeout and no in-call retries: a slow or silent
@@ -79,6 +84,8 @@ def _reconcile_account_market(
     open_scopes = [s for s in scopes if s in run.breakers and run.breakers[s].is_open(run.now)]
     if open_scopes:
         return "skipped", f"{label} (circuit open: {', '.join(open_scopes)})"
+    if not shard_account_owned(account.pk):
+        return "skipped", f"{label} (shard moved to another scheduler)"
     with run.lock:
         if run.outcomes.get(ex_scope, (False, ""))[0]:
             return "skipped", f"{label} ({ex_scope} failed this run)"
@@ -120,10 +127,13 @@ def update_open_orders() -> JobResult:
     market not yet started are skipped for this run. Each breaker records one outcome per run.
     """
     now = timezone.now()
+    ctx = current_run.get()
+    shards = shard_filter(ctx.shards if ctx else None)
+    mine = shards.q() if shards is not None else Q()  # a sharded scheduler's own accounts only
     pairs = sorted(
-        set(OpenOrder.objects.values_list("account_id", "market_type").distinct())
+        set(OpenOrder.objects.filter(mine).values_list("account_id", "market_type").distinct())
         | set(
-            PendingOrder.objects.filter(status=PendingOrder.Status.SUBMITTING)
+            PendingOrder.objects.filter(mine, status=PendingOrder.Status.SUBMITTING)
             .values_list("account_id", "market_type")
             .distinct()
         )

@@ -45,6 +45,7 @@ from orders.transitions import (
     orders_promote,
     submitting_resolve,
 )
+from scheduler.shards import ShardSet, shard_account_owned
 
 logger = logging.getLogger(__name__)
 
@@ -223,18 +224,21 @@ class QueueWork:
         return max(until) if until else None
 
 
-def queue_work_load(*, now: datetime, term: Any = None) -> QueueWork | None:
-    """Select the pass's work. Nothing dirty and no sweep due: exactly one (indexed) query, None."""
-    marks = selectors.queue_dirty_due(now=now, limit=MAX_DIRTY_PER_PASS)
+def queue_work_load(*, now: datetime, term: Any = None, shards: ShardSet | None = None) -> QueueWork | None:
+    """Select the pass's work. Nothing dirty and no sweep due: exactly one (indexed) query, None.
+
+    `shards`: only the accounts of these shards (a sharded scheduler's own); None: every account.
+    """
+    marks = selectors.queue_dirty_due(now=now, limit=MAX_DIRTY_PER_PASS, shards=shards)
     swept = _sweep_due(now, term)
     if not marks and not swept:
         return None
     dirty = {m.pair: m for m in marks}
-    express = selectors.queue_express_due(now=now)
+    express = selectors.queue_express_due(now=now, shards=shards)
     if swept:
-        wanted = set(dirty) | queue_sweep_detect(now=now)
+        wanted = set(dirty) | {p for p in queue_sweep_detect(now=now) if shards is None or shards.has(p[0])}
         if len(wanted) > SWEEP_LOAD_ALL:
-            rows = selectors.queue_rows_for_pairs(pairs=(), everything=True)  # as many: one plain load
+            rows = selectors.queue_rows_for_pairs(pairs=(), everything=True, shards=shards)  # one plain load
         else:
             rows = selectors.queue_rows_for_pairs(pairs=wanted)
         _sweep.update(term=term, at=now)
@@ -573,6 +577,8 @@ def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder],
     then (`rebalance`) the moves toward its slots. Expected gateway errors end as outcomes or deferrals.
     """
     tally = QueueTally()
+    if not shard_account_owned(pair[0]):
+        return tally  # its shard left this process since the pass began: its new owner takes it from here
     if not execution_pool("queue").inline:
         # A task beside the ticks: no pass time limits, and rows loaded by a pass that started a
         # while ago are read again (the transitions' guarded updates make stale rows safe, but a

@@ -20,6 +20,7 @@ from exchanges.models import MarketInfo
 from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, Signal
 from orders.signal_report import ExecutionSummary, FollowerExecution, execution_summarize
 from positions.models import Trade
+from scheduler.shards import ShardSet
 
 Pair = tuple[int, str, str]  # (account_id, market_type, symbol)
 
@@ -95,21 +96,26 @@ class PairRows:
         return not self.pending and not self.open
 
 
-def queue_dirty_due(*, now: datetime, limit: int) -> list[DirtyMark]:
-    """Pairs marked dirty and due (`marked_at <= now`), oldest first: the pass's one steady-state query."""
+def queue_dirty_due(*, now: datetime, limit: int, shards: ShardSet | None = None) -> list[DirtyMark]:
+    """Pairs marked dirty and due (`marked_at <= now`), oldest first: the pass's one steady-state query.
+
+    `shards`: only accounts of these shards (a sharded scheduler's own).
+    """
     rows = (
         QueueDirty.objects.filter(marked_at__lte=now)
+        .filter(shards.q() if shards is not None else Q())
         .order_by("marked_at")
         .values_list("id", "account_id", "market_type", "symbol", "marked_at")[:limit]
     )
     return [DirtyMark(id=i, pair=(a, m, s), marked_at=at) for i, a, m, s, at in rows]
 
 
-def queue_express_due(*, now: datetime) -> list[PendingOrder]:
-    """Queued MARKET orders whose backoff (if any) has passed, in arrival order."""
+def queue_express_due(*, now: datetime, shards: ShardSet | None = None) -> list[PendingOrder]:
+    """Queued MARKET orders whose backoff (if any) has passed, in arrival order (of `shards`' accounts only)."""
     return list(
         PendingOrder.objects.filter(express=True, status=PendingOrder.Status.QUEUED)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        .filter(shards.q() if shards is not None else Q())
         .order_by("signal_at", "queue_seq")
     )
 
@@ -122,14 +128,16 @@ def queue_pairs_all() -> set[Pair]:
     return pairs
 
 
-def queue_rows_for_pairs(*, pairs: Iterable[Pair], everything: bool = False) -> dict[Pair, PairRows]:
-    """Queued and live rows of the given pairs in two queries (all rows when `everything`)."""
+def queue_rows_for_pairs(
+    *, pairs: Iterable[Pair], everything: bool = False, shards: ShardSet | None = None
+) -> dict[Pair, PairRows]:
+    """Queued and live rows of the given pairs in two queries (all rows when `everything`, of `shards`' accounts)."""
     wanted = set(pairs)
     result: dict[Pair, PairRows] = defaultdict(PairRows)
     if not wanted and not everything:
         return result
-    pending = PendingOrder.objects.all()
-    live = OpenOrder.objects.all()
+    pending = PendingOrder.objects.filter(shards.q() if shards is not None else Q())
+    live = OpenOrder.objects.filter(shards.q() if shards is not None else Q())
     if not everything:
         # A superset filter the pair indexes serve; the exact pairs are kept below.
         accounts = {a for a, _, _ in wanted}

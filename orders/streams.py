@@ -34,6 +34,7 @@ from orders.reconcile import ReconcileReport, orders_reconcile
 from orders.transitions import order_state_apply, order_trigger_record
 from positions.models import Fill
 from positions.selectors import trade_fee_known
+from scheduler.shards import shard_account_owned, sharding_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -195,20 +196,36 @@ def stream_health_check(*, now: datetime) -> StreamHealthReport:
 
 
 class OrderStreamHandler:
-    """What the stream manager asks of the orders side (exchanges.streams.manager.StreamHandler)."""
+    """What the stream manager asks of the orders side (exchanges.streams.manager.StreamHandler).
+
+    With account sharding on, only the accounts of this process's shards stream, and an update or
+    catch-up for an account whose shard has just left the process is dropped (its new owner's
+    stream and the REST poll cover it).
+    """
 
     def accounts(self) -> list[StreamAccount]:
-        return stream_account_list()
+        return [a for a in stream_account_list() if shard_account_owned(a.account_id)]
 
     def update_apply(self, *, account_id: int, update: StreamUpdate, now: datetime) -> str:
+        if not shard_account_owned(account_id):
+            return "not owned"
         return stream_update_apply(account_id=account_id, update=update, now=now)
 
     def reconcile(self, *, account_id: int, now: datetime) -> ReconcileReport:
+        if not shard_account_owned(account_id):
+            return ReconcileReport()
         return stream_reconcile(account_id=account_id, now=now)
 
 
 def user_stream_manager(
     host: Any = None, *, config: StreamConfig | None = None, clock: StreamClock | None = None
 ) -> UserStreamManager:
-    """The leader's user-stream thread (SPEC §2.4), wired to the orders side; started by the scheduler host."""
+    """The leader's user-stream thread (SPEC §2.4), wired to the orders side; started by the scheduler host.
+
+    With account sharding on, every scheduler runs one for its own shards' accounts, re-read every
+    5 s at most so that streams follow their shards soon after they move.
+    """
+    if config is None and sharding_enabled():
+        base = StreamConfig.from_settings()
+        config = dataclasses.replace(base, accounts_every=min(base.accounts_every, 5.0))
     return UserStreamManager(host, handler=OrderStreamHandler(), config=config, clock=clock)

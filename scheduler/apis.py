@@ -30,7 +30,7 @@ class SchedulerDateTimeField(serializers.DateTimeField):
 
 
 class SchedulerStatusApi(APIView):
-    """GET /api/system/scheduler/status: leader, standbys and every registry job. Staff only."""
+    """GET /api/system/scheduler/status: leader, standbys, account shard owners and every registry job. Staff only."""
 
     # Token authentication first: its authenticate_header makes an anonymous request a 401
     # (with WWW-Authenticate) instead of SessionAuthentication's 403.
@@ -55,6 +55,17 @@ class SchedulerStatusApi(APIView):
             host = serializers.CharField()
             pid = serializers.IntegerField()
             last_heartbeat = SchedulerDateTimeField()
+
+        class ShardSerializer(serializers.Serializer):
+            class Meta:
+                ref_name = "SchedulerStatusShard"
+
+            shard = serializers.IntegerField()
+            held = serializers.BooleanField(help_text="the holder's lock connection holds the shard's lock now")
+            host = serializers.CharField(allow_null=True)
+            pid = serializers.IntegerField(allow_null=True)
+            term = serializers.IntegerField(allow_null=True)
+            since = SchedulerDateTimeField(allow_null=True)
 
         class JobSerializer(serializers.Serializer):
             class Meta:
@@ -85,6 +96,7 @@ class SchedulerStatusApi(APIView):
         running = serializers.BooleanField()
         leader = LeaderSerializer(allow_null=True)
         standbys = StandbySerializer(many=True)
+        shards = ShardSerializer(many=True, help_text="account shard owners (empty when sharding is off)")
         jobs = JobSerializer(many=True)
 
     @extend_schema(responses=OutputSerializer)

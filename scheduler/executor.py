@@ -15,12 +15,19 @@ from scheduler.runs import RunContext, current_run
 
 
 def _run_with_scheduled_time(
-    job: Any, alias: str, run_times: list, logger_name: str, term: int, kind: str = JobRun.Kind.SCHEDULED
+    job: Any,
+    alias: str,
+    run_times: list,
+    logger_name: str,
+    term: int | None,
+    shard_run: bool = False,
+    kind: str = JobRun.Kind.SCHEDULED,
 ) -> list:
     # APScheduler 3 does not pass the scheduled time to the function; the wrapper reads it here.
     events: list = []
     for run_time in run_times:
-        token = current_run.set(RunContext(scheduled_at=run_time, kind=kind, term=term))
+        ctx = RunContext(scheduled_at=run_time, kind=kind, term=term, shard_run=shard_run)
+        token = current_run.set(ctx)
         try:
             events.extend(run_job(job, alias, [run_time], logger_name))
         finally:
@@ -29,11 +36,16 @@ def _run_with_scheduled_time(
 
 
 class ScheduledTimeExecutor(ThreadPoolExecutor):
-    """ThreadPoolExecutor whose runs carry (scheduled time, leadership term) into the job wrapper."""
+    """ThreadPoolExecutor whose runs carry (scheduled time, leadership term) into the job wrapper.
 
-    def __init__(self, max_workers: int, term: int):
+    `shard_run`: the executor of a process's shard scheduler (per-account jobs for its own shards;
+    term None: its runs are fenced by their shards' terms, not by leadership).
+    """
+
+    def __init__(self, max_workers: int, term: int | None, *, shard_run: bool = False):
         super().__init__(max_workers)
         self.term = term
+        self.shard_run = shard_run
 
     def _do_submit_job(self, job: Any, run_times: list, kind: str = JobRun.Kind.SCHEDULED) -> None:
         def callback(future: Any) -> None:
@@ -44,7 +56,14 @@ class ScheduledTimeExecutor(ThreadPoolExecutor):
                 self._run_job_success(job.id, future.result())
 
         future = self._pool.submit(
-            _run_with_scheduled_time, job, job._jobstore_alias, run_times, self._logger.name, self.term, kind
+            _run_with_scheduled_time,
+            job,
+            job._jobstore_alias,
+            run_times,
+            self._logger.name,
+            self.term,
+            self.shard_run,
+            kind,
         )
         future.add_done_callback(callback)
 

@@ -6,10 +6,9 @@ import contextlib
 import logging
 from typing import Any, Protocol
 
-from django.conf import settings
 from django.db import connection
 
-from scheduler.locks import LEADER_LOCK_CLASS, LEADER_LOCK_ID, FileLock, leader_lock_path
+from scheduler.locks import LEADER_LOCK_CLASS, LEADER_LOCK_ID, FileLock, leader_lock_path, lock_connection
 
 logger = logging.getLogger(__name__)
 
@@ -37,29 +36,7 @@ class PostgresLeaderLock:
         self.backend_pid: int | None = None
 
     def _connect(self):  # noqa: ANN202
-        import psycopg2
-
-        db = settings.DATABASES["default"]
-        options = (
-            "-c statement_timeout=5000 -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
-            "-c tcp_keepalives_count=2 -c idle_in_transaction_session_timeout=0"
-        )
-        conn = psycopg2.connect(
-            dbname=db["NAME"],
-            user=db.get("USER") or None,
-            password=db.get("PASSWORD") or None,
-            host=db.get("HOST") or None,
-            port=db.get("PORT") or None,
-            connect_timeout=3,
-            keepalives=1,
-            keepalives_idle=5,
-            keepalives_interval=2,
-            keepalives_count=2,
-            application_name="tradingsite-leader-lock",
-            options=options,
-        )
-        conn.autocommit = True
-        return conn
+        return lock_connection(application_name="tradingsite-leader-lock")
 
     def try_acquire(self) -> bool:
         try:

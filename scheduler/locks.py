@@ -7,6 +7,7 @@ import os
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import connection
@@ -26,6 +27,37 @@ def advisory_key(name: str) -> int:
     """A stable signed 32-bit key for a name."""
     value = zlib.crc32(name.encode())
     return value - (1 << 32) if value >= (1 << 31) else value
+
+
+def lock_connection(*, application_name: str) -> Any:
+    """A dedicated autocommit psycopg2 connection for session advisory locks (leader, shards).
+
+    Client and server keepalives (idle 5 s, interval 2 s, count 2) make a lost host drop the
+    session, and its locks, within about 15 s; connect timeout 3 s; statement timeout 5 s.
+    """
+    import psycopg2
+
+    db = settings.DATABASES["default"]
+    options = (
+        "-c statement_timeout=5000 -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+        "-c tcp_keepalives_count=2 -c idle_in_transaction_session_timeout=0"
+    )
+    conn = psycopg2.connect(
+        dbname=db["NAME"],
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        host=db.get("HOST") or None,
+        port=db.get("PORT") or None,
+        connect_timeout=3,
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=2,
+        application_name=application_name,
+        options=options,
+    )
+    conn.autocommit = True
+    return conn
 
 
 def lock_dir() -> Path:

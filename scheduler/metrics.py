@@ -21,7 +21,7 @@ from prometheus_client.utils import floatToGoString
 
 from core.models import MetricCounter
 from scheduler.models import JobRun, Leadership, SchedulerInstance
-from scheduler.selectors import STANDBY_HEARTBEAT_MAX_AGE, scheduler_running
+from scheduler.selectors import STANDBY_HEARTBEAT_MAX_AGE, scheduler_running, scheduler_shards
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,34 @@ class SchedulerCollector:
         ).values_list("host", "pid", "role", "rss_bytes"):
             rss.add_metric([host, str(pid), role], cast(int, rss_bytes))  # rss_bytes__isnull=False
         yield rss
+        yield from self._shards()
+
+    def _shards(self) -> Iterator[Metric]:
+        """Account shard ownership (nothing when sharding is off): term per held shard, shards per process."""
+        shards = scheduler_shards()
+        if not shards:
+            return
+        term = GaugeMetricFamily(
+            PREFIX + "scheduler_shard_term",
+            "Ownership term of each held account shard, labelled with its owner",
+            labels=["shard", "host", "pid"],
+        )
+        owned = GaugeMetricFamily(
+            PREFIX + "scheduler_shards_owned", "Account shards each scheduler process holds", labels=["host", "pid"]
+        )
+        per_owner: dict[tuple[str, str], int] = {}
+        for row in shards:
+            if row["held"]:
+                owner = (str(row["host"]), str(row["pid"]))
+                term.add_metric([str(row["shard"]), *owner], row["term"] or 0)
+                per_owner[owner] = per_owner.get(owner, 0) + 1
+        for owner, n in sorted(per_owner.items()):
+            owned.add_metric(list(owner), n)
+        free = GaugeMetricFamily(PREFIX + "scheduler_shards_free", "Account shards no live process holds")
+        free.add_metric([], sum(1 for row in shards if not row["held"]))
+        yield term
+        yield owned
+        yield free
 
     def _recent_runs(self):  # noqa: ANN202
         # The scheduled_at index bounds every scan to the window.

@@ -78,10 +78,15 @@ class JobRun(models.Model):
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.RUNNING)
     summary = models.CharField(max_length=500, blank=True)
     error = models.TextField(blank=True)
+    # The account shards a per-account run covered ("3,7,11"); "" for every other run (and when
+    # sharding is off). Runs of one scheduled time by different owners cover disjoint shards.
+    shards = models.CharField(max_length=200, blank=True, default="", db_default="")
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["job_id", "scheduled_at"], name="jobrun_unique_job_scheduled_at"),
+            models.UniqueConstraint(
+                fields=["job_id", "scheduled_at", "shards"], name="jobrun_unique_job_scheduled_at_shards"
+            ),
         ]
         indexes = [
             models.Index(fields=["scheduled_at"], name="jobrun_scheduled_at"),
@@ -136,3 +141,23 @@ class JobCommand(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.job_id} ({self.status})"
+
+
+class ShardLease(models.Model):
+    """One row per account shard: its ownership term and who holds it (the advisory lock is the truth).
+
+    The term increments every time a process takes the shard's lock, as Leadership.term does for the
+    leader; a per-account run's claim is refused unless each of its shards is still at the term its
+    process took it with.
+    """
+
+    shard = models.PositiveSmallIntegerField(primary_key=True)
+    term = models.BigIntegerField(default=0)
+    instance_id = models.CharField(max_length=64, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.IntegerField(null=True, blank=True)
+    backend_pid = models.IntegerField(null=True, blank=True)
+    since = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"shard {self.shard} term {self.term} ({self.host}:{self.pid})"

@@ -63,6 +63,9 @@ class JobSpec:
     enabled: bool = True
     on_leader: CatchUp | None = None  # run once when a term starts, before the leader announcement
     wakeable: bool = False  # may be run at once between ticks on a wake-up (scheduler.wake.job_wake)
+    # Per-account work: with sharding on (PostgreSQL), run by every process that owns account shards,
+    # each on its own scheduler and for its own shards' accounts only (scheduler.shards).
+    sharded: bool = False
 
     def trigger_text(self, timezone: str | None = None) -> str:
         return str(self.trigger.build(timezone or settings.SCHEDULER_TIMEZONE))
@@ -86,6 +89,7 @@ REGISTRY: tuple[JobSpec, ...] = (
         grace=2,
         budget=0.8,
         wakeable=True,  # intake wakes it: a signal's orders go out at once, not at the next tick
+        sharded=True,
     ),
     JobSpec(
         id="update_open_orders",
@@ -94,6 +98,7 @@ REGISTRY: tuple[JobSpec, ...] = (
         trigger=interval(seconds=29),
         grace=29,
         budget=20,
+        sharded=True,
     ),
     JobSpec(
         id="update_price_cache",

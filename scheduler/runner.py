@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psutil
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.util import ref_to_obj
 from django.conf import settings
@@ -24,11 +25,12 @@ from core.alerts import alert_raise
 from core.runtime import HOST
 from scheduler.executor import SafeDjangoJobStore, ScheduledTimeExecutor
 from scheduler.leadership import LeaderLock, leader_lock_for_database
-from scheduler.models import SchedulerInstance
-from scheduler.reconcile import reconcile
+from scheduler.models import JobControl, SchedulerInstance
+from scheduler.reconcile import job_function, reconcile
 from scheduler.registry import JobSpec
 from scheduler.selectors import overdue_jobs
 from scheduler.services import instance_heartbeat, jobrun_close_abandoned, leadership_begin_term
+from scheduler.shards import ShardOwner, shard_owner_install, sharding_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,12 @@ LEADER_THREADS: list[str] = [
     "orders.streams:user_stream_manager",
     "orders.execution:ExecutionPools",
     "scheduler.wake:JobWaker",
+]
+# With account sharding on (PostgreSQL), these run in every process, leader or not, from start to
+# exit, each touching only the accounts of the shards its process owns (they ask scheduler.shards).
+SHARD_THREADS: list[str] = [
+    "orders.streams:user_stream_manager",
+    "orders.execution:ExecutionPools",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
 # rows (JobSpec.on_leader), then the announcement.
@@ -83,6 +91,14 @@ class SchedulerHost:
         self.exit_code = 0
         self._process = psutil.Process()
         self._hooks_thread: threading.Thread | None = None
+        # Account shards (PostgreSQL): the owner thread, the per-account jobs' own scheduler and the
+        # threads that work per account; all None/empty when sharding is off.
+        self.sharded = False
+        self.shard_owner: ShardOwner | None = None
+        self.shard_scheduler: BackgroundScheduler | None = None
+        self.shard_executor: ScheduledTimeExecutor | None = None
+        self.shard_threads: list[Any] = []
+        self._shard_paused: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -98,6 +114,8 @@ class SchedulerHost:
         backoff = 1.0
         while not self.stop_event.is_set():
             try:
+                if self.sharded or (self.shard_owner is None and sharding_enabled()):
+                    self._shard_tick()
                 if self.role == SchedulerInstance.Role.LEADER:
                     self._leader_tick()
                     wait = 1.0
@@ -155,6 +173,8 @@ class SchedulerHost:
         logger.info("scheduler started as leader (term %s)", self.term)
         self._heartbeat(force=True)
         for path in LEADER_THREADS:
+            if self.sharded and path in SHARD_THREADS:
+                continue  # running since start, for this process's shards
             thread = ref_to_obj(path)(self)
             thread.start()
             self.leader_threads.append(thread)
@@ -228,6 +248,84 @@ class SchedulerHost:
         with contextlib.suppress(DatabaseError):  # the database may be what we lost
             self._heartbeat(force=True)
 
+    # --- account shards ------------------------------------------------------
+    def _shard_tick(self) -> None:
+        """Sharding on: start the owner, the shard scheduler and the shard threads once; keep pause state."""
+        if self.shard_owner is None:
+            self.sharded = True
+            self.shard_owner = ShardOwner(instance_id=self.instance_id, host=HOST, pid=os.getpid())
+            shard_owner_install(self.shard_owner)
+            self.shard_owner.start()
+            for path in SHARD_THREADS:
+                thread = ref_to_obj(path)(self)
+                thread.start()
+                self.shard_threads.append(thread)
+            logger.info("account sharding on: %d shards", self.shard_owner.count)
+        thread = getattr(self.shard_scheduler, "_thread", None)
+        if self.shard_scheduler is None or thread is None or not thread.is_alive():
+            if self.shard_scheduler is not None:
+                logger.error("shard scheduler thread is dead; rebuilding it")
+                self._stop_shard_scheduler()
+            self._start_shard_scheduler()
+        self._shard_pause_sync()
+
+    def _sharded_specs(self) -> list[JobSpec]:
+        return [spec for spec in self.specs if spec.sharded]
+
+    def _start_shard_scheduler(self) -> None:
+        """The per-account jobs on an in-memory store: this process's own runs, for its own shards.
+
+        Only the leader writes the job store; here the registry's rows are scheduled afresh (a restart
+        runs them from now on, which for 1 s and 29 s pollers is what they want).
+        """
+        # One thread per job is enough (max_instances=1); each holds a database connection while it runs.
+        self.shard_executor = ScheduledTimeExecutor(max(1, len(self._sharded_specs())), None, shard_run=True)
+        scheduler = BackgroundScheduler(
+            jobstores={"default": MemoryJobStore()},
+            executors={"default": self.shard_executor},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone=settings.SCHEDULER_TIMEZONE,
+        )
+        for spec in self._sharded_specs():
+            scheduler.add_job(
+                job_function(spec),
+                trigger=spec.trigger.build(settings.SCHEDULER_TIMEZONE),
+                id=spec.id,
+                name=spec.name,
+                misfire_grace_time=spec.grace,
+                replace_existing=True,
+            )
+        scheduler.start()
+        self._shard_paused = set()
+        self.shard_scheduler = scheduler
+
+    def _shard_pause_sync(self) -> None:
+        """Apply `enabled` and the operator's pause (JobControl) to the shard scheduler's jobs."""
+        if self.shard_scheduler is None:
+            return
+        specs = self._sharded_specs()
+        paused = set(
+            JobControl.objects.filter(job_id__in=[s.id for s in specs], paused=True).values_list("job_id", flat=True)
+        ) | {s.id for s in specs if not s.enabled}
+        for job_id in paused - self._shard_paused:
+            self.shard_scheduler.pause_job(job_id)
+        for job_id in self._shard_paused - paused:
+            self.shard_scheduler.resume_job(job_id)
+        self._shard_paused = paused
+
+    def _stop_shard_scheduler(self, *, wait_until: float | None = None) -> None:
+        if self.shard_scheduler is None:
+            return
+        self.shard_scheduler.pause()
+        if wait_until is not None and self.shard_executor is not None:
+            while self.shard_executor.running_count() and time.monotonic() < wait_until:
+                time.sleep(0.1)
+        try:
+            self.shard_scheduler.shutdown(wait=False)
+        except Exception:
+            logger.exception("shard scheduler shutdown failed")
+        self.shard_scheduler = None
+
     # --- watchdog and heartbeat --------------------------------------------
     def thread_alive(self) -> bool:
         thread = getattr(self.scheduler, "_thread", None)
@@ -300,10 +398,16 @@ class SchedulerHost:
                 if self.executor.running_count():
                     logger.warning("shutdown grace over with jobs still running")
             self._stop_scheduler(wait=False)
+        self._stop_shard_scheduler(wait_until=deadline if wait_for_jobs else None)
         if wait_for_jobs and self._hooks_thread is not None and self._hooks_thread.is_alive():
             # Catch-up runs started on becoming leader are job runs too: let the current one finish.
             self._hooks_thread.join(max(0.0, deadline - time.monotonic()))
         self._stop_leader_threads()
+        for thread in self.shard_threads:
+            thread.stop()
+        self.shard_threads = []
+        if self.shard_owner is not None:
+            self.shard_owner.stop()  # its locks go with the process, after the runs above finished
         self.role = SchedulerInstance.Role.STOPPED
         try:
             close_old_connections()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ from core.alerts import alert_raise
 from core.counters import counter_add
 from core.runtime import HOST
 from core.scrub import scrub
+from scheduler import shards
 from scheduler.locks import JobLock
 from scheduler.models import JobRun, Leadership
 from scheduler.registry import registry_spec
@@ -42,6 +44,11 @@ class RunContext:
     kind: str = JobRun.Kind.SCHEDULED
     term: int | None = None  # None: whatever term is current (manual runs outside the leader)
     lock_timeout: float = 0.0
+    # Sharded jobs (JobSpec.sharded, sharding on): `shard_run` marks a run fired by the process's
+    # shard scheduler; `shards` the shards the run covers, each at its term in `shard_terms`.
+    shard_run: bool = False
+    shards: tuple[int, ...] | None = None
+    shard_terms: tuple[tuple[int, int], ...] = ()
 
 
 class JobFailedError(Exception):
@@ -66,14 +73,19 @@ def jobrun_claim(*, job_id: str, ctx: RunContext, started_at: datetime) -> int |
         term_sql, params_term = "", []
     else:
         term_sql, params_term = " AND term = %s", [ctx.term]
+    if ctx.shard_terms:
+        # Every shard of the run still at the term this process took it with (a fence like the term's).
+        held = " OR ".join(["(shard = %s AND term = %s)"] * len(ctx.shard_terms))
+        term_sql += f" AND (SELECT count(*) FROM scheduler_shardlease WHERE {held}) = %s"
+        params_term += [value for pair in ctx.shard_terms for value in pair] + [len(ctx.shard_terms)]
     # FOR SHARE makes a concurrent term increment wait for this claim (and vice versa).
     lock_sql = " FOR SHARE" if connection.vendor == "postgresql" else ""
     sql = (
         "INSERT INTO scheduler_jobrun (job_id, scheduled_at, term, host, pid, kind, started_at, "
-        "lateness_ms, outcome, summary, error) "
-        "SELECT %s, %s, term, %s, %s, %s, %s, %s, %s, '', '' FROM scheduler_leadership "
+        "lateness_ms, outcome, summary, error, shards) "
+        "SELECT %s, %s, term, %s, %s, %s, %s, %s, %s, '', '', %s FROM scheduler_leadership "
         f"WHERE id = 1{term_sql}{lock_sql} "
-        "ON CONFLICT (job_id, scheduled_at) DO NOTHING RETURNING id"
+        "ON CONFLICT (job_id, scheduled_at, shards) DO NOTHING RETURNING id"
     )
     adapt = connection.ops.adapt_datetimefield_value
     params = [
@@ -85,6 +97,7 @@ def jobrun_claim(*, job_id: str, ctx: RunContext, started_at: datetime) -> int |
         adapt(started_at),
         max(0, int((started_at - ctx.scheduled_at).total_seconds() * 1000)),
         JobRun.Outcome.RUNNING,
+        ",".join(str(shard) for shard in ctx.shards or ()),
         *params_term,
     ]
     with connection.cursor() as cursor:
@@ -127,12 +140,68 @@ def _budget(job_id: str) -> float:
     return spec.budget if spec else float("inf")
 
 
+def _shard_context(job_id: str, ctx: RunContext) -> RunContext | None:
+    """A sharded job's run: the shards this process owns now, or None when it must not run here.
+
+    The leader's job store still schedules the job (status, pause, next run), but with sharding on
+    its firing is left to the shard schedulers; a manual or catch-up run covers this process's shards.
+    Sharding is on in a process when the scheduler host installed a shard owner (PostgreSQL).
+    """
+    spec = registry_spec(job_id)
+    if spec is None or not spec.sharded or shards.shard_owner() is None:
+        return ctx  # not sharded, or a process that owns no shards by design (`--run`, tests): every account
+    if ctx.kind == JobRun.Kind.SCHEDULED and not ctx.shard_run:
+        return None
+    owned = shards.shards_owned()
+    if not owned:
+        logger.debug("[%s] run at %s skipped: this process owns no account shard", job_id, ctx.scheduled_at)
+        return None
+    terms = tuple(sorted(owned.items()))
+    return dataclasses.replace(ctx, shards=tuple(s for s, _ in terms), shard_terms=terms)
+
+
 def run_wrapped(job_id: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
 
     started_at = timezone.now()
     ctx = current_run.get() or RunContext(scheduled_at=started_at, kind=JobRun.Kind.MANUAL, lock_timeout=60.0)
+    sharded = _shard_context(job_id, ctx)
+    if sharded is None:
+        return None
+    if sharded is not ctx:
+        ctx = sharded
+        owner = shards.shard_owner()
+        covered = ctx.shards or ()
+        if owner is not None:
+            owner.run_started(covered)  # a shard given up from now on is released only after this run
+            still = owner.owned()
+            if any(still.get(shard) != term for shard, term in ctx.shard_terms):
+                # Given up (or lost) between the look and the registration: leave those shards out.
+                terms = tuple((shard, term) for shard, term in ctx.shard_terms if still.get(shard) == term)
+                if not terms:
+                    owner.run_finished(covered)
+                    return None
+                kept = tuple(s for s, _ in terms)
+                ctx = dataclasses.replace(ctx, shards=kept, shard_terms=terms)
+                owner.run_finished(tuple(s for s in covered if s not in kept))
+                covered = kept
+        token = current_run.set(ctx)  # the body reads its shards from here
+        try:
+            return _run_claimed(job_id, fn, args, kwargs, ctx=ctx, started_at=started_at)
+        finally:
+            current_run.reset(token)
+            if owner is not None:
+                owner.run_finished(covered)
+    return _run_claimed(job_id, fn, args, kwargs, ctx=ctx, started_at=started_at)
+
+
+def _run_claimed(
+    job_id: str, fn: Callable[..., Any], args: tuple, kwargs: dict, *, ctx: RunContext, started_at: datetime
+) -> Any:
     close_old_connections()
-    lock = JobLock(job_id)
+    # Sharded runs of different processes cover different accounts and may overlap in time; within
+    # one process a manual run still never overlaps a scheduled one.
+    owner = shards.shard_owner()
+    lock = JobLock(f"{job_id}@{owner.instance_id}" if ctx.shards is not None and owner is not None else job_id)
     try:
         if not lock.acquire(timeout=ctx.lock_timeout):
             counter_add(name="suppressed_duplicates", labels=f"job={job_id}")

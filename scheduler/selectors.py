@@ -12,7 +12,7 @@ from django.db import connection
 from django_apscheduler.models import DjangoJob
 
 from scheduler.locks import LEADER_LOCK_CLASS, LEADER_LOCK_ID, is_postgres
-from scheduler.models import JobControl, JobRun, SchedulerInstance
+from scheduler.models import JobControl, JobRun, SchedulerInstance, ShardLease
 from scheduler.registry import JobSpec, registry_specs_lenient
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,44 @@ def scheduler_status(*, now: datetime) -> dict[str, Any]:
     }
 
 
+def scheduler_shards() -> list[dict[str, Any]]:
+    """Account shard ownership: per shard its holder (host, pid), term and since, and whether the holder's
+    lock connection holds the shard's advisory lock now (`held`; false: free, moving or the lease is stale).
+
+    Empty when sharding is off (SQLite, SCHEDULER_SHARDING=off). Two small queries, no writes.
+    """
+    from scheduler.shards import SHARD_LOCK_CLASS, shard_count, sharding_enabled
+
+    if not sharding_enabled():
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT objid::int, pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s "
+            "AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            [SHARD_LOCK_CLASS],
+        )
+        holders = dict(cursor.fetchall())
+    leases = {lease.shard: lease for lease in ShardLease.objects.all()}
+    rows = []
+    for shard in range(shard_count()):
+        lease = leases.get(shard)
+        held = lease is not None and lease.backend_pid is not None and holders.get(shard) == lease.backend_pid
+        rows.append(
+            {
+                "shard": shard,
+                "held": held,
+                "host": lease.host if lease else None,
+                "pid": lease.pid if lease else None,
+                "term": lease.term if lease else None,
+                "since": _local(lease.since) if lease else None,
+            }
+        )
+    return rows
+
+
 def _instance_bodies(*, leader: SchedulerInstance | None, standbys: list[SchedulerInstance]) -> dict[str, Any]:
     return {
+        "shards": scheduler_shards(),
         "leader": None
         if leader is None
         else {

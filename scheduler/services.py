@@ -47,8 +47,12 @@ def jobrun_close_abandoned(*, term: int, now: datetime) -> int:
     Scheduled and catch-up runs only; a manual `--run` may legitimately outlive a takeover.
     Returns how many rows were closed. Called by a new leader once per term.
     """
+    # Runs of the shard schedulers (shards set) belong to their processes, not to leadership.
     closed = JobRun.objects.filter(
-        outcome=JobRun.Outcome.RUNNING, term__lt=term, kind__in=[JobRun.Kind.SCHEDULED, JobRun.Kind.CATCHUP]
+        outcome=JobRun.Outcome.RUNNING,
+        term__lt=term,
+        kind__in=[JobRun.Kind.SCHEDULED, JobRun.Kind.CATCHUP],
+        shards="",
     ).update(
         outcome=JobRun.Outcome.ERROR,
         finished_at=now,

@@ -24,6 +24,8 @@ from core.db import sqlite_money_install
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+# Prefix of the databases subprocess tests create (engineers sharing one server use their own).
+PG_DB_PREFIX = os.environ.get("TEST_PG_DB_PREFIX", "ts_")
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -120,14 +122,14 @@ def _pg_url(name: str) -> str:
 
 
 def pg_template(directory: Path) -> str:
-    name = f"ts_tmpl_{uuid.uuid4().hex[:8]}"
+    name = f"{PG_DB_PREFIX}tmpl_{uuid.uuid4().hex[:8]}"
     _pg_admin(f"CREATE DATABASE {name}")
     _migrate(_pg_url(name), directory)
     return name
 
 
 def pg_db(template: str, directory: Path) -> ProcDB:
-    name = f"ts_proc_{uuid.uuid4().hex[:8]}"
+    name = f"{PG_DB_PREFIX}proc_{uuid.uuid4().hex[:8]}"
     _pg_admin(f"CREATE DATABASE {name} TEMPLATE {template}")
     directory.mkdir(parents=True, exist_ok=True)
     return ProcDB(url=_pg_url(name), var_dir=directory)

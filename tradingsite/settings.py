@@ -278,6 +278,14 @@ SCHEDULER_STANDBY_POLL = env.float("SCHEDULER_STANDBY_POLL", default=1.0)
 SCHEDULER_SHUTDOWN_GRACE = env.float("SCHEDULER_SHUTDOWN_GRACE", default=30.0)
 SCHEDULER_THREADS = env.int("SCHEDULER_THREADS", default=20)
 SCHEDULER_LOCK_FILE = env.str("SCHEDULER_LOCK_FILE", default="")
+# Account shards (PostgreSQL only; SQLite keeps one process owning everything): how many, whether
+# on ("auto": on with PostgreSQL; "off"), how often owners poll, and how old a shard lock's last
+# successful probe may be before its owner stops touching the shard's accounts.
+ACCOUNT_SHARDS = env.int("ACCOUNT_SHARDS", default=16)
+SCHEDULER_SHARDING = env.str("SCHEDULER_SHARDING", default="auto")
+SHARD_POLL = env.float("SHARD_POLL", default=0.5)
+SHARD_PROBE_MAX_AGE = env.float("SHARD_PROBE_MAX_AGE", default=2.0)
+SHARD_DRAIN_MAX = env.float("SHARD_DRAIN_MAX", default=30.0)
 # Test and drill knob: seconds the probe job sleeps, so a run can be caught in flight.
 SCHEDULER_PROBE_SLEEP = env.float("SCHEDULER_PROBE_SLEEP", default=0.0)
 try:

@@ -19,6 +19,7 @@ from scheduler.models import SchedulerInstance
 from scheduler.poller import run_manual
 from scheduler.reconcile import job_function, prune_stale
 from scheduler.registry import JobSpec, OverrideError, registry_specs
+from scheduler.selectors import scheduler_shards
 
 LEADER_ALIVE = timedelta(seconds=10)
 
@@ -76,6 +77,7 @@ class Command(BaseCommand):
         parser.add_argument("--run", metavar="JOB_ID", help="run one job once in the foreground (MANUAL)")
         parser.add_argument("--force", action="store_true", help="with --run: run even while a leader is up")
         parser.add_argument("--prune-stale", action="store_true", help="delete job rows no longer in the registry")
+        parser.add_argument("--shards", action="store_true", help="print account shard ownership and exit")
 
     def handle(self, *args, **options):  # noqa: ANN002, ANN003
         problems = settings_problems()
@@ -92,6 +94,8 @@ class Command(BaseCommand):
         specs = registry_specs()
         if options["list"]:
             self._list(specs)
+        elif options["shards"]:
+            self._shards()
         elif options["run"]:
             self._run(specs, options["run"], force=options["force"])
         elif options["prune_stale"]:
@@ -109,6 +113,27 @@ class Command(BaseCommand):
             when = next_run.astimezone(tz).isoformat() if next_run else ("paused" if spec.id in next_runs else "-")
             state = "" if spec.enabled else " (disabled)"
             self.stdout.write(f"{spec.id:32} {spec.trigger_text():40} {when}{state}")
+
+    def _shards(self) -> None:
+        """Shard → owner (host:pid), term and since; `free` when no live process holds it."""
+        rows = scheduler_shards()
+        if not rows:
+            self.stdout.write(
+                "account sharding is off (SQLite or SCHEDULER_SHARDING=off): one scheduler owns every account"
+            )
+            return
+        owners: dict[str, int] = {}
+        for row in rows:
+            if row["held"]:
+                owner = f"{row['host']}:{row['pid']}"
+                owners[owner] = owners.get(owner, 0) + 1
+                since = row["since"].isoformat(timespec="seconds") if row["since"] else "-"
+                self.stdout.write(f"shard {row['shard']:3}  {owner:40} term {row['term']:<6} since {since}")
+            else:
+                self.stdout.write(f"shard {row['shard']:3}  free")
+        summary = ", ".join(f"{owner} {n}" for owner, n in sorted(owners.items())) or "none"
+        free = sum(1 for row in rows if not row["held"])
+        self.stdout.write(f"{len(rows)} shards; held by {summary}; {free} free")
 
     def _run(self, specs: list[JobSpec], job_id: str, *, force: bool) -> None:
         spec = next((s for s in specs if s.id == job_id), None)

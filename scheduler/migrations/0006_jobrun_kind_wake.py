@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('scheduler', '0004_metriccounter_to_core'),
+        ('scheduler', '0005_account_shards'),
     ]
 
     operations = [
