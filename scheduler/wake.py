@@ -21,9 +21,10 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+
+from scheduler.locks import lock_connection
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +75,7 @@ class JobWaker:
         return self._thread.is_alive() or connection.vendor != "postgresql"
 
     def _connect(self) -> Any:
-        import psycopg2
-
-        db = settings.DATABASES["default"]
-        conn = psycopg2.connect(
-            dbname=db["NAME"],
-            user=db.get("USER") or None,
-            password=db.get("PASSWORD") or None,
-            host=db.get("HOST") or None,
-            port=db.get("PORT") or None,
-            connect_timeout=3,
-            keepalives=1,
-            keepalives_idle=5,
-            keepalives_interval=2,
-            keepalives_count=2,
-            application_name="tradingsite-job-waker",
-        )
-        conn.autocommit = True
+        conn = lock_connection(application_name="tradingsite-job-waker")  # the locks' keepalives and timeouts
         with conn.cursor() as cursor:
             cursor.execute(f"LISTEN {CHANNEL}")
         return conn
