@@ -1086,6 +1086,9 @@ class SimEngine:
         if not _recent(last.first(), now):
             live = SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN)
             self._match_orders(exchange, live, now, force=False, wait=True)
+            # The account was stepped at `now` even when nothing was due: an order this call
+            # creates takes its next slice at the next step (MATCH_INTERVAL on), as at the exchange's.
+            SimAccount.objects.filter(exchange=exchange, account=account).update(last_match_at=now)
 
     def _match_orders(self, exchange: str, live, now: datetime, *, force: bool, wait: bool) -> MatchReport:  # noqa: ANN001
         """Match the due orders among `live` at `now`, one account at a time under its lock.
