@@ -55,6 +55,7 @@ LEADER_THREADS: list[str] = [
 SHARD_THREADS: list[str] = [
     "orders.streams:user_stream_manager",
     "orders.execution:ExecutionPools",
+    "scheduler.wake:JobWaker",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
 # rows (JobSpec.on_leader), then the announcement.

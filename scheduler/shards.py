@@ -32,7 +32,7 @@ from typing import Any
 
 from apscheduler.util import ref_to_obj
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connection, connections, transaction
 from django.db.models import Q
 from django.db.models.functions import Mod
 from django.db.models.lookups import In
@@ -248,6 +248,7 @@ class ShardOwner:
             finally:
                 close_old_connections()
             self._stop.wait(settings.SHARD_POLL)
+        connections.close_all()  # this thread's own: nothing stays open after the owner stopped
 
     def _drop_all(self, reason: str) -> None:
         with self._lock:

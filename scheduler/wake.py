@@ -5,9 +5,11 @@ its pass. The process that commits work calls `job_wake(job_id)`; on PostgreSQL 
 sent when the transaction commits (so the woken run sees the rows). `JobWaker`, a leader thread,
 LISTENs on a dedicated autocommit connection and submits one run of each woken job to the host's
 executor as a WAKE JobRun: through the same wrapper as a tick (persisted, fenced by the term), and
-never beside another run of the same job (the executor's max_instances). Only jobs whose registry
-row says `wakeable` are woken. A wake that finds the job running, or its tick due within
-WAKE_SKIP_BEFORE_TICK, is dropped: that run (or tick) picks the work up.
+never beside another run of the same job (the executor's max_instances). With account sharding on,
+every process LISTENs and wakes a per-account job on its own shard scheduler, so each owner places
+the orders of its own shards at once. Only jobs whose registry row says `wakeable` are woken. A
+wake that finds the job running, or its tick due within WAKE_SKIP_BEFORE_TICK, is dropped: that
+run (or tick) picks the work up.
 
 On SQLite there is no NOTIFY: `job_wake` does nothing and the work waits for the tick, as before.
 """
@@ -52,7 +54,12 @@ def job_wake(job_id: str) -> None:
 
 
 class JobWaker:
-    """Leader thread (scheduler.runner LEADER_THREADS): LISTEN for wake-ups and run the woken jobs at once."""
+    """LISTEN for wake-ups and run the woken jobs at once.
+
+    A leader thread (scheduler.runner LEADER_THREADS); with account sharding on, a thread of every
+    process (SHARD_THREADS) from start to exit: a per-account job is woken on the process's own
+    shard scheduler, a global one only where this process leads.
+    """
 
     def __init__(self, host: Any):
         self.host = host
@@ -108,7 +115,12 @@ class JobWaker:
     def wake(self, job_id: str, now: datetime | None = None) -> bool:
         """Submit one WAKE run of `job_id` to the host's executor; False when it is not run (and why is logged)."""
         spec = next((s for s in self.host.specs if s.id == job_id), None)
-        scheduler, executor = self.host.scheduler, self.host.executor
+        if spec is not None and spec.sharded and self.host.sharded:
+            # Per-account jobs run on this process's own shard scheduler, for the shards it owns;
+            # every process LISTENs, so each wakes its own part of the work.
+            scheduler, executor = self.host.shard_scheduler, self.host.shard_executor
+        else:
+            scheduler, executor = self.host.scheduler, self.host.executor
         if spec is None or not spec.wakeable or scheduler is None or executor is None:
             return False
         job = scheduler.get_job(job_id)

@@ -95,3 +95,40 @@ def test_on_sqlite_a_wake_up_sends_nothing_and_the_tick_places_the_order(executi
     assert PendingOrder.objects.filter(pk=pending.pk).exists()
     rebalance_order_queue()
     wait_for(lambda: OpenOrder.objects.filter(order_key=pending.order_key).exists(), timeout=15, what="placement")
+
+
+@postgres_only
+def test_with_sharding_on_each_process_wakes_its_own_shard_scheduler(execution_workers, settings):  # noqa: ANN001
+    """The queue runs per shard owner, not on the leader: the wake-up reaches the owner's shard scheduler."""
+    from scheduler.shards import shard_owner_install
+
+    settings.ORDER_QUEUE_SLOTS = {"default": 2}
+    settings.SCHEDULER_SHARDING = "auto"
+    queue_sweep_reset()
+    host = SchedulerHost(specs=[dataclasses.replace(QUEUE, trigger=interval(hours=1))])
+    try:
+        host._shard_tick()  # not the leader: only the owner, the shard scheduler and the shard threads
+        assert host.sharded and host.term is None
+        waker = next(t for t in host.shard_threads if isinstance(t, JobWaker))
+        wait_for(lambda: len(host.shard_owner.owned()) == host.shard_owner.count, timeout=15, what="all shards")
+        wait_for(lambda: waker._conn is not None, timeout=10, what="the waker to LISTEN")
+        paper_market_info(market_type="SPOT", symbol="ETH/USDT")
+        sa = StrategyAccountFactory(strategy__market_type="SPOT")
+
+        pending = enqueue(sa, "BUY", "1500")
+        wait_for(lambda: OpenOrder.objects.filter(order_key=pending.order_key).exists(), timeout=15, what="placement")
+
+        runs = JobRun.objects.filter(job_id="rebalance_order_queue")
+        assert list(runs.values_list("kind", flat=True).distinct()) == [JobRun.Kind.WAKE]
+        assert all(shards for shards in runs.values_list("shards", flat=True)), "a shard run names its shards"
+        assert host.scheduler is None, "no leader scheduler was involved"
+        assert OrderEvent.objects.filter(order_key=pending.order_key, kind=OrderEvent.Kind.PLACED).count() == 1
+        assert waker.wakes >= 1
+    finally:
+        host.stop_event.set()
+        host._shutdown(wait_for_jobs=False)
+        if host.shard_owner is not None:
+            host.shard_owner.locks.close()  # the advisory locks go with their connection
+        host.lock.release()
+        shard_owner_install(None)
+        queue_sweep_reset()
