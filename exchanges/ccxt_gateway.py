@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import ccxt
 from django.conf import settings
+from requests.adapters import HTTPAdapter
 
 from core.money import COLUMN_LIMIT, ZERO
 from core.scrub import scrub, secret_register
@@ -271,6 +272,27 @@ def _policed_class(cls: type[Any]) -> type[Any]:
     return policed
 
 
+class _SourceAddressAdapter(HTTPAdapter):
+    """requests' adapter whose connections leave from one local address (EXCHANGE_SOURCE_ADDRESS)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def _bind_source(exchange: Any) -> None:
+    """Send this instance's REST calls from EXCHANGE_SOURCE_ADDRESS, when one is set (one egress IP per process)."""
+    source = settings.EXCHANGE_SOURCE_ADDRESS
+    if source:
+        adapter = _SourceAddressAdapter(source)
+        exchange.session.mount("http://", adapter)
+        exchange.session.mount("https://", adapter)
+
+
 def _make_exchange(family: str, market_type: MarketType, api_key: str, api_secret: str, testnet: bool) -> Any:
     cls = _policed_class(getattr(ccxt, _CLASSES[(family, market_type)]))
     exchange = cls(
@@ -289,6 +311,7 @@ def _make_exchange(family: str, market_type: MarketType, api_key: str, api_secre
         else:
             exchange.set_sandbox_mode(True)
     _apply_override(exchange, family, market_type)
+    _bind_source(exchange)
     exchange.tradingsite_testnet = testnet
     return exchange
 

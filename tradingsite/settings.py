@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -355,6 +356,16 @@ EXCHANGE_RATE_WAIT_MAX = env.float("EXCHANGE_RATE_WAIT_MAX", default=2.0)
 # number for every exchange or JSON {"default": 32, "BINANCE": 48}; 0 is no cap. A call waits for a
 # slot as long as for its budget (EXCHANGE_RATE_WAIT_MAX), then fails as RateLimited unsent.
 EXCHANGE_MAX_IN_FLIGHT = env.str("EXCHANGE_MAX_IN_FLIGHT", default="32")
+# The local address this process's REST calls to exchanges leave from ("" = the system's choice): a
+# host with several egress IPs runs one scheduler per IP, and each IP has its own weight budget.
+EXCHANGE_SOURCE_ADDRESS = env.str("EXCHANGE_SOURCE_ADDRESS", default="")
+if EXCHANGE_SOURCE_ADDRESS:
+    try:
+        ipaddress.ip_address(EXCHANGE_SOURCE_ADDRESS)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"EXCHANGE_SOURCE_ADDRESS must be an IP address of this host, not {EXCHANGE_SOURCE_ADDRESS!r}"
+        ) from None
 
 if EXCHANGE_QUEUE_TIMEOUT_MS <= 0:
     raise ImproperlyConfigured(f"EXCHANGE_QUEUE_TIMEOUT_MS must be positive (ms), not {EXCHANGE_QUEUE_TIMEOUT_MS}")
