@@ -504,6 +504,11 @@ class CcxtGateway:
             exchange.set_markets_from_exchange(self._loaded_template(MarketType(market_type)))
         return exchange
 
+    def prepare(self, market_type: MarketType) -> None:
+        """Build this account's client of `market_type` now (markets shared; at most one public load per
+        process), so that its first order does not pay for it."""
+        self._client(MarketType(market_type))
+
     def _loaded_template(self, market_type: MarketType) -> Any:
         """The template of this market type with its markets loaded (one public load per process)."""
         template = _template(self.family, market_type, self.testnet)

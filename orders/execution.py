@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
@@ -84,3 +85,85 @@ class ExecutionPools:
 
     def is_alive(self) -> bool:
         return self._alive
+
+
+class ClientWarmer:
+    """Leader thread, and with account sharding a thread of every process (scheduler.runner): builds the
+    exchange clients of the accounts this process trades for (active links of active strategies and
+    accounts; with sharding, those of the shards it owns) in the background, so the first signal
+    after a start, a failover or a shard move does not pay for them (a ccxt client per account and
+    market type: milliseconds each, seconds for a thousand). Newly owned shards are picked up within
+    WARM_POLL, new subscriptions within WARM_RESCAN. A gateway without client state to build (no
+    `prepare`) is skipped; a failure is logged and retried at the next rescan.
+    """
+
+    WARM_POLL = 1.0
+    WARM_RESCAN = 60.0
+
+    def __init__(self, host: Any = None):
+        self.host = host
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="client-warmer", daemon=True)
+        self.warmed: set[tuple[int, str]] = set()  # (account id, market type) built in this process
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() or self._stop.is_set()
+
+    def _main(self) -> None:
+        from django.db import close_old_connections, connections
+
+        from scheduler.shards import shard_owner
+
+        seen: frozenset[int] | None = None
+        rescan_at = 0.0
+        while not self._stop.is_set():
+            try:
+                owner = shard_owner()
+                shards = frozenset(owner.owned()) if owner is not None else None
+                now = time.monotonic()
+                if shards != seen or now >= rescan_at:
+                    self.warm(owner.shard_set() if owner is not None else None)
+                    seen, rescan_at = shards, now + self.WARM_RESCAN
+            except Exception:
+                logger.exception("client warm-up failed; retried in %.0f s", self.WARM_RESCAN)
+                rescan_at = time.monotonic() + self.WARM_RESCAN
+            finally:
+                close_old_connections()
+            self._stop.wait(self.WARM_POLL)
+        connections.close_all()
+
+    def warm(self, shards: Any = None) -> int:
+        """Build the clients not built yet of the active links (of `shards`, a ShardSet; None: all); how many."""
+        from accounts.models import StrategyAccount
+        from exchanges.services import gateway_for
+
+        links = StrategyAccount.objects.filter(
+            is_active=True, strategy__is_active=True, account__is_active=True
+        ).select_related("account", "strategy")
+        if shards is not None:
+            if not shards.shards:
+                return 0
+            links = links.filter(shards.q("account_id"))
+        built = 0
+        for link in links.iterator(chunk_size=500):
+            if self._stop.is_set():
+                break
+            key = (link.account_id, link.strategy.market_type)
+            if key in self.warmed:
+                continue
+            prepare = getattr(gateway_for(link.account), "prepare", None)
+            if prepare is not None:
+                prepare(link.strategy.market_type)
+                built += 1
+            self.warmed.add(key)
+        if built:
+            logger.info("exchange clients built for %d account markets", built)
+        return built

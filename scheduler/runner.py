@@ -49,6 +49,7 @@ LEADER_THREADS: list[str] = [
     "orders.streams:user_stream_manager",
     "orders.execution:ExecutionPools",
     "scheduler.wake:JobWaker",
+    "orders.execution:ClientWarmer",
 ]
 # With account sharding on (PostgreSQL), these run in every process, leader or not, from start to
 # exit, each touching only the accounts of the shards its process owns (they ask scheduler.shards).
@@ -56,6 +57,7 @@ SHARD_THREADS: list[str] = [
     "orders.streams:user_stream_manager",
     "orders.execution:ExecutionPools",
     "scheduler.wake:JobWaker",
+    "orders.execution:ClientWarmer",
 ]
 # Run once in the background on becoming leader (SPEC §2.2): the catch-ups declared on the registry's
 # rows (JobSpec.on_leader), then the announcement.
