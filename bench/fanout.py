@@ -418,6 +418,8 @@ SIM: dict[str, int] = {}
 # The pools' sizes measured against 0 (serial): the product defaults unless BENCH_FANOUT_WORKERS /
 # BENCH_RECONCILE_WORKERS say otherwise.
 WORKERS = {"queue": 16, "reconcile": 8}
+# The sharded runs (bench.fanout_shards): how many scheduler processes (0: none), their environment and logs.
+SHARDED: dict[str, Any] = {"count": 3}
 # Seconds per create sent straight to the simulator: "serial" one after another, "concurrent" 16 at once.
 CALIBRATION: dict[str, list[float]] = {}
 
@@ -753,7 +755,8 @@ def fanout_lines(value: FanoutResult, baseline: FanoutResult | None) -> list[str
     for name in FANOUT_FIGURES:
         own = value.figure(name)
         base = baseline.figure(name) if baseline is not None else None
-        label = f"fanout_{value.order_type.lower()}_{name}[N={value.n}]"
+        where = f"N={value.n}" + (f",{-value.workers} schedulers" if value.workers < 0 else "")
+        label = f"fanout_{value.order_type.lower()}_{name}[{where}]"
         if isinstance(own, float) and math.isnan(own):
             lines.append(f"{label:52} {'-':>10} {'-' if base is None else _fmt_nan(base):>10} {'-':>10}")
             continue
@@ -776,8 +779,8 @@ def verdict(ok: bool) -> str:
 def goals(fanouts: dict[tuple[str, int, int], FanoutResult], reconciles: dict[int, ReconcileResult]) -> list[str]:
     lines = []
     for (order_type, n, workers), r in sorted(fanouts.items()):
-        if not workers:
-            continue
+        if workers <= 0:
+            continue  # the serial baselines and the sharded runs (reported beside the single process)
         if n == 100:
             last = r.figure("last_ack_s")
             lines.append(
@@ -792,14 +795,14 @@ def goals(fanouts: dict[tuple[str, int, int], FanoutResult], reconciles: dict[in
                 f"# goal {order_type} N=1000 p99 acknowledged <= {GOAL_P99_1000:.0f} s: {verdict(ok)} "
                 f"({'-' if math.isnan(p99) else f'{p99:.3f} s'}; {len(r.acks)}/{n} acknowledged)"
             )
-    concurrent_reconcile = [r for w, r in reconciles.items() if w]
+    concurrent_reconcile = [r for w, r in reconciles.items() if w > 0]
     for rr in concurrent_reconcile:
         if rr.accounts == 1000:
             lines.append(
                 f"# goal reconciliation of 1000 accounts <= {GOAL_RECONCILE:.0f} s: "
                 f"{verdict(rr.seconds <= GOAL_RECONCILE)} ({rr.seconds:.2f} s)"
             )
-    concurrent = [r for (_, _, w), r in fanouts.items() if w]
+    concurrent = [r for (_, _, w), r in fanouts.items() if w > 0]
     if concurrent:
         skipped = sum(r.skipped_ticks for r in concurrent)
         lines.append(f"# goal 0 skipped ticks (concurrent runs): {verdict(skipped == 0)} ({skipped})")
@@ -825,6 +828,7 @@ def main() -> int:
     phase = float(os.environ.get("BENCH_FANOUT_PHASE", "0.5"))
     WORKERS["queue"] = int(os.environ.get("BENCH_FANOUT_WORKERS", "16"))
     WORKERS["reconcile"] = int(os.environ.get("BENCH_RECONCILE_WORKERS", "8"))
+    SHARDED["count"] = int(os.environ.get("BENCH_FANOUT_SCHEDULERS", "3"))
     if min(WORKERS.values()) < 1:
         print("BENCH_FANOUT_WORKERS and BENCH_RECONCILE_WORKERS are pool sizes (>= 1)", file=sys.stderr)
         return 2
@@ -845,7 +849,11 @@ def main() -> int:
         EXCHANGE_URL_OVERRIDES=json.dumps({"BINANCE": base, "BYBIT": base}),
         EXECUTION_WORKERS=str(WORKERS["queue"]),
         RECONCILE_WORKERS=str(WORKERS["reconcile"]),
+        # This process is the single scheduler of the value and baseline runs: it owns every account.
+        # (The sharded runs' processes have sharding on: bench.fanout_shards.)
+        SCHEDULER_SHARDING="off",
     )
+    SHARDED.update(env=env, work=work)
     log(f"database {db_url.rsplit('/', 1)[1]}, simulator on {base}, work dir {work}")
     pg_recreate(db_url)
     proc: subprocess.Popen | None = None
@@ -948,6 +956,48 @@ def _runs(
                     f"{len(r.acks)}/{n} acknowledged, last {r.figure('last_ack_s'):.2f} s, "
                     f"{r.skipped_ticks} skipped ticks{'; ' + '; '.join(r.errors[:3]) if r.errors else ''}"
                 )
+    count = SHARDED["count"]
+    if count:
+        from bench.fanout_shards import sharded_fanout_run, sharded_reconcile_run
+
+        for order_type in types:
+            for n in sizes:
+                log(f"fan-out {order_type} N={n} on {count} sharded schedulers ...")
+                r = _guarded(
+                    sharded_fanout_run,
+                    order_type=order_type,
+                    n=n,
+                    count=count,
+                    phase=phase,
+                    env=SHARDED["env"],
+                    work=SHARDED["work"],
+                    sim_pid=SIM["pid"],
+                )
+                if r is None:
+                    failed = True
+                    continue
+                fanouts[(order_type, n, -count)] = r
+                failed = failed or bool(r.not_acked)
+                log(
+                    f"  ready in {r.warm_seconds:.1f} s, {len(r.acks)}/{n} acknowledged, "
+                    f"last {r.figure('last_ack_s'):.2f} s, {r.skipped_ticks} skipped ticks"
+                    f"{'; ' + '; '.join(r.errors[:3]) if r.errors else ''}"
+                )
+        if reconcile_accounts:
+            log(f"reconcile {reconcile_accounts} accounts x {RECONCILE_ORDERS} on {count} sharded schedulers ...")
+            rr = _guarded(
+                sharded_reconcile_run,
+                accounts=reconcile_accounts,
+                count=count,
+                env=SHARDED["env"],
+                work=SHARDED["work"],
+                sim_pid=SIM["pid"],
+            )
+            if rr is None:
+                failed = True
+            else:
+                reconciles[-count] = rr
+                log(f"  {rr.seconds:.2f} s: {rr.summary}")
     if reconcile_accounts:
         for workers in (WORKERS["reconcile"], 0):
             log(f"reconcile {reconcile_accounts} accounts x {RECONCILE_ORDERS} RECONCILE_WORKERS={workers} ...")
@@ -1009,6 +1059,17 @@ def _report(
             if n > serial_max:
                 out.append(f"# {order_type} N={n}: serial baseline not run (N > BENCH_FANOUT_SERIAL_MAX={serial_max})")
             out.extend(fanout_lines(value, baseline))
+    count = SHARDED["count"]
+    sharded = {(t, n): r for (t, n, w), r in fanouts.items() if w == -count}
+    if sharded:
+        out.append(
+            f"# sharded: the same signal with the followers' accounts sharded over {count} scheduler processes "
+            f"(bench.fanout_shards; per process EXECUTION_WORKERS=8, RECONCILE_WORKERS=4, own egress address); "
+            f"value = {count} schedulers, baseline = the single process (EXECUTION_WORKERS={WORKERS['queue']}) above; "
+            "RSS is the largest process's, CPU the processes' sum"
+        )
+        for (order_type, n), r in sorted(sharded.items()):
+            out.extend(fanout_lines(r, fanouts.get((order_type, n, WORKERS["queue"]))))
     if reconciles:
         value_r, base_r = reconciles.get(WORKERS["reconcile"]), reconciles.get(0)
         out.append(
@@ -1025,6 +1086,22 @@ def _report(
             out.append(line(f"reconcile_leader_cpu_s{label}", value_r.cpu[0], base_r.cpu[0] if base_r else None))
             out.append(line(f"reconcile_simulator_cpu_s{label}", value_r.cpu[1], base_r.cpu[1] if base_r else None))
             out.append(f"# reconcile job summary (when the job returned): {value_r.summary[:200]}")
+        shard_r = reconciles.get(-count)
+        if shard_r is not None:
+            out.append(
+                f"# reconciliation on {count} sharded schedulers (value; each its own accounts at its first tick, "
+                "the slowest process) against the single process (baseline)"
+            )
+            own = value_r.seconds if value_r is not None else None
+            out.append(line(f"reconcile_seconds{label}[{count} schedulers]", shard_r.seconds, own))
+            out.append(
+                line(
+                    f"reconcile_rss_max_mb{label}[{count} schedulers]",
+                    shard_r.rss[2],
+                    value_r.rss[2] if value_r else None,
+                )
+            )
+            out.append(f"# per process: {shard_r.summary[:400]}")
     out.extend(goals(fanouts, reconciles))
     return "\n".join(out)
 
