@@ -66,11 +66,16 @@ class ReconcileReport:
             self.submitting[outcome] = self.submitting.get(outcome, 0) + count
 
 
+# Up to this many symbols with live orders, an account market is listed symbol by symbol; beyond, in one call.
+RECONCILE_SYMBOL_LISTS_MAX = 3
+
+
 def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGateway, now: datetime) -> ReconcileReport:
     """Reconcile every OpenOrder and SUBMITTING PendingOrder of (account, market_type) with the exchange.
 
-    One open-orders call for regular orders and one for conditional orders (only when rows
-    of that kind exist), then a lookup only for rows missing from those sets. No row lock is
+    Open-orders listings for regular orders and for conditional orders (only when rows of that
+    kind exist): one per symbol of those rows, or one of every symbol beyond
+    RECONCILE_SYMBOL_LISTS_MAX symbols; then a lookup only for rows missing from those sets. No row lock is
     held across an exchange call. Network, rate-limit, maintenance and other exchange errors
     and Auth propagate (the caller feeds its circuit breakers); rows already handled keep
     their changes, the rest stay as they are.
@@ -82,8 +87,12 @@ def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGat
     if rows:
         listed: dict[tuple[bool, str], OrderState] = {}
         for conditional in (False, True):
-            if any(row.conditional == conditional for row in rows):
-                for open_state in gateway.fetch_open_orders(mt, conditional=conditional):
+            symbols = sorted({row.symbol for row in rows if row.conditional == conditional})
+            # A listing per symbol weighs far less than one of every symbol (Binance futures 1 against
+            # 40, spot 6 against 80): with a few symbols, a thousand accounts fit one IP's budget.
+            per_symbol: list[str | None] = symbols if len(symbols) <= RECONCILE_SYMBOL_LISTS_MAX else [None]
+            for symbol in per_symbol if symbols else []:
+                for open_state in gateway.fetch_open_orders(mt, conditional=conditional, symbol=symbol):
                     listed[(conditional, open_state.exchange_order_id)] = open_state
         seen = []
         for row in rows:

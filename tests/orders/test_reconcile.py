@@ -52,8 +52,16 @@ def clock():
         yield traveller
 
 
+class CallCounter(Counter):
+    """Calls by method name; `by_symbol`: by (name, symbol) for the calls that name one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_symbol: Counter = Counter()
+
+
 class SpyGateway:
-    """A PaperGateway that counts its calls by method name (one Counter per test)."""
+    """A PaperGateway that counts its calls (one CallCounter per test)."""
 
     def __init__(self, inner: ExchangeGateway, calls: Counter):
         self._inner, self.calls = inner, calls
@@ -66,14 +74,16 @@ class SpyGateway:
 
         def call(*args, **kwargs):
             self.calls[name] += 1
+            if "symbol" in kwargs and isinstance(self.calls, CallCounter):
+                self.calls.by_symbol[(name, kwargs["symbol"])] += 1  # the symbol asked (None: every symbol)
             return attr(*args, **kwargs)
 
         return call
 
 
 @pytest.fixture
-def calls(monkeypatch) -> Counter:
-    counter: Counter = Counter()
+def calls(monkeypatch) -> CallCounter:
+    counter = CallCounter()
     paper = exchange_services.GATEWAY_FACTORIES["PAPER"]
     monkeypatch.setitem(exchange_services.GATEWAY_FACTORIES, "PAPER", lambda acc: SpyGateway(paper(acc), counter))
     return counter
@@ -185,6 +195,27 @@ def test_partial_then_complete_fill_recorded_once_and_the_row_ends_after_its_fil
     # Regular rows only: one open-orders call per run, no conditional list; a lookup only once
     # the order had left the open set.
     assert calls["fetch_open_orders"] == 4 and calls["fetch_order"] == 1
+
+
+def test_open_orders_are_listed_per_symbol_up_to_a_few_symbols_then_in_one_call(clock, calls):
+    """Binance weighs a listing of every symbol 40 (futures) or 80 (spot), one symbol's 1 or 6."""
+    few = StrategyAccountFactory()
+    for symbol in ("ETH/USDT", "BTC/USDT"):
+        place(few, "BUY", "LIMIT", "0.1", price="100", symbol=symbol)
+    many = StrategyAccountFactory()
+    for symbol in ("ETH/USDT", "BTC/USDT", "SOL/USDT", "XRP/USDT"):
+        qty, price = ("1000", "0.01") if symbol == "XRP/USDT" else ("10", "1")
+        place(many, "BUY", "LIMIT", qty, price=price, symbol=symbol)
+
+    jr = run(clock)
+
+    assert jr.outcome == "ok", jr.summary
+    assert calls.by_symbol[("fetch_open_orders", "ETH/USDT")] == 1
+    assert calls.by_symbol[("fetch_open_orders", "BTC/USDT")] == 1
+    assert calls.by_symbol[("fetch_open_orders", None)] == 1, "the four-symbol account is listed in one call"
+    assert calls["fetch_open_orders"] == 3
+    assert calls["fetch_order"] == 0, "every live order was found in a listing"
+    assert OpenOrder.objects.filter(last_seen_at__isnull=False).count() == 6
 
 
 def test_only_rows_missing_from_the_open_sets_are_looked_up(clock, calls):
