@@ -10,8 +10,10 @@ from decimal import Decimal
 
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
-from accounts.models import Account, Strategy, StrategyAccount
+from accounts.models import Account, Strategy, StrategyAccount, StrategyCapital
+from accounts.services import strategy_webhook_token_set
 from exchanges.models import MarketInfo, PriceQuote
 from orders.models import OpenOrder, PendingOrder
 from orders.services import client_order_id_for
@@ -139,3 +141,34 @@ def paper_market_info(*, market_type: str = "SPOT", symbol: str = "ETH/USDT") ->
         max_qty=market.max_qty,
         min_notional=market.min_notional,
     )
+
+
+def webhook_strategy(*, group_name: str, market_type: str, token: str) -> Strategy:
+    """A strategy that takes webhook alerts for `group_name` with `token`."""
+    strategy = StrategyFactory(group_name=group_name, market_type=market_type)
+    strategy_webhook_token_set(strategy=strategy, token=token)
+    return strategy
+
+
+def strategy_link(
+    strategy: Strategy, account: Account, *, capital: str, leverage: str = "1", is_active: bool = True
+) -> StrategyAccount:
+    """`strategy` on `account` at `leverage`, with `capital` allocated to it (its StrategyCapital row)."""
+    sa = StrategyAccountFactory(strategy=strategy, account=account, leverage=Decimal(leverage), is_active=is_active)
+    StrategyCapital.objects.create(strategy_account=sa, allocated_capital=Decimal(capital))
+    return sa
+
+
+def btc_futures_market(*, max_qty: Decimal | None) -> None:
+    """PAPER FUTURES BTC/USDT rules (tick 0.1, step 0.001, min qty 0.001, min notional 5, max qty `max_qty`, no
+    max price) and a fresh quote (as of now) of 40,000."""
+    MarketInfoFactory(
+        market_type="FUTURES",
+        symbol="BTC/USDT",
+        tick_size=Decimal("0.1"),
+        step_size=Decimal("0.001"),
+        min_qty=Decimal("0.001"),
+        max_qty=max_qty,
+        min_notional=Decimal("5"),
+    )
+    PriceQuoteFactory(market_type="FUTURES", symbol="BTC/USDT", price=Decimal("40000"), as_of=timezone.now())

@@ -1,16 +1,17 @@
-"""Helpers for the queue tests: a spying gateway, order set-up, and the SPEC §4.1 invariants.
+"""Helpers for the queue tests: a spying gateway, order set-up, a job tick, and the SPEC §4.1 invariants.
 
 Also imported by `manage.py shell -c` in subprocess tests (seed_queue_scenario), so no pytest here.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import connection
 from django.utils import timezone
@@ -19,9 +20,17 @@ from accounts.models import StrategyAccount
 from exchanges.gateway import CallPolicy, GatewayError, MarketType, call_policy_current
 from exchanges.paper import PaperGateway
 from exchanges.simulator.engine import default_engine
+from orders.faults import crash_disable_all
 from orders.invariants import order_invariant_problems
+from orders.jobs import rebalance_order_queue, update_open_orders
 from orders.models import OpenOrder, PendingOrder
+from orders.queue import queue_sweep_reset
 from orders.services import OrderSpec, orders_enqueue
+from scheduler.models import JobRun
+from scheduler.runs import JobFailedError
+
+if TYPE_CHECKING:
+    from time_machine import Traveller
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 
@@ -135,6 +144,29 @@ def enqueue(
         now=timezone.now(),
     )
     return order
+
+
+@contextlib.contextmanager
+def queue_state_reset() -> Iterator[None]:
+    """The queue's sweep memo and every crash point cleared before and after the block (both live in the process)."""
+    queue_sweep_reset()
+    crash_disable_all()
+    try:
+        yield
+    finally:
+        crash_disable_all()
+        queue_sweep_reset()
+
+
+def tick(clock: Traveller, seconds: float = 1, *, reconcile: bool = False) -> JobRun | None:
+    """Shift the frozen clock by `seconds`, run the queue job (then update_open_orders with `reconcile`) and
+    return the queue job's latest JobRun (outcome "error" when a crash point fired)."""
+    clock.shift(timedelta(seconds=seconds))
+    with contextlib.suppress(JobFailedError):  # a crash point fired: the run records the error
+        rebalance_order_queue()
+    if reconcile:
+        update_open_orders()
+    return JobRun.objects.filter(job_id="rebalance_order_queue").order_by("-id").first()
 
 
 def exchange_live_ids(account_ids: list[int], market_type: str = "SPOT") -> set[str]:

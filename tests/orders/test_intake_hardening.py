@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from accounts.models import StrategyCapital
-from accounts.services import strategy_account_ref, strategy_webhook_token_set
+from accounts.services import strategy_account_ref
 from core.middleware import asgi_body_limit
 from core.parsers import MAX_JSON_DEPTH, json_depth_exceeds
 from core.text import echo
@@ -33,6 +32,9 @@ from tests.orders.factories import (
     StrategyAccountFactory,
     StrategyFactory,
     UserFactory,
+    btc_futures_market,
+    strategy_link,
+    webhook_strategy,
 )
 
 pytestmark = pytest.mark.django_db
@@ -68,24 +70,12 @@ def desk(plain_user) -> dict[str, Any]:  # noqa: ANN001
         min_notional=D("5"),
     )
     PriceQuoteFactory(market_type="SPOT", symbol="ETH/USDT", price=D("3000"), as_of=timezone.now())
-    trend = StrategyFactory(group_name="trend", market_type="FUTURES")
-    strategy_webhook_token_set(strategy=trend, token=TOKEN)
-    links = []
-    for capital, leverage in (("10000", "2"), ("5000", "1")):
-        sa = StrategyAccountFactory(strategy=trend, account=AccountFactory(user=UserFactory()), leverage=D(leverage))
-        StrategyCapital.objects.create(strategy_account=sa, allocated_capital=D(capital))
-        links.append(sa)
-    MarketInfoFactory(
-        market_type="FUTURES",
-        symbol="BTC/USDT",
-        tick_size=D("0.1"),
-        step_size=D("0.001"),
-        min_qty=D("0.001"),
-        max_qty=None,
-        max_price=None,
-        min_notional=D("5"),
-    )
-    PriceQuoteFactory(market_type="FUTURES", symbol="BTC/USDT", price=D("40000"), as_of=timezone.now())
+    trend = webhook_strategy(group_name="trend", market_type="FUTURES", token=TOKEN)
+    links = [
+        strategy_link(trend, AccountFactory(user=UserFactory()), capital=capital, leverage=leverage)
+        for capital, leverage in (("10000", "2"), ("5000", "1"))
+    ]
+    btc_futures_market(max_qty=None)
     return {"account": account, "spot": spot, "a": links[0], "b": links[1]}
 
 

@@ -17,7 +17,6 @@ import time_machine
 from django.utils import timezone
 
 from accounts.models import StrategyCapital
-from accounts.services import strategy_webhook_token_set
 from orders.faults import crash_disable_all
 from orders.jobs import rebalance_order_queue
 from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, SignalOrder, WebhookDelivery
@@ -26,12 +25,12 @@ from orders.webhook import WebhookRejectedError, WebhookSignal, webhook_payload_
 from positions.models import Fill
 from tests.orders.factories import (
     AccountFactory,
-    MarketInfoFactory,
-    PriceQuoteFactory,
     StrategyAccountFactory,
-    StrategyFactory,
     UserFactory,
+    btc_futures_market,
     paper_market_info,
+    strategy_link,
+    webhook_strategy,
 )
 from tests.orders.queue_support import T0, enqueue, invariant_problems
 from tests.orders.statements import StatementLog, statements_counted
@@ -126,21 +125,10 @@ def test_a_batch_of_limit_promotions_in_one_pair(k):  # noqa: ANN001
 
 def _fan_out_strategy(n: int):  # noqa: ANN202
     user = UserFactory()
-    strategy = StrategyFactory(group_name="fan", market_type="FUTURES")
-    strategy_webhook_token_set(strategy=strategy, token="tv-secret-fan-123")
+    strategy = webhook_strategy(group_name="fan", market_type="FUTURES", token="tv-secret-fan-123")
     for _ in range(n):
-        sa = StrategyAccountFactory(strategy=strategy, account=AccountFactory(user=user, exchange="PAPER"))
-        StrategyCapital.objects.create(strategy_account=sa, allocated_capital=D("10000"))
-    MarketInfoFactory(
-        market_type="FUTURES",
-        symbol="BTC/USDT",
-        tick_size=D("0.1"),
-        step_size=D("0.001"),
-        min_qty=D("0.001"),
-        max_qty=D("100"),
-        min_notional=D("5"),
-    )
-    PriceQuoteFactory(market_type="FUTURES", symbol="BTC/USDT", price=D("40000"), as_of=timezone.now())
+        strategy_link(strategy, AccountFactory(user=user, exchange="PAPER"), capital="10000")
+    btc_futures_market(max_qty=D("100"))
     return strategy
 
 

@@ -5,9 +5,7 @@ not send are released at once; a stale claim of a row already claimed sends noth
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from datetime import timedelta
 
 import pytest
 import time_machine
@@ -17,16 +15,12 @@ from exchanges.gateway import Network, RateLimited
 from exchanges.models import SimOrder
 from exchanges.paper import PaperGateway
 from orders.faults import crash_disable_all, crash_enable
-from orders.jobs import rebalance_order_queue, update_open_orders
 from orders.models import OpenOrder, OrderEvent, PendingOrder
-from orders.queue import queue_sweep_reset
 from orders.transitions import orders_promote
 from positions.fills import position_matches_fills
 from positions.models import Fill
-from scheduler.models import JobRun
-from scheduler.runs import JobFailedError
 from tests.orders.factories import StrategyAccountFactory, paper_market_info
-from tests.orders.queue_support import T0, SpyFactory, enqueue, invariant_problems
+from tests.orders.queue_support import T0, SpyFactory, enqueue, invariant_problems, queue_state_reset, tick
 
 pytestmark = pytest.mark.django_db
 
@@ -34,20 +28,8 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def _clean(settings):  # noqa: ANN001
     settings.ORDER_QUEUE_SLOTS = {"default": 4}
-    queue_sweep_reset()
-    crash_disable_all()
-    yield
-    crash_disable_all()
-    queue_sweep_reset()
-
-
-def tick(clock, seconds: float = 1, *, reconcile: bool = False) -> JobRun | None:  # noqa: ANN001
-    clock.shift(timedelta(seconds=seconds))
-    with contextlib.suppress(JobFailedError):  # a crash point fired: the run records the error
-        rebalance_order_queue()
-    if reconcile:
-        update_open_orders()
-    return JobRun.objects.filter(job_id="rebalance_order_queue").order_by("-id").first()
+    with queue_state_reset():
+        yield
 
 
 def kinds(order) -> list[str]:  # noqa: ANN001

@@ -6,23 +6,17 @@ In-process (exception mode) for every crash point, and SIGKILL of a real `runsch
 
 from __future__ import annotations
 
-import contextlib
 import json
-from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 import time_machine
 
 from orders.faults import CRASH_POINTS, crash_disable_all, crash_enable
-from orders.jobs import rebalance_order_queue, update_open_orders
 from orders.models import OpenOrder, OrderEvent, PendingOrder
-from orders.queue import queue_sweep_reset
-from scheduler.models import JobRun
-from scheduler.runs import JobFailedError
 from tests import procs
 from tests.orders.factories import StrategyAccountFactory, paper_market_info
-from tests.orders.queue_support import T0, enqueue, invariant_problems
+from tests.orders.queue_support import T0, enqueue, invariant_problems, queue_state_reset, tick
 
 # Which crash points each scenario passes, in the order it meets them.
 SCENARIOS = {
@@ -46,20 +40,8 @@ def test_every_crash_point_is_covered():
 @pytest.fixture(autouse=True)
 def _clean(settings):  # noqa: ANN001
     settings.ORDER_QUEUE_SLOTS = {"default": 2}
-    queue_sweep_reset()
-    crash_disable_all()
-    yield
-    crash_disable_all()
-    queue_sweep_reset()
-
-
-def tick(clock, seconds: float = 1, *, reconcile: bool = False) -> JobRun | None:  # noqa: ANN001
-    clock.shift(timedelta(seconds=seconds))
-    with contextlib.suppress(JobFailedError):  # a crash point fired: the run records the error
-        rebalance_order_queue()
-    if reconcile:
-        update_open_orders()
-    return JobRun.objects.filter(job_id="rebalance_order_queue").order_by("-id").first()
+    with queue_state_reset():
+        yield
 
 
 def live_buy_prices() -> list[Decimal]:

@@ -15,8 +15,8 @@ from orders.jobs import rebalance_order_queue
 from orders.models import OrderEvent, Signal, SignalOrder
 from orders.signal_report import FollowerExecution, execution_summarize, percentile, slippage_bps
 from positions.models import Trade
-from tests.orders.factories import AccountFactory, UserFactory
-from tests.orders.test_webhook import TOKEN, body, link, post, world  # noqa: F401 - the `world` fixture
+from tests.orders.factories import AccountFactory, UserFactory, strategy_link
+from tests.orders.test_webhook import TOKEN, body, post, world  # noqa: F401 - the `world` fixture
 
 D = Decimal
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
@@ -120,7 +120,7 @@ def test_a_webhook_fan_out_is_one_signal_whose_followers_report_their_fills(worl
 
 def test_a_user_sees_only_their_own_followers_and_others_get_404(world):  # noqa: ANN001, F811
     outsider = UserFactory()
-    other_account_sa = link(world["strategy"], AccountFactory(user=outsider, exchange="PAPER"), capital="1000")
+    other_account_sa = strategy_link(world["strategy"], AccountFactory(user=outsider, exchange="PAPER"), capital="1000")
     signal_id = post(body(qty_per=10)).json()["signal"]
     assert SignalOrder.objects.filter(signal_id=signal_id).count() == 3
 

@@ -33,7 +33,10 @@ from tests.orders.factories import (
     StrategyAccountFactory,
     StrategyFactory,
     UserFactory,
+    btc_futures_market,
     paper_market_info,
+    strategy_link,
+    webhook_strategy,
 )
 
 URL = "/api/webhook/"
@@ -48,31 +51,15 @@ def _no_cached_prices():
     cache.clear()
 
 
-def link(strategy, account, *, capital: str, leverage: str = "1", is_active: bool = True):  # noqa: ANN001, ANN201
-    sa = StrategyAccountFactory(strategy=strategy, account=account, leverage=D(leverage), is_active=is_active)
-    StrategyCapital.objects.create(strategy_account=sa, allocated_capital=D(capital))
-    return sa
-
-
 @pytest.fixture
 def world(db) -> dict[str, Any]:  # noqa: ANN001
     """A FUTURES strategy on two PAPER accounts (capital 10,000 at leverage 2; 5,000 at leverage 1), BTC/USDT
     rules (step 0.001, tick 0.1) and a fresh market quote of 40,000."""
     user = UserFactory()
-    strategy = StrategyFactory(group_name="trend", market_type="FUTURES")
-    strategy_webhook_token_set(strategy=strategy, token=TOKEN)
-    a = link(strategy, AccountFactory(user=user, exchange="PAPER"), capital="10000", leverage="2")
-    b = link(strategy, AccountFactory(user=user, exchange="PAPER"), capital="5000")
-    MarketInfoFactory(
-        market_type="FUTURES",
-        symbol="BTC/USDT",
-        tick_size=D("0.1"),
-        step_size=D("0.001"),
-        min_qty=D("0.001"),
-        max_qty=D("100"),
-        min_notional=D("5"),
-    )
-    PriceQuoteFactory(market_type="FUTURES", symbol="BTC/USDT", price=D("40000"), as_of=timezone.now())
+    strategy = webhook_strategy(group_name="trend", market_type="FUTURES", token=TOKEN)
+    a = strategy_link(strategy, AccountFactory(user=user, exchange="PAPER"), capital="10000", leverage="2")
+    b = strategy_link(strategy, AccountFactory(user=user, exchange="PAPER"), capital="5000")
+    btc_futures_market(max_qty=D("100"))
     return {"user": user, "strategy": strategy, "a": a, "b": b}
 
 
@@ -117,8 +104,10 @@ def test_quantity_formula_by_hand():
 
 
 def test_limit_signal_fans_out_to_every_active_account_sized_by_capital_and_leverage(world):  # noqa: ANN001
-    inactive = link(world["strategy"], AccountFactory(exchange="PAPER"), capital="99999", is_active=False)
-    paused_account = link(world["strategy"], AccountFactory(exchange="PAPER", is_active=False), capital="99999")
+    inactive = strategy_link(world["strategy"], AccountFactory(exchange="PAPER"), capital="99999", is_active=False)
+    paused_account = strategy_link(
+        world["strategy"], AccountFactory(exchange="PAPER", is_active=False), capital="99999"
+    )
 
     response = post(body())
 
@@ -184,7 +173,7 @@ def test_plain_text_content_type_is_parsed_as_json(world):  # noqa: ANN001
 
 
 def test_minus_100_closes_each_position_with_an_opposite_market_order(world):  # noqa: ANN001
-    c = link(world["strategy"], AccountFactory(exchange="PAPER"), capital="1000")
+    c = strategy_link(world["strategy"], AccountFactory(exchange="PAPER"), capital="1000")
     PositionFactory(strategy_account=world["a"], symbol="BTC/USDT", quantity=D("0.5"), average_entry=D("39000"))
     PositionFactory(strategy_account=world["b"], symbol="BTC/USDT", quantity=D("-0.2"), average_entry=D("41000"))
     PositionFactory(strategy_account=c, symbol="ETH/USDT", quantity=D("3"))  # another symbol: not closed
@@ -291,7 +280,7 @@ def test_an_inactive_strategy_is_a_400_once_authenticated(world):  # noqa: ANN00
 def test_one_invalid_account_rejects_the_whole_fan_out_naming_it(world):  # noqa: ANN001
     # A third account on another exchange whose rules make its share too small: 1,000 × 10 % / 50,000 = 0.002
     # BTC, below that exchange's minimum 0.01.
-    strict = link(world["strategy"], AccountFactory(exchange="BINANCE"), capital="1000")
+    strict = strategy_link(world["strategy"], AccountFactory(exchange="BINANCE"), capital="1000")
     MarketInfoFactory(
         exchange="BINANCE", market_type="FUTURES", symbol="BTC/USDT", tick_size=D("0.1"), step_size=D("0.001"),
         min_qty=D("0.01"), min_notional=D("100"),
@@ -349,9 +338,8 @@ def test_accounts_without_capital_or_a_fresh_price_are_named(world, settings):  
 
 
 def test_unknown_symbol_and_spot_sell_beyond_the_position_are_account_errors(db):  # noqa: ANN001
-    strategy = StrategyFactory(group_name="spotty", market_type="SPOT")
-    strategy_webhook_token_set(strategy=strategy, token=TOKEN)
-    sa = link(strategy, AccountFactory(exchange="PAPER"), capital="10000")
+    strategy = webhook_strategy(group_name="spotty", market_type="SPOT", token=TOKEN)
+    sa = strategy_link(strategy, AccountFactory(exchange="PAPER"), capital="10000")
     MarketInfoFactory(market_type="SPOT", symbol="ETH/USDT", step_size=D("0.0001"), min_qty=D("0.0001"))
     PositionFactory(strategy_account=sa, symbol="ETH/USDT", quantity=D("0.1"))
 
@@ -398,9 +386,8 @@ def test_same_id_is_one_delivery_and_replays_the_first_reply(world):  # noqa: AN
 
 
 def test_the_same_id_of_another_strategy_is_another_delivery(world):  # noqa: ANN001
-    other = StrategyFactory(group_name="other", market_type="FUTURES")
-    strategy_webhook_token_set(strategy=other, token=TOKEN)
-    link(other, world["a"].account, capital="10000")
+    other = webhook_strategy(group_name="other", market_type="FUTURES", token=TOKEN)
+    strategy_link(other, world["a"].account, capital="10000")
     assert post(body(id="same")).status_code == 202
     assert post(body(id="same", group_name="other")).status_code == 202
     assert PendingOrder.objects.count() == 3
@@ -566,9 +553,8 @@ def test_cancel_all_beside_the_running_queue_job_loses_no_order(monkeypatch, set
     monkeypatch.setattr("orders.queue.gateway_for", SpyFactory())
     for symbol in ("BTC/USDT", "ETH/USDT"):
         paper_market_info(market_type="SPOT", symbol=symbol)
-    strategy = StrategyFactory(group_name="grid", market_type="SPOT")
-    strategy_webhook_token_set(strategy=strategy, token=TOKEN)
-    sas = [link(strategy, AccountFactory(exchange="PAPER"), capital="1000") for _ in range(2)]
+    strategy = webhook_strategy(group_name="grid", market_type="SPOT", token=TOKEN)
+    sas = [strategy_link(strategy, AccountFactory(exchange="PAPER"), capital="1000") for _ in range(2)]
     # Far from the simulator's prices (BTC ~65,000, ETH ~3,200), so nothing fills.
     prices = {"BTC/USDT": (30000, 120000), "ETH/USDT": (2000, 5000)}
 
