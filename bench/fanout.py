@@ -32,9 +32,10 @@ was before issue 12) on fresh data in the same run; ratio = value / baseline:
   exchange calls — ccxt HTTP requests in the window, those that timed out, create call p50/p99;
   CPU seconds of this process and of the simulator in the window (where the time went).
 Simulator ceiling (first, on fresh data): 16 MARKET creates sent straight through the followers'
-gateways, all at once against one after another. The simulator serializes every order creation of
-an exchange on its SimExchange row (select_for_update in SimEngine.order_create), so this line says
-how much of a fan-out figure is the simulated exchange rather than the engine.
+gateways, all at once against one after another. The simulator locks per account (a SimAccount
+row), so creates of different accounts run side by side, but each costs it tens of milliseconds of
+CPU on a machine it shares with the engine: this line says how much of a fan-out figure is the
+simulated exchange rather than the engine.
 Reconciliation: BENCH_RECONCILE_ACCOUNTS accounts × 5 live LIMIT orders (SimOrder and OpenOrder
 rows bulk-created to match), one `update_open_orders` run, timed until its last account market is
 done (RECONCILE_WORKERS=8 against 0, each on fresh data; the time includes the account markets the
@@ -42,7 +43,8 @@ job leaves running beside it after its 18 s wait).
 
 Environment: BENCH_FANOUT_N ("100,1000"), BENCH_FANOUT_TYPES ("MARKET,LIMIT"),
 BENCH_FANOUT_SERIAL_MAX (1000: larger N run without the serial baseline, said in the output),
-BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_WORKERS (16) and BENCH_RECONCILE_WORKERS (8):
+BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_SCHEDULERS (3: the sharded row's scheduler
+processes, bench.fanout_shards; 0 skips it), BENCH_FANOUT_WORKERS (16) and BENCH_RECONCILE_WORKERS (8):
 the pool sizes measured against 0, BENCH_FANOUT_PHASE (0.5 s), BENCH_SIM_DB_THREADS (32: the
 simulator's --db-threads, so the simulated exchange is not what is measured), BENCH_PG_ADMIN_URL
 (postgres://postgres@127.0.0.1:5432/postgres), BENCH_KEEP=1 keeps the database and the server log.

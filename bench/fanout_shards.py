@@ -1,15 +1,16 @@
 """The fan-out and reconciliation of bench.fanout with the accounts sharded across several schedulers (issue 15).
 
 Run by bench.fanout (BENCH_FANOUT_SCHEDULERS, default 3; 0 skips), on the same database, simulator
-(its pid passed in: bench.fanout runs as __main__, so its module globals are not these)
-and 100 ms latency fault, against the single-process figures of the same run. Each scheduler is a
-process of its own (`python -m bench.fanout_shards --scheduler`): a SchedulerHost with the registry's
-rebalance_order_queue (1 s) for the fan-out or update_open_orders (29 s) for reconciliation, and the threads the single-process
-leader of bench.fanout has (execution pools, JobWaker) plus the ClientWarmer, so that both sides
-start with their followers' ccxt clients built. Sharding is on (PostgreSQL): every process owns a
-fair share of ACCOUNT_SHARDS and places and reconciles only its own accounts. Each process's REST
-calls leave from an address of its own (EXCHANGE_SOURCE_ADDRESS 127.0.0.2, .3, ...): the simulator
-counts Binance's request weight per address, so each has its own egress budget, as on several hosts.
+(its pid passed in: bench.fanout runs as __main__, so its module globals are not these) and 100 ms
+latency fault, against the single-process figures of the same run. Each scheduler is a process of
+its own (`python -m bench.fanout_shards --scheduler`): a SchedulerHost with the registry's
+rebalance_order_queue (1 s) for the fan-out, or update_open_orders (29 s) for reconciliation, and
+the threads the single-process leader of bench.fanout has (execution pools, JobWaker) plus the
+ClientWarmer, so that both sides start with their followers' ccxt clients built. Sharding is on
+(PostgreSQL): every process owns a fair share of ACCOUNT_SHARDS and places and reconciles only its
+own accounts. Each process's REST calls leave from an address of its own (EXCHANGE_SOURCE_ADDRESS
+127.0.0.2, .3, ...): the simulator counts Binance's request weight per address, so each has its own
+egress budget, as on several hosts.
 
 Fan-out: fresh data and N followers, then the schedulers start; once every shard is held, spread
 over all of them, and their logs have been quiet for QUIET seconds (clients built), one webhook
