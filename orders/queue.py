@@ -171,6 +171,7 @@ class QueueWork:
     breakers: dict[str, Breaker]
     swept: bool
     started: float = field(default_factory=lambda: time.monotonic())  # looked up per pass (tests fake it)
+    busy: int = 0  # due pairs left out: a task of an earlier pass still works on them (their marks stay)
     counts: Counter = field(default_factory=Counter)
     troubled: set[str] = field(default_factory=set)  # exchanges that failed in transport this pass
     # Express orders this pass handled: pending id → outcome (their rows in `rows` are as loaded).
@@ -228,19 +229,30 @@ def queue_work_load(*, now: datetime, term: Any = None, shards: ShardSet | None 
     """Select the pass's work. Nothing dirty and no sweep due: exactly one (indexed) query, None.
 
     `shards`: only the accounts of these shards (a sharded scheduler's own); None: every account.
+    Pairs whose task from an earlier pass is still in flight on the queue pool are left out before
+    their rows are read (after a large fan-out most due pairs are busy, and reading them every
+    second would cost the tick more than it has); their marks stay for a later pass.
     """
     marks = selectors.queue_dirty_due(now=now, limit=MAX_DIRTY_PER_PASS, shards=shards)
     swept = _sweep_due(now, term)
     if not marks and not swept:
         return None
-    dirty = {m.pair: m for m in marks}
-    express = selectors.queue_express_due(now=now, shards=shards)
+    pool = execution_pool("queue")
+    busy = set() if pool.inline else set(pool.keys_in_flight())
+    dirty = {m.pair: m for m in marks if m.pair not in busy}
+    held = len(marks) - len(dirty)
+    express = [
+        o
+        for o in selectors.queue_express_due(now=now, shards=shards)
+        if (o.account_id, o.market_type, o.symbol) not in busy
+    ]
     if swept:
         wanted = set(dirty) | {p for p in queue_sweep_detect(now=now) if shards is None or shards.has(p[0])}
         if len(wanted) > SWEEP_LOAD_ALL:
             rows = selectors.queue_rows_for_pairs(pairs=(), everything=True, shards=shards)  # one plain load
         else:
-            rows = selectors.queue_rows_for_pairs(pairs=wanted)
+            rows = selectors.queue_rows_for_pairs(pairs=wanted - busy)
+        rows = {p: r for p, r in rows.items() if p not in busy}
         _sweep.update(term=term, at=now)
     else:
         rows = selectors.queue_rows_for_pairs(pairs=dirty)
@@ -262,6 +274,7 @@ def queue_work_load(*, now: datetime, term: Any = None, shards: ShardSet | None 
         ticks=ticks,
         breakers=breakers,
         swept=swept,
+        busy=held,
     )
 
 
@@ -650,7 +663,7 @@ def queue_pass(work: QueueWork, wait: float = PASS_WAIT_SECONDS) -> QueueTally:
     else:
         tasks = [(p, express.get(p, []), p in pairs) for p in ordered]
     futures: dict[Future, Pair] = {}
-    busy = 0
+    busy = work.busy
     for pair, orders, rebalance in tasks:
         future = pool.submit(pair, queue_pair_task, work=work, pair=pair, express=orders, rebalance=rebalance)
         if future is None:

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from exchanges.models import SimOrder
 from exchanges.paper import PaperGateway
@@ -17,7 +18,7 @@ from orders.execution import execution_pool
 from orders.faults import crash_disable_all
 from orders.jobs import rebalance_order_queue, update_open_orders
 from orders.models import OpenOrder, PendingOrder
-from orders.queue import queue_sweep_reset
+from orders.queue import queue_sweep_reset, queue_work_load
 from scheduler.models import JobRun
 from tests import procs
 from tests.orders.factories import StrategyAccountFactory, paper_market_info
@@ -138,6 +139,10 @@ def test_a_pass_does_not_wait_for_a_slow_call_and_the_next_pass_leaves_the_busy_
     assert second.pk != first.pk
     assert "1 busy from an earlier pass" in second.summary, second.summary
     assert tracker.calls == 1, "a second pass sent the same pair's order again"
+    # The busy pair is left out before its rows are read: a pass after a large fan-out stays cheap.
+    work = queue_work_load(now=timezone.now())
+    assert work is not None and work.busy == 1
+    assert work.pairs == [] and work.rows == {} and work.express == []
 
     gate.set()
     assert execution_pool("queue").drain(30)
