@@ -346,6 +346,12 @@ def _drill(run: Run) -> int:
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
     }
+    if options.schedulers > 2:
+        # Each scheduler holds a connection per busy pool worker and job thread besides its locks: with
+        # three or more, smaller pools keep them, the simulator, the web process and the drill within
+        # PostgreSQL's default 100 connections (an operator's own values win).
+        for name, value in (("EXECUTION_WORKERS", "6"), ("RECONCILE_WORKERS", "3"), ("SCHEDULER_THREADS", "8")):
+            env[name] = os.environ.get(name, value)
     run.supervisor.env = env
     logger.info(
         "database %s, seed %s, %s s of load and chaos at %s actions/s, fan-out to %d followers every %.0f s",
