@@ -9,10 +9,11 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import close_old_connections, connections
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -136,14 +137,20 @@ CONNECTION_CHECK_SECONDS = 5.0
 _worker = threading.local()
 
 
-def _run_in_context(context: contextvars.Context, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def connections_checked(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run `fn` in a long-lived worker thread, checking the thread's connections at most every
+    CONNECTION_CHECK_SECONDS and after a failure (the engine's pools, the simulator's handlers)."""
     now = time.monotonic()
     if now - getattr(_worker, "checked_at", -CONNECTION_CHECK_SECONDS) >= CONNECTION_CHECK_SECONDS:
         close_old_connections()
         _worker.checked_at = now
     try:
-        return context.run(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
     except BaseException:
         _worker.checked_at = -CONNECTION_CHECK_SECONDS  # a database error may have left it unusable
         close_old_connections()
         raise
+
+
+def _run_in_context(context: contextvars.Context, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    return context.run(connections_checked, fn, *args, **kwargs)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from django.db import close_old_connections
 
+from core.executors import connections_checked
 from exchanges.gateway import MarketType
 from exchanges.models import SimFault
 from exchanges.simulator.engine import FaultHit, SimEngine
@@ -125,16 +125,11 @@ def _key_add(keys: dict[str, str], key: str, secret: str, *, where: str) -> None
 
 
 async def db_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run synchronous ORM/engine work in a worker thread with fresh-connection hygiene."""
+    """Run synchronous ORM/engine work in a worker thread with connection hygiene (core.executors)."""
 
-    def run() -> Any:
-        close_old_connections()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            close_old_connections()
-
-    return await asyncio.to_thread(run)
+    # The worker threads are long-lived: their connections are checked every few seconds and after
+    # a failure, not around every call (with CONN_HEALTH_CHECKS each check is a round trip).
+    return await asyncio.to_thread(connections_checked, fn, *args, **kwargs)
 
 
 class Faults:
