@@ -491,23 +491,8 @@ class FanoutResult:
         }[name]
 
 
-def fanout_run(
-    *, order_type: str, n: int, workers: int, phase: float, sampler: RssSampler, timer: HttpTimer
-) -> FanoutResult:
-    """Fresh data, N followers, one webhook signal; the 1 s job until every order is acknowledged (or a timeout)."""
-    from django.conf import settings
-    from django.test import Client
-
-    from orders.execution import execution_pool
-    from orders.models import OrderEvent
-
-    result = FanoutResult(order_type=order_type, n=n, workers=workers)
-    data_reset()
-    followers = followers_seed(n)
-    market_data_refresh()  # the jobs refresh what active accounts use
-    result.warm_seconds = gateways_warm(followers.account_ids)
-    settings.EXECUTION_WORKERS = workers
-    execution_pool("queue")  # sized now, so no pass pays for it
+def signal_payload(followers: Followers, order_type: str) -> dict[str, Any]:
+    """The webhook body of the benchmark's signal: BUY SYMBOL at qty_per QTY_PER (a LIMIT rests LIMIT_BELOW)."""
     payload: dict[str, Any] = {
         "group_name": followers.group_name,
         "token": followers.token,
@@ -518,6 +503,50 @@ def fanout_run(
     }
     if order_type == "LIMIT":
         payload["price"] = str((last_price() * LIMIT_BELOW).quantize(Decimal("0.01"), rounding=ROUND_DOWN))
+    return payload
+
+
+def acks_wait(
+    followers: Followers, n: int, *, returned: float, timeout: float, poll: Callable[[], None] = lambda: None
+) -> tuple[dict[str, float], set[str]]:
+    """Poll the followers' order events until all `n` orders are placed or ended otherwise (or `timeout`):
+    (order key → seconds from `returned` to its `placed` event, keys rejected or failed). `poll` runs each round."""
+    from orders.models import OrderEvent
+
+    lo, hi = min(followers.account_ids), max(followers.account_ids)
+    events = OrderEvent.objects.filter(account_id__gte=lo, account_id__lte=hi)
+    acked: dict[str, float] = {}
+    ended: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        poll()
+        for key, at in events.filter(kind=OrderEvent.Kind.PLACED).values_list("order_key", "created_at"):
+            acked.setdefault(str(key), at.timestamp() - returned)
+        failed = events.filter(kind__in=(OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED))
+        ended = {str(k) for k in failed.values_list("order_key", flat=True)} - set(acked)
+        if len(acked) + len(ended) >= n:
+            break
+        time.sleep(0.2)
+    return acked, ended
+
+
+def fanout_run(
+    *, order_type: str, n: int, workers: int, phase: float, sampler: RssSampler, timer: HttpTimer
+) -> FanoutResult:
+    """Fresh data, N followers, one webhook signal; the 1 s job until every order is acknowledged (or a timeout)."""
+    from django.conf import settings
+    from django.test import Client
+
+    from orders.execution import execution_pool
+
+    result = FanoutResult(order_type=order_type, n=n, workers=workers)
+    data_reset()
+    followers = followers_seed(n)
+    market_data_refresh()  # the jobs refresh what active accounts use
+    result.warm_seconds = gateways_warm(followers.account_ids)
+    settings.EXECUTION_WORKERS = workers
+    execution_pool("queue")  # sized now, so no pass pays for it
+    payload = signal_payload(followers, order_type)
     client = Client()
     # A first request imports the URLconf and the views: a running web process has done that already.
     client.get("/api/webhook/")  # 405, after the URLconf and the view are loaded
@@ -539,24 +568,7 @@ def fanout_run(
         keys = {key for ks in response.json()["orders"].values() for key in ks}
         if len(keys) != n:
             raise RuntimeError(f"webhook queued {len(keys)} orders for {n} followers")
-        lo, hi = min(followers.account_ids), max(followers.account_ids)
-        events = OrderEvent.objects.filter(account_id__gte=lo, account_id__lte=hi)
-        acked: dict[str, float] = {}
-        ended: set[str] = set()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for key, at in events.filter(kind=OrderEvent.Kind.PLACED).values_list("order_key", "created_at"):
-                acked.setdefault(str(key), at.timestamp() - returned)
-            done = {
-                str(k)
-                for k in events.filter(kind__in=(OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED)).values_list(
-                    "order_key", flat=True
-                )
-            }
-            ended = done - set(acked)
-            if len(acked) + len(ended) >= n:
-                break
-            time.sleep(0.2)
+        acked, ended = acks_wait(followers, n, returned=returned, timeout=timeout)
         finished = time.time()
         result.cpu = (cpu_seconds() - cpu0[0], cpu_seconds(SIM["pid"]) - cpu0[1])
     finally:

@@ -183,27 +183,16 @@ def sharded_fanout_run(
 ) -> Any:
     """bench.fanout's fan-out with `count` scheduler processes sharing the accounts; a FanoutResult."""
     import json
-    from decimal import ROUND_DOWN, Decimal
 
     from django.test import Client
 
     from bench import fanout
-    from orders.models import OrderEvent
 
     result = fanout.FanoutResult(order_type=order_type, n=n, workers=-count)
     fanout.data_reset()
     followers = fanout.followers_seed(n)
     fanout.market_data_refresh()
-    payload: dict[str, Any] = {
-        "group_name": followers.group_name,
-        "token": followers.token,
-        "symbol": fanout.SYMBOL,
-        "side": "BUY",
-        "order_type": order_type,
-        "qty_per": str(fanout.QTY_PER),
-    }
-    if order_type == "LIMIT":
-        payload["price"] = str((fanout.last_price() * fanout.LIMIT_BELOW).quantize(Decimal("0.01"), ROUND_DOWN))
+    payload = fanout.signal_payload(followers, order_type)
     client = Client()
     client.get("/api/webhook/")
     schedulers = Schedulers()
@@ -220,26 +209,12 @@ def sharded_fanout_run(
         result.webhook_seconds = returned - posted
         if response.status_code != 202:
             raise RuntimeError(f"webhook answered {response.status_code}: {response.content[:500]!r}")
-        lo, hi = min(followers.account_ids), max(followers.account_ids)
-        events = OrderEvent.objects.filter(account_id__gte=lo, account_id__lte=hi)
-        acked: dict[str, float] = {}
-        ended: set[str] = set()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def poll() -> None:
             schedulers.check()
             peak.sample()
-            for key, at in events.filter(kind=OrderEvent.Kind.PLACED).values_list("order_key", "created_at"):
-                acked.setdefault(str(key), at.timestamp() - returned)
-            done = {
-                str(k)
-                for k in events.filter(kind__in=(OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED)).values_list(
-                    "order_key", flat=True
-                )
-            }
-            ended = done - set(acked)
-            if len(acked) + len(ended) >= n:
-                break
-            time.sleep(0.2)
+
+        acked, ended = fanout.acks_wait(followers, n, returned=returned, timeout=timeout, poll=poll)
         finished = time.time()
         result.cpu = (schedulers.cpu() - cpu0[0], fanout.cpu_seconds(sim_pid) - cpu0[1])
     finally:
@@ -281,7 +256,7 @@ def sharded_reconcile_run(*, accounts: int, count: int, env: dict[str, str], wor
     try:
         schedulers.wait_ready(shards)
         cpu0 = (schedulers.cpu(), fanout.cpu_seconds(sim_pid))
-        owner_of = dict(ShardLease.objects.values_list("shard", "pid"))
+        owner_of = {shard: pid for shard, pid in ShardLease.objects.values_list("shard", "pid") if pid is not None}
         total: dict[int, int] = {}
         for account_id in account_ids:
             pid = owner_of[account_id % shards]

@@ -238,7 +238,7 @@ def queue_work_load(*, now: datetime, term: Any = None, shards: ShardSet | None 
     if not marks and not swept:
         return None
     pool = execution_pool("queue")
-    busy = set() if pool.inline else set(pool.keys_in_flight())
+    busy: set[Pair] = set() if pool.inline else {cast(Pair, key) for key in pool.keys_in_flight()}
     dirty = {m.pair: m for m in marks if m.pair not in busy}
     held = len(marks) - len(dirty)
     express = [

@@ -90,7 +90,9 @@ def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGat
             symbols = sorted({row.symbol for row in rows if row.conditional == conditional})
             # A listing per symbol weighs far less than one of every symbol (Binance futures 1 against
             # 40, spot 6 against 80): with a few symbols, a thousand accounts fit one IP's budget.
-            per_symbol: list[str | None] = symbols if len(symbols) <= RECONCILE_SYMBOL_LISTS_MAX else [None]
+            per_symbol: list[str | None] = [None]  # None: one listing of every symbol
+            if len(symbols) <= RECONCILE_SYMBOL_LISTS_MAX:
+                per_symbol = [*symbols]
             for symbol in per_symbol if symbols else []:
                 for open_state in gateway.fetch_open_orders(mt, conditional=conditional, symbol=symbol):
                     listed[(conditional, open_state.exchange_order_id)] = open_state
