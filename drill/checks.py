@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -457,29 +457,52 @@ def collect(
     )
 
 
-def settled(*, since: datetime) -> tuple[bool, str]:
-    """Whether the queue and reconciliation have converged: nothing in flight, nothing dirty due, and a
-    clean update_open_orders run started after `since`. Returns (converged, what is still pending)."""
+# Work deferred at most this far ahead (a pair's retry after an exchange error, an order's backoff) still
+# counts as pending: it will reach the exchange while the checks read it.
+SETTLE_AHEAD = timedelta(seconds=30)
+
+
+def settled(*, since: datetime, now: datetime | None = None) -> tuple[bool, str]:
+    """Whether the queue and reconciliation have converged: nothing in flight, no MARKET order still
+    queued, no pair due now or deferred within SETTLE_AHEAD, and clean update_open_orders runs
+    started after `since` that cover every account (with account shards, every shard: each process
+    reconciles its own). Returns (converged, what is still pending)."""
+    from django.conf import settings
     from django.utils import timezone
 
     from orders.models import QueueDirty
 
+    now = now or timezone.now()
     waiting: list[str] = []
     submitting = PendingOrder.objects.filter(status=PendingOrder.Status.SUBMITTING).count()
     cancelling = OpenOrder.objects.filter(status=OpenOrder.Status.CANCELLING).count()
-    dirty = QueueDirty.objects.filter(marked_at__lte=timezone.now()).count()
+    market = PendingOrder.objects.filter(status=PendingOrder.Status.QUEUED, express=True).count()
+    dirty = QueueDirty.objects.filter(marked_at__lte=now + SETTLE_AHEAD).count()
     if submitting:
         waiting.append(f"{submitting} submitting")
     if cancelling:
         waiting.append(f"{cancelling} cancelling")
+    if market:
+        waiting.append(f"{market} market orders queued")
     if dirty:
         waiting.append(f"{dirty} dirty pairs")
-    clean: Any = (
+    runs = (
         JobRun.objects.filter(job_id="update_open_orders", started_at__gt=since, outcome=JobRun.Outcome.OK)
         .exclude(summary__contains="failed")
         .exclude(summary__contains="skipped")
-        .exists()
     )
+    covered: set[int] = set()
+    clean = False
+    for shards in runs.values_list("shards", flat=True):
+        if not shards:
+            clean = True  # a run over every account
+            break
+        covered |= {int(s) for s in shards.split(",")}
+    clean = clean or covered >= set(range(int(settings.ACCOUNT_SHARDS)))
     if not clean:
-        waiting.append("no clean reconciliation yet")
+        waiting.append(
+            f"no clean reconciliation of every shard yet ({len(covered)} covered)"
+            if covered
+            else "no clean reconciliation yet"
+        )
     return not waiting, ", ".join(waiting)

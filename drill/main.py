@@ -48,6 +48,7 @@ HTTP_TIMEOUT_MS = 3000  # ccxt's per-request timeout in the drill: a timeout fau
 EXIT_VIOLATED, EXIT_BROKEN = 1, 2
 RECONCILE_ASK_EVERY = 10.0  # seconds between two "run now" requests of update_open_orders while settling
 SCHEDULERS = 2  # runscheduler processes kept running (a killed leader is replaced)
+SIM_DB_THREADS = 16  # runsimexchange --db-threads (halved with three or more schedulers: connections)
 FAN_QUIET_END = 15.0  # no fan-out signal in the load's last seconds: its orders get time to be placed
 
 # Rate-limit faults. Once a minute the chaos spends the rest of the minute's Binance request weight from
@@ -288,6 +289,8 @@ def _start_simexchange(run: Run, *, port: int, price_seed: int, keys_path: Path)
         str(keys_path),
         "--seed",
         str(price_seed),
+        "--db-threads",
+        str(SIM_DB_THREADS if run.options.schedulers <= 2 else SIM_DB_THREADS // 2),
         *limits,
     )
     _started(sim, lambda: _ping(f"{run.base_sim}/api/v3/ping"), "runsimexchange")
@@ -347,10 +350,16 @@ def _drill(run: Run) -> int:
         "LOG_LEVEL": "INFO",
     }
     if options.schedulers > 2:
-        # Each scheduler holds a connection per busy pool worker and job thread besides its locks: with
-        # three or more, smaller pools keep them, the simulator, the web process and the drill within
-        # PostgreSQL's default 100 connections (an operator's own values win).
-        for name, value in (("EXECUTION_WORKERS", "6"), ("RECONCILE_WORKERS", "3"), ("SCHEDULER_THREADS", "8")):
+        # Each scheduler holds a connection per busy pool worker, stream worker and job thread besides
+        # its locks, waker and warmer (about 24, the leader 35, at the defaults): with three or more,
+        # smaller pools keep them, the simulator, the web process and the drill within PostgreSQL's
+        # default 100 connections (an operator's own values win).
+        for name, value in (
+            ("EXECUTION_WORKERS", "4"),
+            ("RECONCILE_WORKERS", "2"),
+            ("SCHEDULER_THREADS", "6"),
+            ("USER_STREAMS", json.dumps({"db_workers": 2, "reconcile_workers": 2})),
+        ):
             env[name] = os.environ.get(name, value)
     run.supervisor.env = env
     logger.info(

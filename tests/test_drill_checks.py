@@ -153,3 +153,44 @@ def test_check_fanout_passes_clean_orders_and_catches_doubles_losses_and_slots()
     )
     assert "placed but no OpenOrder row" in text  # a3's last event says live; there is no row
     assert "2 LIMIT orders live at once (slots 1)" in text
+
+
+@pytest.mark.django_db
+def test_settled_waits_for_queued_market_orders_deferred_pairs_and_every_shards_reconciliation(settings):
+    from django.utils import timezone
+
+    from drill.checks import settled
+    from orders.models import PendingOrder, QueueDirty
+    from scheduler.models import JobRun
+    from tests.orders.factories import PendingOrderFactory
+
+    settings.ACCOUNT_SHARDS = 4
+    now = timezone.now()
+    since = now - timedelta(seconds=60)
+
+    def run(shards: str) -> None:
+        JobRun.objects.create(
+            job_id="update_open_orders",
+            scheduled_at=now,
+            term=1,
+            host="h",
+            pid=1,
+            started_at=now,
+            outcome=JobRun.Outcome.OK,
+            summary="2/2 account markets",
+            shards=shards,
+        )
+
+    run("0,1")
+    done, waiting = settled(since=since, now=now)
+    assert not done and "no clean reconciliation of every shard yet (2 covered)" in waiting
+    run("2,3")
+    assert settled(since=since, now=now) == (True, "")
+
+    market = PendingOrderFactory(order_type="MARKET", express=True, status=PendingOrder.Status.QUEUED)
+    assert settled(since=since, now=now) == (False, "1 market orders queued")
+    market.delete()
+    QueueDirty.objects.create(
+        account_id=market.account_id, market_type="SPOT", symbol="ETH/USDT", marked_at=now + timedelta(seconds=20)
+    )
+    assert settled(since=since, now=now) == (False, "1 dirty pairs"), "a pair deferred 20 s is still pending"
