@@ -1,6 +1,6 @@
 """The drill's course: database, processes, seed, load and chaos, settle, stop, verdict (SPEC §9).
 
-    python -m drill [--seconds 300] [--settle 90] [--rate 4] [--followers 50] [--fan-every 12] [--seed N] [--keep]
+    python -m drill [--seconds 300] [--settle 150] [--rate 4] [--followers 50] [--fan-every 12] [--seed N] [--keep]
 
 Exit status: 0 when every invariant holds, 1 when one is violated, 2 when the drill itself could not
 run (a process did not start, the database was unreachable). Progress goes to stderr, the table to
@@ -122,7 +122,7 @@ def parse(argv: list[str] | None) -> Options:
         default=float(os.environ.get("DRILL_SECONDS", 300)),
         help="load and chaos duration (default DRILL_SECONDS or 300)",
     )
-    parser.add_argument("--settle", type=float, default=90.0, help="most seconds to wait for convergence (90)")
+    parser.add_argument("--settle", type=float, default=150.0, help="most seconds to wait for convergence (150)")
     parser.add_argument("--rate", type=float, default=4.0, help="load actions per second (4)")
     parser.add_argument("--seed", type=int, default=None, help="load, chaos and price-walk seed (random)")
     parser.add_argument(
@@ -349,11 +349,12 @@ def _drill(run: Run) -> int:
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
     }
-    if options.schedulers > 2:
+    if options.schedulers >= 2:  # always: the drill runs two at least
         # Each scheduler holds a connection per busy pool worker, stream worker and job thread besides
-        # its locks, waker and warmer (about 24, the leader 35, at the defaults): with three or more,
-        # smaller pools keep them, the simulator, the web process and the drill within PostgreSQL's
-        # default 100 connections (an operator's own values win).
+        # its locks, waker and warmer (about 24, the leader 35, at the defaults), and chaos starts a
+        # replacement while a killed one's connections are still going: smaller pools keep them, the
+        # simulator, the web process and the drill within PostgreSQL's default 100 connections (an
+        # operator's own values win).
         for name, value in (
             ("EXECUTION_WORKERS", "4"),
             ("RECONCILE_WORKERS", "2"),
