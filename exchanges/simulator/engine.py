@@ -78,7 +78,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -122,6 +123,7 @@ from exchanges.models import (
     SimPricePath,
 )
 from exchanges.rounding import floor_to_step
+from exchanges.simulator.books import Books, books_current, books_kept
 from exchanges.simulator.catalog import DEFAULT_BALANCES, CatalogMarket, catalog_market, catalog_markets
 
 logger = logging.getLogger(__name__)
@@ -181,6 +183,14 @@ class OrderEvent:
     order: SimOrder
     fill: SimFill | None
     at: datetime
+
+
+@dataclass(frozen=True)
+class _Live:
+    """The open orders an account's own step read under its lock (`complete`: all of them)."""
+
+    orders: list[SimOrder]
+    complete: bool
 
 
 @dataclass(frozen=True)
@@ -333,6 +343,27 @@ class SimEngine:
     def _account_try_lock(self, exchange: str, account: str) -> SimAccount | None:
         """The account's row locked, or None while another transaction holds it (never waits for a holder)."""
         return self._account_row(exchange, account, skip_locked=True)
+
+    @contextmanager
+    def _locked(self, exchange: str, account: str, *, wait: bool = True) -> Iterator[SimAccount | None]:
+        """A transaction holding the account's lock, with its books kept (exchanges.simulator.books) and
+        written when it ends; None (and no books) when `wait` is False and another transaction holds it."""
+        with transaction.atomic():
+            acct = self._account_lock(exchange, account) if wait else self._account_try_lock(exchange, account)
+            if acct is None:
+                yield None
+                return
+            with books_kept(exchange, account):
+                yield acct
+
+    @staticmethod
+    def _books(exchange: str, account: str) -> Books:
+        """The books of the account's locked transaction (_locked): every balance, position, order and fill
+        write of the engine goes through them."""
+        books = books_current(exchange, account)
+        if books is None:
+            raise RuntimeError(f"sim {exchange}/{account}: a write outside the account's locked transaction")
+        return books
 
     def _account_row(self, exchange: str, account: str, *, skip_locked: bool) -> SimAccount | None:
         # The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
@@ -529,17 +560,19 @@ class SimEngine:
                 defaults=defaults,
             )
 
-    def _balance_row(self, exchange: str, account: str, market_type: str, currency: str) -> SimBalance:
-        row, _ = SimBalance.objects.select_for_update().get_or_create(
-            exchange=exchange, account=account, market_type=self.wallet_of(exchange, market_type), currency=currency
+    def _balance_row(self, order: SimOrder, currency: str) -> SimBalance:
+        return self._books(order.exchange, order.account).balance(
+            self.wallet_of(order.exchange, order.market_type), currency
         )
-        return row
 
     def _move(self, order: SimOrder, currency: str, *, free: Decimal = ZERO, used: Decimal = ZERO) -> None:
-        row = self._balance_row(order.exchange, order.account, order.market_type, currency)
+        row = self._balance_row(order, currency)
         row.free = quantize(row.free + free)
         row.used = quantize(row.used + used)
-        row.save(update_fields=["free", "used"])
+        self._books(order.exchange, order.account).changed(row)
+
+    def _order_save(self, order: SimOrder) -> None:
+        self._books(order.exchange, order.account).order_save(order)
 
     # --- orders ------------------------------------------------------------------------
 
@@ -566,7 +599,7 @@ class SimEngine:
         if amount <= 0:
             order.reserved_currency = currency
             return
-        balance = self._balance_row(order.exchange, order.account, order.market_type, currency)
+        balance = self._balance_row(order, currency)
         if balance.free < amount:
             raise InsufficientFunds(
                 f"Account has insufficient balance for requested action: needs {amount} {currency}, "
@@ -576,7 +609,7 @@ class SimEngine:
             )
         balance.free = quantize(balance.free - amount)
         balance.used = quantize(balance.used + amount)
-        balance.save(update_fields=["free", "used"])
+        self._books(order.exchange, order.account).changed(balance)
         order.reserved, order.reserved_currency = amount, currency
 
     def _release(self, order: SimOrder, amount: Decimal) -> None:
@@ -621,16 +654,24 @@ class SimEngine:
             OrderStatus.FILLED.value if order.filled_quantity >= order.quantity else OrderStatus.PARTIALLY_FILLED.value
         )
         self._bump(acct, order, now)
-        order.save()
-        SimFill.objects.create(
-            order=order, quantity=qty, price=price, fee=fee, fee_currency=market.quote, is_maker=maker, created_at=now
+        books = self._books(order.exchange, order.account)
+        books.order_save(order)
+        books.fill_add(
+            SimFill(
+                order=order,
+                quantity=qty,
+                price=price,
+                fee=fee,
+                fee_currency=market.quote,
+                is_maker=maker,
+                created_at=now,
+            )
         )
 
     def _position_apply(self, order: SimOrder, market: CatalogMarket, qty: Decimal, price: Decimal) -> Decimal:
         """SPEC §4.3 arithmetic on the simulated futures position; returns the realized PnL."""
-        position, _ = SimPosition.objects.select_for_update().get_or_create(
-            exchange=order.exchange, account=order.account, symbol=order.symbol
-        )
+        books = self._books(order.exchange, order.account)
+        position = books.position(order.symbol)
         q0, p0 = position.quantity, position.entry_price
         t = qty if order.side == Side.BUY else -qty
         realized = ZERO
@@ -645,7 +686,7 @@ class SimEngine:
             q1 = q0 + t
             p1 = ZERO if q1 == 0 else (p0 if (q1 > 0) == (q0 > 0) else price)
         position.quantity, position.entry_price = quantize(q1), quantize(p1)
-        position.save(update_fields=["quantity", "entry_price"])
+        books.changed(position)
         return quantize(realized)
 
     def _check_rules(self, row: SimExchange, market: CatalogMarket, request: OrderRequest, ref_price: Decimal) -> None:
@@ -680,14 +721,19 @@ class SimEngine:
         price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
         """
         now = now or self.clock()
-        self._match_for(exchange, account, now)
         market_type = MarketType(request.market_type)
         time_in_force = TimeInForce(time_in_force)
         row = self._exchange_row(exchange, lock=False)
+        self.match(exchange, now=now, row=row)
+        scripts = self._scripts(exchange)
         market = self._market(row, market_type, request.symbol)
-        last = self._price(row, market, now, self._scripts(exchange))
-        with transaction.atomic():
-            acct = self._account_lock(exchange, account)
+        last = self._price(row, market, now, scripts)
+        with self._locked(exchange, account) as acct:
+            assert acct is not None  # noqa: S101 - a waiting lock always returns the row
+            # The account's own step (_match_for's), under the lock this call holds anyway.
+            live = self._step_account(row, acct, scripts, now)
+            if live is None:
+                self._books(exchange, account).flush()  # the checks below read the orders it changed
             quote_quantity = None
             if quote_order:
                 if request.order_type != OrderType.MARKET:
@@ -726,21 +772,28 @@ class SimEngine:
                 stop = cast(Decimal, request.stop_price)
                 if (request.side == Side.BUY and last >= stop) or (request.side == Side.SELL and last <= stop):
                     raise Rejected("Order would immediately trigger.", code="-2021", exchange=exchange)
-            open_same = SimOrder.objects.filter(
-                exchange=exchange,
-                account=account,
-                market_type=market_type,
-                symbol=request.symbol,
-                conditional=request.conditional,
-                status__in=OPEN,
-            ).count()
+            if live is not None and live.complete:  # the step read every open order and changed none
+                open_same = sum(
+                    1
+                    for o in live.orders
+                    if (o.market_type, o.symbol, o.conditional) == (market_type, request.symbol, request.conditional)
+                )
+            else:
+                open_same = SimOrder.objects.filter(
+                    exchange=exchange,
+                    account=account,
+                    market_type=market_type,
+                    symbol=request.symbol,
+                    conditional=request.conditional,
+                    status__in=OPEN,
+                ).count()
             if open_same >= row.open_order_cap:
                 raise Rejected(
                     f"Filter failure: MAX_NUM_ORDERS ({row.open_order_cap} open orders on {request.symbol})",
                     code="-2025",
                     exchange=exchange,
                 )
-            self._ensure_balances(exchange, account, market_type)
+            self._books(exchange, account).wallet_ensure(self.wallet_of(exchange, market_type))
             order = SimOrder(
                 exchange=exchange,
                 account=account,
@@ -771,12 +824,12 @@ class SimEngine:
             if not request.conditional:
                 self._reserve(row, market, order, ref_price)
             self._bump(acct, order, now)
-            order.save()
+            self._order_save(order)
             if not expire_unfilled:
                 self._execute_new(row, acct, market, order, last, now)
             if order.status in OPEN and (expire_unfilled or time_in_force == TimeInForce.IOC):
                 self._expire(acct, order, now)
-            acct.save(update_fields=["seq"])
+            acct.save(update_fields=["seq", "last_match_at"])
         logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, cid)
         return _state_of(order)
 
@@ -794,7 +847,7 @@ class SimEngine:
         self._release(order, order.reserved)
         order.status = OrderStatus.EXPIRED.value
         self._bump(acct, order, now)
-        order.save()
+        self._order_save(order)
 
     @staticmethod
     def _takes(side: Side | str, limit: Decimal, last: Decimal) -> bool:
@@ -887,8 +940,8 @@ class SimEngine:
         """Cancel a live order and release its reservation; NotFound when it is unknown or no longer open."""
         now = now or self.clock()
         self._match_for(exchange, account, now)
-        with transaction.atomic():
-            acct = self._account_lock(exchange, account)
+        with self._locked(exchange, account) as acct:
+            assert acct is not None  # noqa: S101 - a waiting lock always returns the row
             order = self._find(
                 exchange,
                 account,
@@ -905,7 +958,7 @@ class SimEngine:
             self._release(order, order.reserved)
             order.status = OrderStatus.CANCELED.value
             self._bump(acct, order, now)
-            order.save()
+            self._order_save(order)
             acct.save(update_fields=["seq"])
         return _state_of(order)
 
@@ -1056,7 +1109,9 @@ class SimEngine:
 
     # --- matching ----------------------------------------------------------------------
 
-    def match(self, exchange: str, *, now: datetime | None = None, force: bool = False) -> MatchReport:
+    def match(
+        self, exchange: str, *, now: datetime | None = None, force: bool = False, row: SimExchange | None = None
+    ) -> MatchReport:
         """One matching step at `now`: trigger stops, fill crossing limits (one liquidity slice each).
 
         Runs at most once per MATCH_INTERVAL of engine time per exchange unless `force`; a
@@ -1065,39 +1120,79 @@ class SimEngine:
         wait), then an unlocked scan finds the orders due at `now`, and each account with one is
         handled in its own short transaction under its SimAccount lock, re-checked there; an
         account whose lock is held (its own call running) or stepped within MATCH_INTERVAL is left
-        alone: that account's calls run its own step (_match_for).
+        alone: that account's calls run its own step (_match_for). `row`: the exchange's row as
+        the caller just read it (its last step's time spares a read when the step is not due).
         """
         now = now or self.clock()
-        if not self._match_claim(exchange, now, force=force):
+        if not self._match_claim(exchange, now, force=force, last=row.last_match_at if row is not None else None):
             return MatchReport(ran=False)
+        row = self._exchange_row(exchange, lock=False)
+        due = self._due(row, self._scripts(exchange), now)
+        # Orders created during the step (a trigger's child) wait for the next one, as they always have.
+        by_account: dict[str, list[int]] = {}
         live = SimOrder.objects.filter(exchange=exchange, status__in=OPEN)
-        return self._match_orders(exchange, live, now, force=force, wait=False)
+        for order in live.order_by("pk").only(
+            "pk", "account", "market_type", "symbol", "side", "order_type", "conditional", "price", "stop_price"
+        ):
+            if due(order) is not None:
+                by_account.setdefault(order.account, []).append(order.pk)
+        fills = triggers = 0
+        for account, pks in by_account.items():
+            # Skip-locked: an account busy with its own call is matched by that call's own step
+            # or the next exchange step, rather than making this caller wait for it.
+            with self._locked(exchange, account, wait=False) as acct:
+                if acct is None or (not force and _recent(acct.last_match_at, now)):
+                    continue
+                locked = SimOrder.objects.select_for_update().filter(pk__in=pks, status__in=OPEN).order_by("pk")
+                done = self._step_orders(row, acct, locked, due, now)
+                fills, triggers = fills + done[0], triggers + done[1]
+                acct.save(update_fields=["seq", "last_match_at"])
+        return MatchReport(ran=True, fills=fills, triggers=triggers)
 
     def _match_for(self, exchange: str, account: str, now: datetime | None) -> None:
         """The lazy matching before a call of `account`: the exchange's step, then the account's own.
 
         The exchange's step may be running in another caller, or have skipped this account while
         it was busy; the account's own step (waiting for its lock: its calls serialize anyway)
-        makes sure that what this call reads or writes is matched up to `now`.
+        makes sure that what this call reads or writes is matched up to `now`. order_create runs
+        the same two steps itself, the account's inside its own transaction.
         """
         now = now or self.clock()
-        self.match(exchange, now=now)
-        last = SimAccount.objects.filter(exchange=exchange, account=account).values_list("last_match_at", flat=True)
-        if not _recent(last.first(), now):
-            live = SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN)
-            self._match_orders(exchange, live, now, force=False, wait=True)
-            # The account was stepped at `now` even when nothing was due: an order this call
-            # creates takes its next slice at the next step (MATCH_INTERVAL on), as at the exchange's.
-            SimAccount.objects.filter(exchange=exchange, account=account).update(last_match_at=now)
-
-    def _match_orders(self, exchange: str, live, now: datetime, *, force: bool, wait: bool) -> MatchReport:  # noqa: ANN001
-        """Match the due orders among `live` at `now`, one account at a time under its lock.
-
-        An account stepped within MATCH_INTERVAL (by another caller) is left alone unless `force`;
-        with `wait` False an account whose lock is held is left to the next step.
-        """
         row = self._exchange_row(exchange, lock=False)
-        scripts = self._scripts(exchange)
+        self.match(exchange, now=now, row=row)
+        steps = SimAccount.objects.filter(exchange=exchange, account=account).values_list("last_match_at", flat=True)
+        last = list(steps)
+        if last and _recent(last[0], now):
+            return
+        if not last and not SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN).exists():
+            return  # an account never seen: nothing to match
+        with self._locked(exchange, account) as acct:
+            assert acct is not None  # noqa: S101 - a waiting lock always returns the row
+            self._step_account(row, acct, self._scripts(exchange), now)
+            acct.save(update_fields=["seq", "last_match_at"])
+
+    def _step_account(
+        self, row: SimExchange, acct: SimAccount, scripts: dict[str, SimPricePath], now: datetime
+    ) -> _Live | None:
+        """The account's own matching step at `now`, inside its locked transaction (_locked), unless it was
+        stepped within MATCH_INTERVAL. None when it filled or triggered an order, else the open orders it
+        read (`complete` False when it did not run).
+
+        The account counts as stepped at `now` even when nothing was due: an order this call creates
+        takes its next slice at the next step (MATCH_INTERVAL on), as at the exchange's. The caller
+        saves `acct` (seq and last_match_at).
+        """
+        if _recent(acct.last_match_at, now):
+            return _Live(orders=[], complete=False)
+        live = SimOrder.objects.select_for_update().filter(exchange=row.exchange, account=acct.account, status__in=OPEN)
+        orders = list(live.order_by("pk"))
+        fills, triggers = self._step_orders(row, acct, orders, self._due(row, scripts, now), now)
+        return None if fills or triggers else _Live(orders=orders, complete=True)
+
+    def _due(
+        self, row: SimExchange, scripts: dict[str, SimPricePath], now: datetime
+    ) -> Callable[[SimOrder], tuple[CatalogMarket, Decimal] | None]:
+        """The test of a step at `now`: an order's market and price when it fills or triggers, else None."""
         prices: dict[tuple[str, str], Decimal] = {}
 
         def due(order: SimOrder) -> tuple[CatalogMarket, Decimal] | None:
@@ -1114,48 +1209,47 @@ class SimEngine:
                 hit = order.order_type == OrderType.MARKET or self._crosses(order, price)
             return (market, price) if hit else None
 
-        # Orders created during the step (a trigger's child) wait for the next one, as they always have.
-        by_account: dict[str, list[int]] = {}
-        for order in live.order_by("pk").only(
-            "pk", "account", "market_type", "symbol", "side", "order_type", "conditional", "price", "stop_price"
-        ):
-            if due(order) is not None:
-                by_account.setdefault(order.account, []).append(order.pk)
-        fills = triggers = 0
-        for account, pks in by_account.items():
-            with transaction.atomic():
-                # Skip-locked: an account busy with its own call is matched by that call's own step
-                # or the next exchange step, rather than making this caller wait for it.
-                acct = self._account_lock(exchange, account) if wait else self._account_try_lock(exchange, account)
-                if acct is None or (not force and _recent(acct.last_match_at, now)):
-                    continue
-                for order in SimOrder.objects.select_for_update().filter(pk__in=pks, status__in=OPEN).order_by("pk"):
-                    found = due(order)  # again under the lock: a cancel or fill may have come first
-                    if found is None:
-                        continue
-                    market, price = found
-                    if order.conditional:
-                        self._trigger(row, acct, market, order, price, now)
-                        triggers += 1
-                    elif order.order_type == OrderType.MARKET:
-                        self._fill(row, acct, market, order, order.quantity, price, now, maker=False)
-                        fills += 1
-                    else:
-                        self._fill(row, acct, market, order, market.liquidity, order.price, now, maker=True)
-                        fills += 1
-                acct.last_match_at = now
-                acct.save(update_fields=["seq", "last_match_at"])
-        return MatchReport(ran=True, fills=fills, triggers=triggers)
+        return due
 
-    def _match_claim(self, exchange: str, now: datetime, *, force: bool) -> bool:
+    def _step_orders(
+        self,
+        row: SimExchange,
+        acct: SimAccount,
+        orders: Iterable[SimOrder],
+        due: Callable[[SimOrder], tuple[CatalogMarket, Decimal] | None],
+        now: datetime,
+    ) -> tuple[int, int]:
+        """Fill or trigger the due ones among the account's locked open `orders`; (fills, triggers).
+        Marks the account stepped at `now` (the caller saves it)."""
+        fills = triggers = 0
+        for order in orders:
+            found = due(order)  # under the lock: a cancel or fill may have come since an unlocked scan
+            if found is None:
+                continue
+            market, price = found
+            if order.conditional:
+                self._trigger(row, acct, market, order, price, now)
+                triggers += 1
+            elif order.order_type == OrderType.MARKET:
+                self._fill(row, acct, market, order, order.quantity, price, now, maker=False)
+                fills += 1
+            else:
+                self._fill(row, acct, market, order, market.liquidity, order.price, now, maker=True)
+                fills += 1
+        acct.last_match_at = now
+        return fills, triggers
+
+    def _match_claim(self, exchange: str, now: datetime, *, force: bool, last: datetime | None = None) -> bool:
         """Claim the matching step at `now`: True when this caller runs it (last_match_at set to now, committed).
 
         SKIP LOCKED makes it a try-lock: the exchange row is held only by this claim and by
         configuration writes, each a few statements long; a busy row means someone else is
-        claiming, and the step is skipped rather than waited for.
+        claiming, and the step is skipped rather than waited for. `last`: the exchange's last step
+        as the caller just read it (None: read it here).
         """
         if not force:
-            last = SimExchange.objects.filter(exchange=exchange).values_list("last_match_at", flat=True).first()
+            if last is None:
+                last = SimExchange.objects.filter(exchange=exchange).values_list("last_match_at", flat=True).first()
             if _recent(last, now):
                 return False
         self._exchange_row(exchange, lock=False)  # exists from here on
@@ -1175,7 +1269,7 @@ class SimEngine:
         """Conditional → TRIGGERED, and its regular child (STOP_LIMIT → LIMIT, STOP_MARKET → MARKET, filled at once)."""
         order.status = OrderStatus.TRIGGERED.value
         self._bump(acct, order, now)
-        order.save()
+        self._order_save(order)
         is_limit = order.order_type == OrderType.STOP_LIMIT
         child = SimOrder(
             exchange=order.exchange,
@@ -1193,13 +1287,13 @@ class SimEngine:
             created_at=now,
         )
         try:
-            with transaction.atomic():
-                self._reserve(row, market, child, order.price if is_limit else price)
+            # No savepoint: _reserve changes nothing (the books write at the end) before it raises.
+            self._reserve(row, market, child, order.price if is_limit else price)
         except InsufficientFunds as exc:
             child.status = OrderStatus.REJECTED.value
             child.reject_reason = str(exc)[:255]
         self._bump(acct, child, now)
-        child.save()
+        self._order_save(child)
         order._spawned_cache = child  # type: ignore[attr-defined]
         if child.status == OrderStatus.NEW:
             self._execute_new(row, acct, market, child, price, now)

@@ -387,3 +387,54 @@ def test_synthetic_symbols_extend_both_catalogs(engine, settings):
     assert state.status == OrderStatus.FILLED
     settings.SIMULATOR_SYNTHETIC_SYMBOLS = 0
     assert len(engine.market_list(EX, MarketType.SPOT)) == len(SPOT_MARKETS)
+
+
+def test_open_order_cap_counts_what_the_accounts_own_step_just_filled(engine, clock):
+    engine.exchange_configure(EX, open_order_cap=2)
+    engine.price_script(EX, "ETH/USDT", ["3000"])
+    engine.order_create(EX, ACC, order("ETH/USDT", "BUY", "LIMIT", "0.1", price="2900"))
+    engine.order_create(EX, ACC, order("ETH/USDT", "BUY", "LIMIT", "0.1", price="2950"))
+    clock.advance()  # the next create runs the account's step first: nothing due, both still open
+    with pytest.raises(Rejected, match="MAX_NUM_ORDERS"):
+        engine.order_create(EX, ACC, order("ETH/USDT", "BUY", "LIMIT", "0.1", price="2800"))
+
+    engine.price_script(EX, "ETH/USDT", ["2925"])
+    clock.advance()  # the step inside this create fills the 2950 order first, freeing its slot
+    placed = engine.order_create(EX, ACC, order("ETH/USDT", "BUY", "LIMIT", "0.1", price="2800", client_order_id="c3"))
+    assert placed.status == OrderStatus.NEW
+    statuses = sorted(SimOrder.objects.filter(exchange=EX, account=ACC).values_list("price", "status"))
+    assert statuses == [(D("2800"), "NEW"), (D("2900"), "NEW"), (D("2950"), "FILLED")]
+    assert SimFill.objects.filter(order__price=D("2950")).count() == 1
+
+
+def test_a_market_create_reads_and_writes_each_row_once(engine):
+    """The account's books: one insert of the order (with its final state), one write per changed balance,
+    the new position inserted at once, no savepoint of its own."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    engine.price_script(EX, "ETH/USDT", ["3000"])
+    engine.balance_get(EX, ACC, MarketType.FUTURES)  # the exchange's row exists and its step at `now` is done
+    engine.match(EX)
+    request = order("ETH/USDT", "BUY", "MARKET", "0.05", market_type=MarketType.FUTURES, client_order_id="m1")
+    with CaptureQueriesContext(connection) as queries:
+        placed = engine.order_create(EX, "new-acct", request)
+    assert placed.status == OrderStatus.FILLED
+    statements = [q["sql"] for q in queries.captured_queries]
+
+    def count(prefix: str, table: str) -> int:
+        return sum(1 for sql in statements if sql.startswith(prefix) and f'"exchanges_{table}"' in sql.split("(")[0])
+
+    assert count("INSERT", "simorder") == 1 and count("UPDATE", "simorder") == 0
+    assert count("INSERT", "simfill") == 1
+    assert count("UPDATE", "simbalance") == 1  # reserve, release and settle of the USDT margin: one write
+    assert count("INSERT", "simposition") == 1 and count("UPDATE", "simposition") == 0
+    assert count("UPDATE", "simaccount") == 1
+    # The test's own transaction turns the engine's into one savepoint: no other.
+    assert sum(1 for sql in statements if sql.startswith("SAVEPOINT")) <= 1, "\n".join(statements)
+    assert len(statements) <= 24, "\n".join(statements)
+    balance = engine.balance_get(EX, "new-acct", MarketType.FUTURES)
+    assert balance.free("USDT") == D("100000") - D("0.15") and balance.used("USDT") == 0  # the taker fee
+    assert [(p.symbol, p.quantity, p.entry_price) for p in engine.position_list(EX, "new-acct")] == [
+        ("ETH/USDT", D("0.05"), D("3000"))
+    ]
