@@ -84,11 +84,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Max, Q
+from django.db.models import Max
 from django.utils import timezone
 
 from core.money import ZERO, quantize
@@ -1333,41 +1333,61 @@ class SimEngine:
         faults = SimFault.objects.all() if exchange is None else SimFault.objects.filter(exchange=exchange)
         return faults.delete()[0]
 
-    def _fault_candidates(self, exchange: str, endpoint: str, account: str, kinds_q: Q):
-        return SimFault.objects.filter(
-            Q(exchange="") | Q(exchange=exchange),
-            Q(endpoint="") | Q(endpoint=endpoint),
-            Q(account="") | Q(account=account),
-            Q(remaining__isnull=True) | Q(remaining__gt=0),
-            kinds_q,
-        ).order_by("pk")
+    def _fault_candidates(self, exchange: str, endpoint: str, account: str, *, phase: str | None) -> list[tuple]:
+        """The faults in scope of one call, oldest first: (id, kind, remaining, probability, latency_ms).
 
-    def _fault_consume(self, candidates) -> FaultHit | None:  # noqa: ANN001
+        `phase` None: the websocket faults of the account's stream, else the REST faults of that phase.
+        Plain SQL: every gateway call of every client passes here, and the ORM's query building for
+        these OR'd scopes cost more CPU than the rest of a fault-free call's checks.
+        """
+        table = SimFault._meta.db_table
+        sql = (
+            f"SELECT id, kind, remaining, probability, latency_ms FROM {table} "  # noqa: S608 - our table name
+            "WHERE exchange IN (%s, '') AND endpoint IN (%s, '') AND account IN (%s, '') "
+            "AND (remaining IS NULL OR remaining > 0) AND "
+        )
+        params: list[Any] = [exchange, endpoint, account]
+        if phase is None:
+            sql += "kind IN (%s, %s)"
+            params += list(WS_FAULTS)
+        else:
+            sql += "kind NOT IN (%s, %s) AND phase = %s"
+            params += [*WS_FAULTS, phase]
+        with connection.cursor() as cursor:
+            cursor.execute(sql + " ORDER BY id", params)
+            return cursor.fetchall()
+
+    def _fault_consume(self, candidates: list[tuple]) -> FaultHit | None:
         """The first candidate that fires, consumed by one conditional UPDATE (no transaction held).
 
         Every gateway call passes here, so a fault that matches every account (a latency on all
         creates) must not queue them: its row is locked for that one statement only.
         """
-        for fault in candidates:
-            if fault.probability is not None and Decimal(str(self.rng.random())) >= fault.probability:
+        table = SimFault._meta.db_table
+        for fault_id, kind, remaining, probability, latency_ms in candidates:
+            if probability is not None and Decimal(str(self.rng.random())) >= Decimal(str(probability)):
                 continue
-            row = SimFault.objects.filter(pk=fault.pk)
-            if fault.remaining is None:
-                taken = row.update(fired=F("fired") + 1)
-            else:
-                taken = row.filter(remaining__gt=0).update(remaining=F("remaining") - 1, fired=F("fired") + 1)
+            with connection.cursor() as cursor:
+                if remaining is None:
+                    cursor.execute(f"UPDATE {table} SET fired = fired + 1 WHERE id = %s", [fault_id])  # noqa: S608
+                else:
+                    cursor.execute(
+                        f"UPDATE {table} SET remaining = remaining - 1, fired = fired + 1 "  # noqa: S608
+                        "WHERE id = %s AND remaining > 0",
+                        [fault_id],
+                    )
+                taken = cursor.rowcount
             if taken:  # else spent by a concurrent call meanwhile, or deleted: try the next
-                return FaultHit(fault_id=fault.pk, kind=fault.kind, latency_ms=fault.latency_ms)
+                return FaultHit(fault_id=fault_id, kind=kind, latency_ms=latency_ms)
         return None
 
     def fault_take(self, exchange: str, endpoint: str, account: str, *, phase: str = "before") -> FaultHit | None:
         """Consume the first matching REST fault for this call and phase (the HTTP server shapes the reply)."""
-        kinds = ~Q(kind__in=WS_FAULTS) & Q(phase=phase)
-        return self._fault_consume(self._fault_candidates(exchange, endpoint, account, kinds))
+        return self._fault_consume(self._fault_candidates(exchange, endpoint, account, phase=phase))
 
     def fault_ws_take(self, exchange: str, account: str) -> str | None:
         """Consume a websocket fault for the account's stream: "ws_drop", "ws_silent" or None."""
-        hit = self._fault_consume(self._fault_candidates(exchange, "ws", account, Q(kind__in=WS_FAULTS)))
+        hit = self._fault_consume(self._fault_candidates(exchange, "ws", account, phase=None))
         return hit.kind if hit else None
 
     def _caller_wait(self, latency_ms: int, exchange: str, endpoint: str) -> None:
