@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any, TypedDict, TypeVar, cast
 from urllib.parse import urlsplit
 
 import ccxt
+import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
 
@@ -275,22 +277,59 @@ def _policed_class(cls: type[Any]) -> type[Any]:
 class _SourceAddressAdapter(HTTPAdapter):
     """requests' adapter whose connections leave from one local address (EXCHANGE_SOURCE_ADDRESS)."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, **kwargs: Any):
         self.source = source
-        super().__init__()
+        super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["source_address"] = (self.source, 0)
         super().init_poolmanager(*args, **kwargs)
 
 
-def _bind_source(exchange: Any) -> None:
-    """Send this instance's REST calls from EXCHANGE_SOURCE_ADDRESS, when one is set (one egress IP per process)."""
+class _SharedSession(requests.Session):
+    """The process's HTTP connections to the exchanges, shared by every account's ccxt instance.
+
+    Each instance would otherwise hold a session of its own, so a fan-out's first call of every
+    follower opened a new connection (a TCP and TLS handshake to a real exchange: a round trip or
+    two before the order is even sent). Shared, the connections stay open between signals and any
+    worker takes one that is free. Nothing of an account lives in it: ccxt signs each request
+    itself, and cookies are refused (ccxt clears the jar before every request anyway). ccxt closes
+    an instance's session when the instance is dropped; the shared one stays open (`pool_close`).
+    """
+
+    def close(self) -> None:
+        """Kept open for the other instances (ccxt calls this when one instance is dropped)."""
+
+    def pool_close(self) -> None:
+        super().close()
+
+
+_sessions: dict[str, _SharedSession] = {}
+_sessions_lock = threading.Lock()
+# Connections kept per exchange host beyond the pools' workers: user-stream listen keys, the client
+# warmer, the price and market jobs.
+HTTP_POOL_SPARE = 16
+
+
+def _http_session() -> _SharedSession:
+    """The shared session of the process's egress address (EXCHANGE_SOURCE_ADDRESS; "" the default route)."""
     source = settings.EXCHANGE_SOURCE_ADDRESS
-    if source:
-        adapter = _SourceAddressAdapter(source)
-        exchange.session.mount("http://", adapter)
-        exchange.session.mount("https://", adapter)
+    with _sessions_lock:
+        session = _sessions.get(source)
+        if session is None:
+            session = _SharedSession()
+            session.trust_env = ccxt.Exchange.requests_trust_env
+            session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+            size = int(settings.EXECUTION_WORKERS) + int(settings.RECONCILE_WORKERS) + HTTP_POOL_SPARE
+            adapter = (
+                _SourceAddressAdapter(source, pool_connections=8, pool_maxsize=size)
+                if source
+                else HTTPAdapter(pool_connections=8, pool_maxsize=size)
+            )
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            _sessions[source] = session
+        return session
 
 
 def _make_exchange(family: str, market_type: MarketType, api_key: str, api_secret: str, testnet: bool) -> Any:
@@ -303,6 +342,7 @@ def _make_exchange(family: str, market_type: MarketType, api_key: str, api_secre
             "timeout": int(getattr(settings, "EXCHANGE_HTTP_TIMEOUT_MS", 10_000)),
             "options": _options(family, market_type),
             "has": {"fetchCurrencies": False},
+            "session": _http_session(),
         }
     )
     if testnet:
@@ -311,7 +351,6 @@ def _make_exchange(family: str, market_type: MarketType, api_key: str, api_secre
         else:
             exchange.set_sandbox_mode(True)
     _apply_override(exchange, family, market_type)
-    _bind_source(exchange)
     exchange.tradingsite_testnet = testnet
     return exchange
 
@@ -368,6 +407,11 @@ def caches_clear() -> None:
         _instances.clear()
     with _templates_lock:
         _templates.clear()
+    with _sessions_lock:
+        sessions = list(_sessions.values())
+        _sessions.clear()
+    for session in sessions:
+        session.pool_close()
 
 
 def _decimal(value: Any) -> Decimal | None:

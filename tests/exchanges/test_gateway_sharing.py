@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ class Seen:
     path: str
     api_key: str
     query: str = ""
+    peer: int = 0  # the client's port: one per TCP connection
+    cookie: str | None = None
 
 
 @dataclass
@@ -51,7 +54,8 @@ class SlowProxy:
 
     async def handle(self, request: web.Request) -> web.Response:
         key = request.headers.get("X-MBX-APIKEY") or request.headers.get("X-BAPI-API-KEY") or ""
-        self.seen.append(Seen(request.path, key, request.query_string))
+        peer = request.transport.get_extra_info("peername")[1] if request.transport else 0
+        self.seen.append(Seen(request.path, key, request.query_string, peer, request.headers.get("Cookie")))
         self.current += 1
         self.peak = max(self.peak, self.current)
         try:
@@ -70,6 +74,8 @@ class SlowProxy:
                 body = await reply.read()
                 hop = ("content-length", "transfer-encoding")
                 keep = {k: v for k, v in reply.headers.items() if k.lower() not in hop}
+                # As a CDN in front of an exchange does: a cookie no account may carry to another.
+                keep["Set-Cookie"] = f"edge=seen-{key or 'public'}; Path=/"
                 return web.Response(status=reply.status, body=body, headers=keep)
         finally:
             self.current -= 1
@@ -196,3 +202,23 @@ def test_in_flight_cap_fails_as_rate_limited_without_reaching_the_exchange(proxy
         assert len(proxy.seen) == 1  # the refused call never left the process
         assert pending.result(10).free("USDT") > 0
     assert in_flight_limits().in_flight("BINANCE") == 0
+
+
+def test_accounts_share_the_processs_http_connections_and_carry_no_cookies(proxy):
+    """One connection pool for every account's instance: sequential calls of six accounts reuse one
+    connection (no handshake per follower), and a cookie set in one account's reply never goes out."""
+    accounts = [gateway(f"acct-{i}", key=f"{API_KEY}-{i}") for i in range(5)] + [gateway("acct-real")]
+    for g in accounts:
+        g._client(FUTURES)
+    proxy.reset()
+    for g in accounts:
+        with contextlib.suppress(gw.Auth):
+            g.fetch_balance(FUTURES)
+    assert [s.api_key for s in proxy.seen] == [f"{API_KEY}-{i}" for i in range(5)] + [API_KEY]
+    assert len({s.peer for s in proxy.seen}) == 1, [s.peer for s in proxy.seen]
+    assert all(s.cookie is None for s in proxy.seen)
+    clients = [g._client(FUTURES) for g in accounts]
+    assert all(c.session is clients[0].session for c in clients)
+    clients[0].close()  # what ccxt does when an instance is dropped: the others keep the pool
+    accounts[-1].fetch_balance(FUTURES)
+    assert proxy.seen[-1].peer == proxy.seen[0].peer
