@@ -585,6 +585,19 @@ def _task_order(work: QueueWork) -> tuple[list[Pair], dict[Pair, list[PendingOrd
     return ordered, express
 
 
+def _only_these_express(rows: PairRows | None, express: list[PendingOrder]) -> bool:
+    """Whether the pair's planned rows are only `express` orders (a fan-out follower's usual pair).
+
+    Its rebalance after the express batch then has no move to plan, and knows their rows from the
+    batch's outcomes (_next_due): reading the pair again would only cost two queries. Rows that
+    arrived since the plan marked the pair again, and a later mark survives this pass's finish.
+    """
+    if rows is None:
+        return True
+    ids = {p.pk for p in express}
+    return not rows.open and all(p["express"] and p["id"] in ids for p in rows.pending)
+
+
 def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder], rebalance: bool) -> QueueTally:
     """What one pass does for one pair, in a worker of the queue pool (or inline): its express orders,
     then (`rebalance`) the moves toward its slots. Expected gateway errors end as outcomes or deferrals.
@@ -596,7 +609,8 @@ def queue_pair_task(*, work: QueueWork, pair: Pair, express: list[PendingOrder],
         # A task beside the ticks: no pass time limits, and rows loaded by a pass that started a
         # while ago are read again (the transitions' guarded updates make stale rows safe, but a
         # fresh plan avoids needless moves).
-        if rebalance and time.monotonic() - work.started > STALE_ROWS_SECONDS:
+        stale = time.monotonic() - work.started > STALE_ROWS_SECONDS
+        if rebalance and stale and not _only_these_express(work.rows.get(pair), express):
             work = dataclasses.replace(work, rows={**work.rows, **selectors.queue_rows_for_pairs(pairs=[pair])})
         work = dataclasses.replace(work, timed=False)
     dirty = DirtyTracker(pair, work.dirty.get(pair))  # one for the pair's express batch and its rebalance

@@ -5,9 +5,11 @@ engine's docstring), so nothing else writes the account's balances, positions or
 meanwhile, and the transaction may keep them in memory: a MARKET create used to read and write
 the same quote balance three times (reserve, release, settle), insert its order and then update
 it, and create its position through a savepoint. With the books it reads each balance wallet and
-position once and writes each changed row once, when the transaction ends: 35 statements per
-create of a new account became 22, 28 of an account seen before became 17 (the simulator shares
-its machine with the engine under test; bench.fanout measures both).
+position once and writes each changed row once, when the transaction ends. With the account's
+own matching step inside the create's transaction, plain-SQL fault lookups and first-use inserts
+that return their rows, a new account's MARKET create (fault check included) went from 35
+statements to 18 (the simulator shares its machine with the engine under test; bench.fanout
+measures both).
 
 Nothing reads these tables behind the books inside such a transaction: the engine reaches
 balances only through `balance()`, positions through `position()`, and saves orders and fills
@@ -21,7 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
+from django.db import connection
+
+from core.money import ZERO
 from exchanges.gateway import MarketType
 from exchanges.models import SimBalance, SimFill, SimOrder, SimPosition
 from exchanges.simulator.catalog import DEFAULT_BALANCES
@@ -48,22 +54,47 @@ class Books:
     # --- balances -------------------------------------------------------------------------
 
     def _wallet_load(self, wallet: str) -> None:
-        """Lock and read the wallet's rows; a never-seen wallet gets DEFAULT_BALANCES first (as balance_get does)."""
+        """Lock and read the wallet's rows; a never-seen wallet gets DEFAULT_BALANCES first (as balance_get does).
+
+        The defaults go in with ON CONFLICT DO NOTHING (an unlocked balance read may insert the same
+        rows meanwhile) and RETURNING: the rows this insert made are this transaction's until it
+        commits, so only a conflict (rows someone else inserted) costs a second read.
+        """
         rows = SimBalance.objects.select_for_update().filter(
             exchange=self.exchange, account=self.account, market_type=wallet
         )
         found = list(rows)
         if not found:
-            SimBalance.objects.bulk_create(
-                [
+            defaults = DEFAULT_BALANCES[MarketType(wallet)]
+            values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(defaults))
+            money = SimBalance._meta.get_field("free")
+            params: list[Any] = []
+            for currency, amount in defaults.items():
+                amounts = [money.get_db_prep_value(a, connection) for a in (amount, ZERO)]
+                params += [self.exchange, self.account, wallet, currency, *amounts]
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {SimBalance._meta.db_table} "  # noqa: S608 - our table name
+                    f"(exchange, account, market_type, currency, free, used) VALUES {values} "
+                    "ON CONFLICT DO NOTHING RETURNING id, currency",
+                    params,
+                )
+                made = dict((currency, pk) for pk, currency in cursor.fetchall())
+            if len(made) == len(defaults):
+                found = [
                     SimBalance(
-                        exchange=self.exchange, account=self.account, market_type=wallet, currency=c, free=amount
+                        id=made[c],
+                        exchange=self.exchange,
+                        account=self.account,
+                        market_type=wallet,
+                        currency=c,
+                        free=amount,
+                        used=ZERO,
                     )
-                    for c, amount in DEFAULT_BALANCES[MarketType(wallet)].items()
-                ],
-                ignore_conflicts=True,
-            )
-            found = list(rows.all())
+                    for c, amount in defaults.items()
+                ]
+            else:
+                found = list(rows.all())
         self._wallets.add(wallet)
         for row in found:
             self._balances[(wallet, row.currency)] = row

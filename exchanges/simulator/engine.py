@@ -366,21 +366,29 @@ class SimEngine:
         return books
 
     def _account_row(self, exchange: str, account: str, *, skip_locked: bool) -> SimAccount | None:
-        # The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
-        # transaction (PostgreSQL waits for the other insert's commit, then the locking read sees it).
         # A new row continues the account's sequence from its orders (those written before the row
         # existed were numbered from the exchange-wide sequence of old), so cursors never move back.
+        # The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
+        # transaction (PostgreSQL waits for the other insert's commit, then the locking read sees it);
+        # the row it inserts is this transaction's until it commits, as good as locked.
         rows = SimAccount.objects.select_for_update(skip_locked=skip_locked).filter(exchange=exchange, account=account)
         row = rows.first()
-        if row is None:
-            if skip_locked and SimAccount.objects.filter(exchange=exchange, account=account).exists():
-                return None  # held by another transaction
-            top = SimOrder.objects.filter(exchange=exchange, account=account).aggregate(m=Max("update_seq"))["m"]
-            SimAccount.objects.bulk_create(
-                [SimAccount(exchange=exchange, account=account, seq=top or 0)], ignore_conflicts=True
+        if row is not None:
+            return row
+        if skip_locked and SimAccount.objects.filter(exchange=exchange, account=account).exists():
+            return None  # held by another transaction
+        accounts, orders = SimAccount._meta.db_table, SimOrder._meta.db_table
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {accounts} (exchange, account, seq, last_match_at) "  # noqa: S608 - our table names
+                f"SELECT %s, %s, COALESCE(MAX(update_seq), 0), NULL FROM {orders} WHERE exchange = %s AND account = %s "
+                "ON CONFLICT DO NOTHING RETURNING id, seq",
+                [exchange, account, exchange, account],
             )
-            row = rows.first()
-        return row
+            inserted = cursor.fetchone()
+        if inserted is not None:
+            return SimAccount(id=inserted[0], exchange=exchange, account=account, seq=inserted[1], last_match_at=None)
+        return rows.first()
 
     def exchange_configure(
         self,

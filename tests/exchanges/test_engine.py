@@ -432,7 +432,7 @@ def test_a_market_create_reads_and_writes_each_row_once(engine):
     assert count("UPDATE", "simaccount") == 1
     # The test's own transaction turns the engine's into one savepoint: no other.
     assert sum(1 for sql in statements if sql.startswith("SAVEPOINT")) <= 1, "\n".join(statements)
-    assert len(statements) <= 24, "\n".join(statements)
+    assert len(statements) <= 18, "\n".join(statements)
     balance = engine.balance_get(EX, "new-acct", MarketType.FUTURES)
     assert balance.free("USDT") == D("100000") - D("0.15") and balance.used("USDT") == 0  # the taker fee
     assert [(p.symbol, p.quantity, p.entry_price) for p in engine.position_list(EX, "new-acct")] == [

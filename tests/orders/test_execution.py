@@ -14,10 +14,11 @@ from django.utils import timezone
 
 from exchanges.models import SimOrder
 from exchanges.paper import PaperGateway
+from orders import selectors
 from orders.execution import execution_pool
 from orders.faults import crash_disable_all
 from orders.jobs import rebalance_order_queue, update_open_orders
-from orders.models import OpenOrder, PendingOrder
+from orders.models import OpenOrder, PendingOrder, QueueDirty
 from orders.queue import queue_sweep_reset, queue_work_load
 from scheduler.models import JobRun
 from tests import procs
@@ -149,6 +150,42 @@ def test_a_pass_does_not_wait_for_a_slow_call_and_the_next_pass_leaves_the_busy_
     assert OpenOrder.objects.filter(account_id=sa.account_id).count() == 1
     assert SimOrder.objects.count() == 1
     assert invariant_problems([sa.account_id]) == []
+
+
+def test_a_late_task_of_a_fan_out_follower_places_its_market_order_without_reading_the_pair_again(
+    execution_workers, monkeypatch
+):  # noqa: ANN001
+    """A pair whose planned rows are only its express orders (a follower of a fan-out) knows them after
+    the batch from its outcomes; a pair with other rows still reads them again when its task starts late."""
+    paper_market_info(market_type="SPOT", symbol="ETH/USDT")
+    followers = [StrategyAccountFactory(strategy__market_type="SPOT") for _ in range(4)]
+    for sa in followers:
+        enqueue(sa, "BUY", None, order_type="MARKET")
+    mixed = StrategyAccountFactory(strategy__market_type="SPOT")
+    enqueue(mixed, "BUY", None, order_type="MARKET")
+    enqueue(mixed, "BUY", "1500")
+    monkeypatch.setattr("orders.queue.STALE_ROWS_SECONDS", -1.0)  # every task starts "late"
+    reads: list[list] = []
+    original = selectors.queue_rows_for_pairs
+
+    def counted(**kwargs: Any) -> Any:
+        if threading.current_thread().name.startswith("exec-queue"):
+            reads.append(list(kwargs.get("pairs", [])))
+        return original(**kwargs)
+
+    monkeypatch.setattr("orders.queue.selectors.queue_rows_for_pairs", counted)
+
+    rebalance_order_queue()
+    assert execution_pool("queue").drain(30)
+
+    mixed_pair = (mixed.account_id, "SPOT", "ETH/USDT")
+    assert reads == [[mixed_pair]], reads
+    ids = [sa.account_id for sa in followers]
+    assert SimOrder.objects.filter(order_type="MARKET").count() == 5
+    assert not PendingOrder.objects.filter(account_id__in=ids).exists()
+    assert not QueueDirty.objects.filter(account_id__in=ids).exists(), "a follower's pair stayed marked"
+    assert OpenOrder.objects.filter(account_id=mixed.account_id, order_type="LIMIT").count() == 1
+    assert invariant_problems([*ids, mixed.account_id]) == []
 
 
 # --- SIGKILL in the middle of a batch ------------------------------------------------------------
