@@ -980,11 +980,18 @@ class SimEngine:
         symbol: str | None = None,
         now: datetime | None = None,
     ) -> list[OrderState]:
-        self._match_for(exchange, account, now)
+        market_type = MarketType(market_type)
+        live = self._match_for(exchange, account, now)
+        if live is not None:  # read just now, nothing matched since
+            return [
+                _state_of(o)
+                for o in live
+                if o.market_type == market_type and o.conditional == conditional and (not symbol or o.symbol == symbol)
+            ]
         orders = SimOrder.objects.filter(
             exchange=exchange,
             account=account,
-            market_type=MarketType(market_type),
+            market_type=market_type,
             conditional=conditional,
             status__in=OPEN,
         )
@@ -1157,13 +1164,16 @@ class SimEngine:
                 acct.save(update_fields=["seq", "last_match_at"])
         return MatchReport(ran=True, fills=fills, triggers=triggers)
 
-    def _match_for(self, exchange: str, account: str, now: datetime | None) -> None:
+    def _match_for(self, exchange: str, account: str, now: datetime | None) -> list[SimOrder] | None:
         """The lazy matching before a call of `account`: the exchange's step, then the account's own.
 
         The exchange's step may be running in another caller, or have skipped this account while
         it was busy; the account's own step (waiting for its lock: its calls serialize anyway)
         makes sure that what this call reads or writes is matched up to `now`. order_create runs
         the same two steps itself, the account's inside its own transaction.
+
+        Returns the account's open orders (every market type, by id) when it read them and matched
+        none, so a caller listing them needs no second read; else None.
         """
         now = now or self.clock()
         row = self._exchange_row(exchange, lock=False)
@@ -1171,13 +1181,22 @@ class SimEngine:
         steps = SimAccount.objects.filter(exchange=exchange, account=account).values_list("last_match_at", flat=True)
         last = list(steps)
         if last and _recent(last[0], now):
-            return
-        if not last and not SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN).exists():
-            return  # an account never seen: nothing to match
-        with self._locked(exchange, account) as acct:
-            assert acct is not None  # noqa: S101 - a waiting lock always returns the row
-            self._step_account(row, acct, self._scripts(exchange), now)
-            acct.save(update_fields=["seq", "last_match_at"])
+            return None
+        # An unlocked look first: most calls (order lookups, open-order lists) find nothing due, and
+        # then only mark the account stepped, without waiting for its lock.
+        live = list(SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN).order_by("pk"))
+        if live:
+            scripts = self._scripts(exchange)
+            due = self._due(row, scripts, now)
+            if any(due(order) is not None for order in live):
+                with self._locked(exchange, account) as acct:
+                    assert acct is not None  # noqa: S101 - a waiting lock always returns the row
+                    self._step_account(row, acct, scripts, now)
+                    acct.save(update_fields=["seq", "last_match_at"])
+                return None
+        if last:
+            SimAccount.objects.filter(exchange=exchange, account=account).update(last_match_at=now)
+        return live
 
     def _step_account(
         self, row: SimExchange, acct: SimAccount, scripts: dict[str, SimPricePath], now: datetime
