@@ -1114,7 +1114,7 @@ def _report(
             out.append(line(f"reconcile_leader_cpu_s{label}", value_r.cpu[0], base_r.cpu[0] if base_r else None))
             out.append(line(f"reconcile_simulator_cpu_s{label}", value_r.cpu[1], base_r.cpu[1] if base_r else None))
             out.append(f"# reconcile job summary (when the job returned): {value_r.summary[:200]}")
-        shard_r = reconciles.get(-count)
+        shard_r = reconciles.get(-count) if count else None  # -0 is the serial baseline's key
         if shard_r is not None:
             out.append(
                 f"# reconciliation on {count} sharded schedulers (value; each its own accounts at its first tick, "
