@@ -729,117 +729,147 @@ class SimEngine:
         price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
         """
         now = now or self.clock()
-        market_type = MarketType(request.market_type)
-        time_in_force = TimeInForce(time_in_force)
         row = self._exchange_row(exchange, lock=False)
         self.match(exchange, now=now, row=row)
         scripts = self._scripts(exchange)
-        market = self._market(row, market_type, request.symbol)
-        last = self._price(row, market, now, scripts)
+        refused: Exception | None = None
         with self._locked(exchange, account) as acct:
             assert acct is not None  # noqa: S101 - a waiting lock always returns the row
             # The account's own step (_match_for's), under the lock this call holds anyway.
             live = self._step_account(row, acct, scripts, now)
             if live is None:
                 self._books(exchange, account).flush()  # the checks below read the orders it changed
-            quote_quantity = None
-            if quote_order:
-                if request.order_type != OrderType.MARKET:
-                    raise ValueError("a quote-sized order must be a MARKET order")
-                quote_quantity = request.quantity
-                base_quantity = floor_to_step(request.quantity / last, market.step_size)
-                if base_quantity <= 0:
-                    raise Rejected(
-                        f"Filter failure: LOT_SIZE ({request.quantity} {market.quote} buys nothing)",
-                        code="-1013",
-                        exchange=exchange,
-                    )
-                request = dataclasses.replace(request, quantity=base_quantity)
-            cid = request.client_order_id or f"sim{uuid.uuid4().hex[:24]}"
-            if SimOrder.objects.filter(
-                exchange=exchange, account=account, market_type=market_type, client_order_id=cid
-            ).exists():
-                raise DuplicateClientId(f"Duplicate order sent: client order id {cid}", code="-4116", exchange=exchange)
-            # OrderRequest.__post_init__ holds: LIMIT and STOP_LIMIT have a price, conditional orders a stop price.
-            if request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
-                ref_price = cast(Decimal, request.price)
-            elif request.order_type == OrderType.STOP_MARKET:
-                ref_price = cast(Decimal, request.stop_price)
-            else:
-                ref_price = last
-            self._check_rules(row, market, request, ref_price)
-            limit = request.price if request.order_type == OrderType.LIMIT else None
-            takes = limit is not None and self._takes(request.side, limit, last)
-            if takes and time_in_force == TimeInForce.POST_ONLY:
+            try:
+                order = self._order_new(
+                    row, acct, live, scripts, request, now=now, time_in_force=time_in_force, quote_order=quote_order
+                )
+            except (Rejected, InsufficientFunds, DuplicateClientId, ValueError) as exc:
+                if live is not None:
+                    raise  # the step matched nothing: nothing at all is kept
+                # Refused before it changed anything; what the account's step matched is kept, as when
+                # that step ran in a transaction of its own.
+                refused = exc
+            acct.save(update_fields=["seq", "last_match_at"])
+        if refused is not None:
+            raise refused
+        logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, order.client_order_id)
+        return _state_of(order)
+
+    def _order_new(
+        self,
+        row: SimExchange,
+        acct: SimAccount,
+        live: _Live | None,
+        scripts: dict[str, SimPricePath],
+        request: OrderRequest,
+        *,
+        now: datetime,
+        time_in_force: TimeInForce,
+        quote_order: bool,
+    ) -> SimOrder:
+        """order_create's order, under the account's lock after its step. The errors it raises (Rejected,
+        InsufficientFunds, DuplicateClientId, ValueError) come before it changes anything."""
+        exchange, account = row.exchange, acct.account
+        market_type = MarketType(request.market_type)
+        time_in_force = TimeInForce(time_in_force)
+        market = self._market(row, market_type, request.symbol)
+        last = self._price(row, market, now, scripts)
+        quote_quantity = None
+        if quote_order:
+            if request.order_type != OrderType.MARKET:
+                raise ValueError("a quote-sized order must be a MARKET order")
+            quote_quantity = request.quantity
+            base_quantity = floor_to_step(request.quantity / last, market.step_size)
+            if base_quantity <= 0:
                 raise Rejected(
-                    "Due to the order could not be executed as maker, the Post Only order will be rejected.",
-                    code="-5022",
+                    f"Filter failure: LOT_SIZE ({request.quantity} {market.quote} buys nothing)",
+                    code="-1013",
                     exchange=exchange,
                 )
-            if request.conditional:
-                stop = cast(Decimal, request.stop_price)
-                if (request.side == Side.BUY and last >= stop) or (request.side == Side.SELL and last <= stop):
-                    raise Rejected("Order would immediately trigger.", code="-2021", exchange=exchange)
-            if live is not None and live.complete:  # the step read every open order and changed none
-                open_same = sum(
-                    1
-                    for o in live.orders
-                    if (o.market_type, o.symbol, o.conditional) == (market_type, request.symbol, request.conditional)
-                )
-            else:
-                open_same = SimOrder.objects.filter(
-                    exchange=exchange,
-                    account=account,
-                    market_type=market_type,
-                    symbol=request.symbol,
-                    conditional=request.conditional,
-                    status__in=OPEN,
-                ).count()
-            if open_same >= row.open_order_cap:
-                raise Rejected(
-                    f"Filter failure: MAX_NUM_ORDERS ({row.open_order_cap} open orders on {request.symbol})",
-                    code="-2025",
-                    exchange=exchange,
-                )
-            self._books(exchange, account).wallet_ensure(self.wallet_of(exchange, market_type))
-            order = SimOrder(
+            request = dataclasses.replace(request, quantity=base_quantity)
+        cid = request.client_order_id or f"sim{uuid.uuid4().hex[:24]}"
+        if SimOrder.objects.filter(
+            exchange=exchange, account=account, market_type=market_type, client_order_id=cid
+        ).exists():
+            raise DuplicateClientId(f"Duplicate order sent: client order id {cid}", code="-4116", exchange=exchange)
+        # OrderRequest.__post_init__ holds: LIMIT and STOP_LIMIT have a price, conditional orders a stop price.
+        if request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+            ref_price = cast(Decimal, request.price)
+        elif request.order_type == OrderType.STOP_MARKET:
+            ref_price = cast(Decimal, request.stop_price)
+        else:
+            ref_price = last
+        self._check_rules(row, market, request, ref_price)
+        limit = request.price if request.order_type == OrderType.LIMIT else None
+        takes = limit is not None and self._takes(request.side, limit, last)
+        if takes and time_in_force == TimeInForce.POST_ONLY:
+            raise Rejected(
+                "Due to the order could not be executed as maker, the Post Only order will be rejected.",
+                code="-5022",
+                exchange=exchange,
+            )
+        if request.conditional:
+            stop = cast(Decimal, request.stop_price)
+            if (request.side == Side.BUY and last >= stop) or (request.side == Side.SELL and last <= stop):
+                raise Rejected("Order would immediately trigger.", code="-2021", exchange=exchange)
+        if live is not None and live.complete:  # the step read every open order and changed none
+            open_same = sum(
+                1
+                for o in live.orders
+                if (o.market_type, o.symbol, o.conditional) == (market_type, request.symbol, request.conditional)
+            )
+        else:
+            open_same = SimOrder.objects.filter(
                 exchange=exchange,
                 account=account,
                 market_type=market_type,
                 symbol=request.symbol,
-                side=request.side,
-                order_type=request.order_type,
                 conditional=request.conditional,
-                reduce_only=request.reduce_only,
-                client_order_id=cid,
-                quantity=request.quantity,
-                price=request.price,
-                stop_price=request.stop_price,
-                fee_currency=market.quote,
-                created_at=now,
-                time_in_force=time_in_force.value,
-                quote_quantity=quote_quantity,
+                status__in=OPEN,
+            ).count()
+        if open_same >= row.open_order_cap:
+            raise Rejected(
+                f"Filter failure: MAX_NUM_ORDERS ({row.open_order_cap} open orders on {request.symbol})",
+                code="-2025",
+                exchange=exchange,
             )
-            expire_unfilled = False
-            if takes and time_in_force == TimeInForce.POST_ONLY_EXPIRE:
-                expire_unfilled, order.reject_reason = True, "post-only order would take liquidity"
-            elif (
-                time_in_force == TimeInForce.FOK
-                and limit is not None
-                and (not takes or request.quantity > market.liquidity)
-            ):
-                expire_unfilled, order.reject_reason = True, "fill-or-kill order cannot fill at once"
-            if not request.conditional:
-                self._reserve(row, market, order, ref_price)
-            self._bump(acct, order, now)
-            self._order_save(order)
-            if not expire_unfilled:
-                self._execute_new(row, acct, market, order, last, now)
-            if order.status in OPEN and (expire_unfilled or time_in_force == TimeInForce.IOC):
-                self._expire(acct, order, now)
-            acct.save(update_fields=["seq", "last_match_at"])
-        logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, cid)
-        return _state_of(order)
+        self._books(exchange, account).wallet_ensure(self.wallet_of(exchange, market_type))
+        order = SimOrder(
+            exchange=exchange,
+            account=account,
+            market_type=market_type,
+            symbol=request.symbol,
+            side=request.side,
+            order_type=request.order_type,
+            conditional=request.conditional,
+            reduce_only=request.reduce_only,
+            client_order_id=cid,
+            quantity=request.quantity,
+            price=request.price,
+            stop_price=request.stop_price,
+            fee_currency=market.quote,
+            created_at=now,
+            time_in_force=time_in_force.value,
+            quote_quantity=quote_quantity,
+        )
+        expire_unfilled = False
+        if takes and time_in_force == TimeInForce.POST_ONLY_EXPIRE:
+            expire_unfilled, order.reject_reason = True, "post-only order would take liquidity"
+        elif (
+            time_in_force == TimeInForce.FOK
+            and limit is not None
+            and (not takes or request.quantity > market.liquidity)
+        ):
+            expire_unfilled, order.reject_reason = True, "fill-or-kill order cannot fill at once"
+        if not request.conditional:
+            self._reserve(row, market, order, ref_price)
+        self._bump(acct, order, now)
+        self._order_save(order)
+        if not expire_unfilled:
+            self._execute_new(row, acct, market, order, last, now)
+        if order.status in OPEN and (expire_unfilled or time_in_force == TimeInForce.IOC):
+            self._expire(acct, order, now)
+        return order
 
     def _execute_new(
         self, row: SimExchange, acct: SimAccount, market: CatalogMarket, order: SimOrder, last: Decimal, now: datetime

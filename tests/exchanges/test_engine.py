@@ -438,3 +438,25 @@ def test_a_market_create_reads_and_writes_each_row_once(engine):
     assert [(p.symbol, p.quantity, p.entry_price) for p in engine.position_list(EX, "new-acct")] == [
         ("ETH/USDT", D("0.05"), D("3000"))
     ]
+
+
+def test_a_refused_create_keeps_what_the_accounts_step_matched_and_nothing_else(engine, clock):
+    from exchanges.models import SimAccount, SimBalance
+
+    engine.price_script(EX, "ETH/USDT", ["3000"])
+    resting = engine.order_create(EX, ACC, order("ETH/USDT", "BUY", "LIMIT", "0.1", price="2950"))
+    clock.advance()
+    assert engine.match(EX).ran  # the exchange's step at this time, with nothing due yet
+    engine.price_script(EX, "ETH/USDT", ["2925"])
+    with pytest.raises(Rejected, match="LOT_SIZE"):  # the account's own step fills the resting order first
+        engine.order_create(EX, ACC, order("ETH/USDT", "BUY", "LIMIT", "0.00001", price="2900"))
+    assert SimOrder.objects.get(pk=resting.exchange_order_id).status == "FILLED"
+    assert SimFill.objects.filter(order_id=resting.exchange_order_id).count() == 1
+    assert SimOrder.objects.filter(exchange=EX, account=ACC).count() == 1
+
+    # A new account's refused first create leaves no row behind: no order, balance or account.
+    with pytest.raises(InsufficientFunds):
+        engine.order_create(EX, "acct-new", order("ETH/USDT", "BUY", "LIMIT", "1000", price="2900"))
+    assert not SimOrder.objects.filter(account="acct-new").exists()
+    assert not SimBalance.objects.filter(account="acct-new").exists()
+    assert not SimAccount.objects.filter(account="acct-new").exists()
