@@ -32,7 +32,9 @@ from websockets.exceptions import ConnectionClosed
 import notifications.services
 from core.scrub import scrub, secret_register
 from exchanges.ccxt_gateway import _url_overrides
+from exchanges.gateway import MarketType
 from exchanges.models import StreamState
+from exchanges.ratelimit import rate_budget
 from exchanges.streams import services
 from exchanges.streams.messages import (
     StreamUpdate,
@@ -357,13 +359,37 @@ class AccountStream:
                 return message
 
     async def _listen_key(self, method: str) -> str:
-        """POST (create or reuse) or PUT (keep alive) the USDⓈ-M listen key; API key only, no signature."""
+        """POST (create or reuse) or PUT (keep alive) the USDⓈ-M listen key; API key only, no signature.
+
+        Within the process's request budget, as every REST call (exchanges.ratelimit: weight 1 on
+        Binance's per-IP minute): short of budget it waits, up to the connect timeout, or fails as a
+        StreamError (the stream's backoff retries it); a 429/418 blocks the exchange market for its
+        Retry-After, and the used-weight header keeps the local count at least the exchange's.
+        """
+        budget = rate_budget()
+        market = MarketType.FUTURES.value
+        key = f"account-{self.account.account_id}"
+        deadline = time.monotonic() + self.config.connect_timeout
+        while True:
+            wait = budget.reserve(exchange="BINANCE", market_type=market, account_key=key, endpoint="listen_key")
+            if wait <= 0:
+                break
+            if time.monotonic() + wait > deadline:
+                raise StreamError(f"listenKey {method}: request budget spent here; next call in {wait:.2f} s")
+            await asyncio.sleep(wait)
         url = f"{self.endpoints.rest_base}/fapi/v1/listenKey"
         timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout)
         session = self.manager.http
         async with session.request(
             method, url, headers={"X-MBX-APIKEY": self.account.api_key}, timeout=timeout
         ) as response:
+            used = response.headers.get("X-MBX-USED-WEIGHT-1M", "")
+            if used.isdigit():
+                budget.observe_used_weight(exchange="BINANCE", market_type=market, used=int(used))
+            if response.status in (418, 429):
+                retry_after = response.headers.get("Retry-After", "")
+                seconds = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 60.0
+                budget.block(exchange="BINANCE", market_type=market, seconds=seconds)
             try:
                 body = await response.json(content_type=None)
             except (json.JSONDecodeError, aiohttp.ContentTypeError):

@@ -461,3 +461,27 @@ def test_binance_listen_key_kept_alive_and_a_failed_keepalive_replaces_the_strea
     wait_for(lambda: manager.stream(sa.account_id).sessions == 2 and is_open(manager, sa.account), what="new key")
     assert "listen key keepalive failed" in manager.stream(sa.account_id).last_error
     assert clock.sleeps == [1.0] and state_of(sa.account).reconnects == 1
+
+
+def test_binance_listen_key_calls_book_the_request_budget_and_wait_for_none_beyond_it(start_manager, sim_urls):
+    """The listen key POST is a REST call like the gateway's: it books weight in the process's budget, and
+    with the budget spent it is not sent (the stream fails and backs off) rather than overrun the IP's limit."""
+    from exchanges.ratelimit import RateBudget, limits_parse, rate_budget, rate_budget_reset
+
+    tiny = {"BINANCE:FUTURES": [{"scope": "ip", "unit": "weight", "limit": 1, "seconds": 60}]}
+    rate_budget_reset(RateBudget(limits_parse(tiny)))
+    try:
+        assert rate_budget().reserve(exchange="BINANCE", market_type="FUTURES", account_key="x", endpoint="x") == 0
+        sim_urls.config.listen_keys.clear()
+        sa = futures_account("BINANCE")
+        clock = RecordingClock()
+        manager = start_manager(clock=clock)
+        wait_for(lambda: manager.stream(sa.account_id) and manager.stream(sa.account_id).failures >= 1, what="failure")
+        assert "listenKey POST: request budget spent here" in manager.stream(sa.account_id).last_error
+        assert sim_urls.config.listen_keys == {}, "a listen key was requested beyond the budget"
+
+        rate_budget_reset(RateBudget(limits_parse(None)))  # the minute has passed: the next attempt opens it
+        wait_for(lambda: is_open(manager, sa.account), what="stream open")
+        assert len(sim_urls.config.listen_keys) == 1
+    finally:
+        rate_budget_reset()
