@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import time
+from abc import ABC, abstractmethod
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -26,7 +27,7 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_INTERNAL_ERROR = 1011
 
 
-class PollingFeedConsumer(AsyncJsonWebsocketConsumer):
+class PollingFeedConsumer(AsyncJsonWebsocketConsumer, ABC):
     """Accept, check the user, send `start()`'s message, then every `poll_interval` s send `poll()`'s.
 
     Subclasses implement, all synchronous (they run in the database thread): `allowed(user)`,
@@ -40,17 +41,21 @@ class PollingFeedConsumer(AsyncJsonWebsocketConsumer):
     poll_interval = 1.0
     user_recheck_every = 30.0
 
+    @abstractmethod
     def allowed(self, user: Any) -> bool:
-        raise NotImplementedError
+        """Whether `user` may open this feed."""
 
+    @abstractmethod
     def start(self, user: Any) -> dict[str, Any]:
-        raise NotImplementedError
+        """The first message, sent once the feed opens."""
 
+    @abstractmethod
     def poll(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The messages of one poll (empty: nothing changed)."""
 
+    @abstractmethod
     def still_allowed(self) -> bool:
-        raise NotImplementedError
+        """Whether the feed's user may still see it (asked every `user_recheck_every` s)."""
 
     async def connect(self) -> None:
         user = self.scope.get("user")

@@ -36,7 +36,7 @@ from exchanges.gateway import (
     call_policy,
     call_policy_current,
 )
-from exchanges.ratelimit import in_flight_limits, rate_budget
+from exchanges.ratelimit import in_flight_limits, rate_budget, retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,7 @@ def _header(client: Any, name: str) -> str | None:
 
 def _retry_after(client: Any, exc: BaseException) -> float:
     """Seconds a 429/418 asks us to wait: its Retry-After header, else 1 s (60 s for a 418 ban)."""
-    value = _header(client, "retry-after")
-    try:
-        if value is not None:
-            return max(0.0, float(value))
-    except ValueError:
-        pass
-    return 60.0 if "418" in str(exc) else 1.0
+    return retry_after_seconds(_header(client, "retry-after"), banned="418" in str(exc))
 
 
 def _used_weight(client: Any) -> int | None:

@@ -91,6 +91,16 @@ def endpoint_cost(*, exchange: str, market_type: str, endpoint: str) -> tuple[in
     return ENDPOINT_COSTS.get((exchange.upper(), str(market_type)), {}).get(endpoint, (1, 0))
 
 
+def retry_after_seconds(header: str | None, *, banned: bool) -> float:
+    """Seconds a 429/418 reply asks us to wait: its Retry-After header, else 1 s (60 s for a 418 ban)."""
+    try:
+        if header is not None:
+            return max(0.0, float(header))
+    except ValueError:
+        pass
+    return 60.0 if banned else 1.0
+
+
 def limits_parse(raw: str | dict | None) -> dict[str, list[RateLimit]]:
     """EXCHANGE_RATE_LIMITS: JSON {"BINANCE:FUTURES": [{"scope": "ip", "unit": "weight", "limit": 2400,
     "seconds": 60}, …]} replacing the defaults per exchange market; [] turns budgets off there.

@@ -34,7 +34,7 @@ from core.scrub import scrub, secret_register
 from exchanges.ccxt_gateway import _url_overrides
 from exchanges.gateway import MarketType
 from exchanges.models import StreamState
-from exchanges.ratelimit import rate_budget
+from exchanges.ratelimit import rate_budget, retry_after_seconds
 from exchanges.streams import services
 from exchanges.streams.messages import (
     StreamUpdate,
@@ -387,8 +387,7 @@ class AccountStream:
             if used.isdigit():
                 budget.observe_used_weight(exchange="BINANCE", market_type=market, used=int(used))
             if response.status in (418, 429):
-                retry_after = response.headers.get("Retry-After", "")
-                seconds = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 60.0
+                seconds = retry_after_seconds(response.headers.get("Retry-After"), banned=response.status == 418)
                 budget.block(exchange="BINANCE", market_type=market, seconds=seconds)
             try:
                 body = await response.json(content_type=None)

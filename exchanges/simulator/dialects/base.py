@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -62,11 +63,12 @@ class MarkedPosition:
         return self.quantity * (self.mark_price - self.entry_price)
 
 
-class DialectError(Exception):
+class DialectError(Exception, metaclass=ABCMeta):
     """An error reply in a dialect's own shape; subclasses render it."""
 
+    @abstractmethod
     def response(self) -> web.Response:
-        raise NotImplementedError
+        """The HTTP reply carrying this error."""
 
 
 @dataclass
@@ -94,8 +96,8 @@ class Route:
 Handler = Callable[[Call], Awaitable[Any]]
 
 
-class Dialect:
-    """A wire dialect over the engine. Subclasses set `exchange` and override the hooks below."""
+class Dialect(ABC):
+    """A wire dialect over the engine. Subclasses set `exchange` and implement the hooks below."""
 
     exchange: str = ""
 
@@ -108,28 +110,33 @@ class Dialect:
 
     # --- hooks ---------------------------------------------------------------------------
 
+    @abstractmethod
     def register(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """Add the dialect's routes to `app`."""
 
+    @abstractmethod
     async def parse(self, request: web.Request, body: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The request's parameters (query string and body, as the exchange reads them)."""
 
+    @abstractmethod
     def authenticate(self, request: web.Request, body: str, route: Route) -> str:
         """The account (API key) of a request whose route needs one; raises the dialect's auth error."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fault_reply(self, kind: str) -> web.StreamResponse:
-        raise NotImplementedError
+        """The reply an injected REST fault of `kind` sends."""
 
+    @abstractmethod
     def engine_error(self, exc: GatewayError, call: Call) -> DialectError:
-        raise NotImplementedError
+        """The engine's typed error in the dialect's shape."""
 
     def rate_charges(self, call: Call) -> list[Charge]:
         """What this request costs against the limiter (nothing by default)."""
         return []
 
+    @abstractmethod
     def rate_refused(self, verdict: Verdict, call: Call) -> web.StreamResponse:
-        raise NotImplementedError
+        """The reply to a request the limiter refused (the dialect's 429/418 shape)."""
 
     def rate_headers(self, verdict: Verdict | None, call: Call) -> dict[str, str]:
         return {}
