@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 
+from core.counters import counters_buffer_flush
 from core.executors import KeyedPool
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,11 @@ class ExecutionPools:
     def stop(self, timeout: float = 10.0) -> None:
         self._alive = False
         execution_pools_close(timeout)
+        # What the last tasks counted (their pass has ended): written now, not by a pass to come.
+        try:
+            counters_buffer_flush()
+        except DatabaseError:
+            logger.warning("execution: the buffered counters could not be written", exc_info=True)
 
     def is_alive(self) -> bool:
         return self._alive

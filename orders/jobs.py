@@ -14,6 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import Account
+from core.counters import counters_buffer_flush
 from exchanges.gateway import Auth, GatewayError, call_policy, not_sent
 from exchanges.services import UnknownExchangeError, exchange_error_count, gateway_for
 from orders.circuit import account_scope, circuit_record, circuit_states, exchange_scope
@@ -44,6 +45,8 @@ def rebalance_order_queue() -> JobResult:
     term = (run.term, run.shards) if run and run.shards is not None else (run.term if run else None)
     work = queue_work_load(now=now, term=term, shards=shards)
     if work is None:
+        # Counts of tasks that ended since the last pass (none buffered: no statement).
+        counters_buffer_flush()
         return JobResult(summary="nothing dirty", noop=True)
     # The pass's own exchange calls get a short timeout and no in-call retries: a slow or silent
     # exchange costs one short timeout (its pairs then wait TROUBLE_RETRY), not the next ticks.

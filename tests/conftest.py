@@ -41,6 +41,7 @@ def _execution_inline(settings):  # noqa: ANN001
     uncommitted transaction that worker threads cannot see. Tests of the concurrent engine use
     `execution_workers` (committed data), and subprocess tests and the drill run the real pools.
     """
+    from core.counters import counters_buffer_discard
     from exchanges.ratelimit import rate_budget_reset
     from orders.execution import execution_pools_close
 
@@ -50,6 +51,7 @@ def _execution_inline(settings):  # noqa: ANN001
     yield
     execution_pools_close()
     rate_budget_reset()
+    counters_buffer_discard()  # counts a test's late tasks buffered never reach the next test's rows
 
 
 @pytest.fixture

@@ -155,6 +155,29 @@ def executor_install(app: web.Application, db_threads: int) -> None:
     app.on_cleanup.append(close)
 
 
+def commits_unflushed() -> bool:
+    """Let this process's PostgreSQL transactions commit without waiting for their WAL flush
+    (synchronous_commit=off on every connection it opens from now on). False on other databases.
+
+    For the runsimexchange process only, which is the simulated exchange and nothing else: every
+    call commits, and a burst of calls from many accounts otherwise waits on disk flushes (and a
+    fault row every call updates stays locked through each one). It costs nothing in consistency,
+    only durability on a PostgreSQL crash (its last fraction of a second of simulated exchange
+    state); a killed connection or a restarted scheduler loses nothing. The platform's own
+    processes keep synchronous commits: they hold the real orders. `--synchronous-commit on`
+    turns it off.
+    """
+    from django.db import connections
+
+    wrapper = connections["default"]
+    if wrapper.vendor != "postgresql":
+        return False
+    options = wrapper.settings_dict.setdefault("OPTIONS", {})
+    options["options"] = f"{options.get('options', '')} -c synchronous_commit=off".strip()
+    wrapper.close()  # a connection opened before this (the --seed configuration) reopens with it
+    return True
+
+
 def serve_forever(
     config: ServerConfig,
     *,

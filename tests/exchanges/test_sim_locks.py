@@ -353,3 +353,41 @@ def test_a_call_sees_its_account_matched_though_another_caller_claimed_the_excha
     assert SimFill.objects.filter(order_id=int(placed.exchange_order_id)).count() == 1
     clock.advance(2)
     assert engine.match(EX).ran
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_simulator_process_commits_without_waiting_for_disk_flushes_and_the_platform_does_not():
+    """runsimexchange (--synchronous-commit off, its default) opens its connections with
+    synchronous_commit=off; the platform's own connections keep PostgreSQL's synchronous commits."""
+    from django.db import connections
+
+    from exchanges.simulator.server import commits_unflushed
+
+    def show_in_a_new_connection() -> str:
+        seen: list[str] = []
+
+        def read() -> None:
+            try:
+                with connections["default"].cursor() as cursor:
+                    cursor.execute("SHOW synchronous_commit")
+                    seen.append(cursor.fetchone()[0])
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join(WAIT)
+        return seen[0]
+
+    assert show_in_a_new_connection() == "on"
+    options = connection.settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+    try:
+        assert commits_unflushed() is True
+        assert show_in_a_new_connection() == "off"
+    finally:
+        options.clear()
+        options.update(saved)
+        connection.close()
+    assert show_in_a_new_connection() == "on"

@@ -10,12 +10,16 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from core.counters import counters_buffer_add, counters_buffer_flush
+from core.models import MetricCounter
 from exchanges.models import SimOrder
 from exchanges.paper import PaperGateway
 from orders import selectors
-from orders.execution import execution_pool
+from orders.execution import ExecutionPools, execution_pool
 from orders.faults import crash_disable_all
 from orders.jobs import rebalance_order_queue, update_open_orders
 from orders.models import OpenOrder, PendingOrder, QueueDirty
@@ -150,6 +154,39 @@ def test_a_pass_does_not_wait_for_a_slow_call_and_the_next_pass_leaves_the_busy_
     assert OpenOrder.objects.filter(account_id=sa.account_id).count() == 1
     assert SimOrder.objects.count() == 1
     assert invariant_problems([sa.account_id]) == []
+
+
+def test_counts_of_tasks_that_outlive_their_pass_are_written_by_the_next_pass_in_one_statement(
+    execution_workers, monkeypatch
+):  # noqa: ANN001
+    """A thousand follower tasks ending together must not queue on one counter row (an upsert each):
+    they buffer their counts in memory, and the next pass (or the pools' stop) writes them at once."""
+    _followers(2, orders=1)
+    gate = threading.Event()
+    tracker = Tracker(gate=gate)
+    monkeypatch.setattr("orders.queue.gateway_for", tracker.factory)
+
+    def moves() -> int:
+        return sum(MetricCounter.objects.filter(name="queue_moves").values_list("value", flat=True))
+
+    rebalance_order_queue()
+    gate.set()
+    assert execution_pool("queue").drain(30)
+    assert tracker.calls == 2 and OpenOrder.objects.count() == 2
+    assert moves() == 0, "a late task wrote its own counter row"
+
+    time.sleep(0.01)  # a later scheduled time for the second MANUAL run
+    with CaptureQueriesContext(connection) as queries:
+        rebalance_order_queue()
+    upserts = [q["sql"] for q in queries if "scheduler_metriccounter" in q["sql"] and "INSERT" in q["sql"]]
+    assert moves() == 2
+    assert len(upserts) == 1, upserts
+
+    # What tasks count after the last pass is written when the pools stop (leadership ends).
+    counters_buffer_add(name="queue_moves", value=3)
+    ExecutionPools().stop()
+    assert moves() == 5
+    assert counters_buffer_flush() == 0
 
 
 def test_a_late_task_of_a_fan_out_follower_places_its_market_order_without_reading_the_pair_again(

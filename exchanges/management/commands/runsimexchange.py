@@ -10,7 +10,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.scrub import secret_register
 from exchanges.simulator.engine import default_engine
-from exchanges.simulator.server import DEFAULT_DB_THREADS, RateLimitConfig, ServerConfig, serve_forever
+from exchanges.simulator.server import (
+    DEFAULT_DB_THREADS,
+    RateLimitConfig,
+    ServerConfig,
+    commits_unflushed,
+    serve_forever,
+)
 from exchanges.simulator.wire import KeysFileError, keys_parse
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,13 @@ class Command(BaseCommand):
             help="engine calls served at once, one database connection each (default %(default)s)",
         )
         parser.add_argument(
+            "--synchronous-commit",
+            choices=["on", "off"],
+            default="off",
+            help="PostgreSQL synchronous_commit of the simulator's own connections (default %(default)s: "
+            "see exchanges.simulator.server.commits_unflushed)",
+        )
+        parser.add_argument(
             "--no-rate-limits", action="store_true", help="serve without the exchanges' request and order limits"
         )
         parser.add_argument(
@@ -105,6 +118,8 @@ class Command(BaseCommand):
             f"{1 + len(keys.keys() - {config.api_key})} API key(s); rate limits {'on' if limits.enabled else 'off'}; "
             f"{options['db_threads']} database threads)"
         )
+        if options["synchronous_commit"] == "off":
+            commits_unflushed()
         serve_forever(
             config, host=str(options["host"]), port=int(options["port"]), db_threads=int(options["db_threads"])
         )
