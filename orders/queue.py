@@ -536,29 +536,26 @@ def queue_trouble_defer(*, work: QueueWork, pairs: Iterable[Pair], express: Iter
 
 
 def queue_pass_finish(*, work: QueueWork, tally: QueueTally) -> None:
-    """Per-minute counters (moves, exchange calls; with what tasks of earlier passes added since) and,
-    with the sweep, the congestion check."""
+    """Per-minute counters (moves, exchange calls; with what tasks of earlier passes added since) in one
+    statement and, with the sweep, the congestion check."""
     queue_counts_flush(work=work, moves=tally.moves)
     counters_buffer_flush()
     if work.swept:
         queue_congestion_check(now=work.now)
 
 
-def queue_counts_flush(*, work: QueueWork, moves: int, buffered: bool = False) -> None:
-    """Write the queue moves and the exchange calls counted so far as per-minute counters, then forget them.
-
-    `buffered`: a task that outlived its pass hands what it added to the process's counter buffer
-    (core.counters), which the next pass writes: a thousand such tasks ending together would
-    otherwise queue on the same counter rows.
-    """
-    add = counters_buffer_add if buffered else counter_add
+def queue_counts_flush(*, work: QueueWork, moves: int) -> None:
+    """Hand the queue moves and the exchange calls counted so far to the process's counter buffer
+    (core.counters), then forget them; the pass's finish (this one's or the next) writes the buffer in
+    one statement. A thousand tasks that outlive their pass and end together would otherwise each
+    upsert the same counter rows."""
     if moves:
-        add(name="queue_moves", labels="", value=moves, now=work.now)
+        counters_buffer_add(name="queue_moves", labels="", value=moves, now=work.now)
     with work.lock:
         counts = sorted(work.counts.items())
         work.counts.clear()
     for (name, exchange), value in counts:
-        add(name=name, labels=f"exchange={exchange}", value=value, now=work.now)
+        counters_buffer_add(name=name, labels=f"exchange={exchange}", value=value, now=work.now)
 
 
 def queue_congestion_check(*, now: datetime) -> int:
@@ -663,7 +660,7 @@ def _late_task_done(work: QueueWork, pair: Pair, future: Future) -> None:
         alert_raise(key="queue:execution", text=f"Order queue pair task failed: {type(exc).__name__}: {exc}")
         return
     logger.info("queue: pair %s finished after its pass: %s", pair, tally.summary())
-    queue_counts_flush(work=work, moves=tally.moves, buffered=True)
+    queue_counts_flush(work=work, moves=tally.moves)
 
 
 def queue_pass(work: QueueWork, wait: float = PASS_WAIT_SECONDS) -> QueueTally:
