@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 from django.db import close_old_connections, connections
 
+from core.pgpool import connection_pools_close_idle, connection_release, pooled_thread_mark
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,10 @@ class DbExecutor(ThreadPoolExecutor):
     thread-sharing switch that exists for exactly this hand-over.
     """
 
-    def __init__(self, max_workers: int = 8, *, thread_name_prefix: str = "db"):
-        super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
+    def __init__(
+        self, max_workers: int = 8, *, thread_name_prefix: str = "db", initializer: Callable[[], Any] | None = None
+    ):
+        super().__init__(max_workers, thread_name_prefix=thread_name_prefix, initializer=initializer)
         self._connections: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -70,7 +74,12 @@ class KeyedPool:
     def __init__(self, max_workers: int, *, name: str):
         self.max_workers = max_workers
         self.name = name
-        self._executor = DbExecutor(max_workers, thread_name_prefix=name) if max_workers > 0 else None
+        # Pooled threads (core.pgpool): on PostgreSQL they share the process's connection pool.
+        self._executor = (
+            DbExecutor(max_workers, thread_name_prefix=name, initializer=pooled_thread_mark)
+            if max_workers > 0
+            else None
+        )
         self._inflight: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
 
@@ -128,6 +137,7 @@ class KeyedPool:
         if not self.drain(timeout):
             logger.warning("pool %s: tasks still running after %.0f s; closing anyway", self.name, timeout)
         self._executor.close()
+        connection_pools_close_idle()
 
 
 # A worker checks its connections (close_old_connections: CONN_MAX_AGE, and with CONN_HEALTH_CHECKS
@@ -150,6 +160,8 @@ def connections_checked(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T
         _worker.checked_at = -CONNECTION_CHECK_SECONDS  # a database error may have left it unusable
         close_old_connections()
         raise
+    finally:
+        connection_release()  # a pooled thread's connection goes back to the pool between tasks
 
 
 def _run_in_context(context: contextvars.Context, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

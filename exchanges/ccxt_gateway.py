@@ -21,6 +21,7 @@ from django.conf import settings
 from requests.adapters import HTTPAdapter
 
 from core.money import COLUMN_LIMIT, ZERO
+from core.pgpool import connection_release
 from core.scrub import scrub, secret_register
 from exchanges import gateway as gw
 from exchanges.gateway import (
@@ -594,6 +595,9 @@ class CcxtGateway:
         budget = rate_budget()
         slots = in_flight_limits()
         market = MarketType(market_type or self.market_type).value
+        # An engine worker holds no database connection while it waits on the exchange (the house
+        # rule keeps calls out of transactions, so there is none open here to keep).
+        connection_release()
         attempt = 0
         while True:
             wait = budget.reserve(

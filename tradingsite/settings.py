@@ -123,6 +123,10 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     # subprocess-style tests need real WAL locking, and concurrent test runs must not collide.
     _db["TEST"] = {"NAME": str(VAR_DIR / f"test_{os.getpid()}.sqlite3")}
 else:
+    if _db["ENGINE"] == "django.db.backends.postgresql":
+        # Django's backend plus a connection pool shared by the execution engine's worker threads
+        # (core.pgpool): they hold a connection only while they use it, never over an exchange call.
+        _db["ENGINE"] = "core.pgpool"
     _db["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
     _db["CONN_HEALTH_CHECKS"] = True
     _db.setdefault("OPTIONS", {}).update(
@@ -342,11 +346,19 @@ EXCHANGE_RETRY_BACKOFF = env.float("EXCHANGE_RETRY_BACKOFF", default=0.5)
 # The 1 s order queue's own per-request timeout (its calls are not retried; outcomes are looked up).
 # The execution engine (orders.execution): worker threads for the queue's exchange calls (one pair
 # at a time per key, pairs in parallel) and for reconciliation per account market; 0 runs inline.
-EXECUTION_WORKERS = env.int("EXECUTION_WORKERS", default=16)
-RECONCILE_WORKERS = env.int("RECONCILE_WORKERS", default=8)
+# On PostgreSQL their threads share EXECUTION_DB_CONNECTIONS connections (core.pgpool), taken for
+# each stretch of database work and given back before every exchange call, so the threads can be
+# many (most of them wait on exchanges) while the connections stay few.
+EXECUTION_WORKERS = env.int("EXECUTION_WORKERS", default=48)
+RECONCILE_WORKERS = env.int("RECONCILE_WORKERS", default=32)
+EXECUTION_DB_CONNECTIONS = env.int("EXECUTION_DB_CONNECTIONS", default=12)
 for _name, _value in (("EXECUTION_WORKERS", EXECUTION_WORKERS), ("RECONCILE_WORKERS", RECONCILE_WORKERS)):
     if not 0 <= _value <= 256:
         raise ImproperlyConfigured(f"{_name} must be between 0 and 256 worker threads, not {_value}")
+if not 1 <= EXECUTION_DB_CONNECTIONS <= 256:
+    raise ImproperlyConfigured(
+        f"EXECUTION_DB_CONNECTIONS must be between 1 and 256 connections, not {EXECUTION_DB_CONNECTIONS}"
+    )
 EXCHANGE_QUEUE_TIMEOUT_MS = env.int("EXCHANGE_QUEUE_TIMEOUT_MS", default=1000)
 # Request budgets per exchange market (IP weight) and per account (orders), exchanges.ratelimit;
 # JSON replacing the defaults per "EXCHANGE:MARKET" key ([] turns them off there).
