@@ -46,6 +46,7 @@ class ConnectionPool:
         self._idle: list[Any] = []
         self._mine: set[int] = set()  # id() of every connection out of this pool, idle or taken
         self._lock = threading.Lock()
+        self.taken = 0  # connections held by threads now
 
     def take(self, connect: Callable[[], Any]) -> Any:
         if not self._slots.acquire(timeout=POOL_WAIT_SECONDS):
@@ -57,6 +58,7 @@ class ConnectionPool:
             while self._idle:
                 conn = self._idle.pop()
                 if not conn.closed:
+                    self.taken += 1
                     return conn
                 self._mine.discard(id(conn))
         try:
@@ -66,6 +68,7 @@ class ConnectionPool:
             raise
         with self._lock:
             self._mine.add(id(conn))
+            self.taken += 1
         return conn
 
     def owns(self, conn: Any) -> bool:
@@ -83,6 +86,7 @@ class ConnectionPool:
                 reusable = False
         stale: list[Any] = []
         with self._lock:
+            self.taken -= 1
             if reusable:
                 self._idle.append(conn)
             else:
@@ -121,13 +125,18 @@ _pools_lock = threading.Lock()
 
 
 def connection_pool(alias: str = DEFAULT_DB_ALIAS) -> ConnectionPool:
-    """The process's pool for database `alias`, sized by EXECUTION_DB_CONNECTIONS."""
+    """The process's pool for database `alias`, sized by EXECUTION_DB_CONNECTIONS (rebuilt when that
+    changed and no thread holds one of its connections, as orders.execution rebuilds its pools)."""
     from django.conf import settings
 
+    size = int(settings.EXECUTION_DB_CONNECTIONS)
     with _pools_lock:
         pool = _pools.get(alias)
+        if pool is not None and pool.size != size and not pool.taken:
+            pool.close_idle()
+            pool = None
         if pool is None:
-            pool = _pools[alias] = ConnectionPool(int(settings.EXECUTION_DB_CONNECTIONS))
+            pool = _pools[alias] = ConnectionPool(size)
         return pool
 
 

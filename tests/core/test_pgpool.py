@@ -8,7 +8,21 @@ import pytest
 from django.db import connection, connections
 
 from core.executors import KeyedPool
-from core.pgpool import connection_pool, connection_pools_close_idle, connection_release
+from core.pgpool import ConnectionPool, connection_pool, connection_pools_close_idle, connection_release
+
+
+@pytest.fixture
+def pool_of(settings):
+    """The process's pool, rebuilt with `size` connections (EXECUTION_DB_CONNECTIONS)."""
+
+    def make(size: int) -> ConnectionPool:
+        settings.EXECUTION_DB_CONNECTIONS = size
+        connection_pools_close_idle()
+        pool = connection_pool()
+        assert pool.size == size and not pool.taken
+        return pool
+
+    return make
 
 
 def _backends() -> int:
@@ -22,9 +36,8 @@ def _backends() -> int:
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_many_engine_threads_share_the_pool_and_hold_no_connection_while_they_wait_on_an_exchange(settings):
-    settings.EXECUTION_DB_CONNECTIONS = 3
-    connection_pools_close_idle()
+def test_many_engine_threads_share_the_pool_and_hold_no_connection_while_they_wait_on_an_exchange(pool_of):
+    shared = pool_of(3)
     before = _backends()
     waiting = threading.Barrier(9)  # 8 tasks "on the exchange" at once, and this thread
     resume = threading.Event()
@@ -43,32 +56,27 @@ def test_many_engine_threads_share_the_pool_and_hold_no_connection_while_they_wa
 
     pool = KeyedPool(8, name="test-pgpool")
     try:
-        from core import pgpool
-
         futures = [pool.submit(n, task, n) for n in range(8)]
         waiting.wait(10)
         during = _backends() - before  # all 8 wait on the "exchange"
-        free_during = pgpool._pools["default"]._slots._value  # connections no thread holds
+        held_during = shared.taken  # connections threads hold while they wait
         resume.set()
         results = sorted(f.result(10) for f in futures)  # type: ignore[union-attr]
-        assert connection_pool().size == 3
-        assert pgpool._pools["default"]._slots._value == 3  # every connection was given back
+        assert shared.taken == 0  # every connection was given back
     finally:
         pool.close()
     assert sorted(seen) == list(range(8))
     assert results == [n * 10 for n in range(8)]
     print(f"connections held while 8 threads waited on the exchange: {during}")
-    assert free_during == 3, "a thread kept its connection over the exchange call"
+    assert held_during == 0, "a thread kept its connection over the exchange call"
     assert during <= 3, "more connections than EXECUTION_DB_CONNECTIONS"
     assert _backends() - before <= 0, "closing the pool left pooled connections open"
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_broken_pooled_connection_is_discarded_with_the_idle_ones(settings):
-    settings.EXECUTION_DB_CONNECTIONS = 2
-    connection_pools_close_idle()
-    pool = connection_pool()
+def test_a_broken_pooled_connection_is_discarded_with_the_idle_ones(pool_of):
+    pool = pool_of(2)
     opened: list[object] = []
 
     def connect() -> object:
