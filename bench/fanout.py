@@ -38,13 +38,14 @@ CPU on a machine it shares with the engine: this line says how much of a fan-out
 simulated exchange rather than the engine.
 Reconciliation: BENCH_RECONCILE_ACCOUNTS accounts × 5 live LIMIT orders (SimOrder and OpenOrder
 rows bulk-created to match), one `update_open_orders` run, timed until its last account market is
-done (RECONCILE_WORKERS=8 against 0, each on fresh data; the time includes the account markets the
+done (RECONCILE_WORKERS=32 against 0, each on fresh data; the time includes the account markets the
 job leaves running beside it after its 18 s wait).
 
 Environment: BENCH_FANOUT_N ("100,1000"), BENCH_FANOUT_TYPES ("MARKET,LIMIT"),
-BENCH_FANOUT_SERIAL_MAX (1000: larger N run without the serial baseline, said in the output),
+BENCH_FANOUT_SERIAL_MAX (1000: a larger N, or more reconciled accounts, run without the serial baseline,
+said in the output),
 BENCH_RECONCILE_ACCOUNTS (1000; 0 skips), BENCH_FANOUT_SCHEDULERS (3: the sharded row's scheduler
-processes, bench.fanout_shards; 0 skips it), BENCH_FANOUT_WORKERS (16) and BENCH_RECONCILE_WORKERS (8):
+processes, bench.fanout_shards; 0 skips it), BENCH_FANOUT_WORKERS (48) and BENCH_RECONCILE_WORKERS (32):
 the pool sizes measured against 0, BENCH_FANOUT_PHASE (0.5 s), BENCH_SIM_DB_THREADS (32: the
 simulator's --db-threads, so the simulated exchange is not what is measured), BENCH_PG_ADMIN_URL
 (postgres://postgres@127.0.0.1:5432/postgres), BENCH_KEEP=1 keeps the database and the server log.
@@ -854,8 +855,8 @@ def main() -> int:
     serial_max = int(os.environ.get("BENCH_FANOUT_SERIAL_MAX", "1000"))
     reconcile_accounts = int(os.environ.get("BENCH_RECONCILE_ACCOUNTS", "1000"))
     phase = float(os.environ.get("BENCH_FANOUT_PHASE", "0.5"))
-    WORKERS["queue"] = int(os.environ.get("BENCH_FANOUT_WORKERS", "16"))
-    WORKERS["reconcile"] = int(os.environ.get("BENCH_RECONCILE_WORKERS", "8"))
+    WORKERS["queue"] = int(os.environ.get("BENCH_FANOUT_WORKERS", "48"))
+    WORKERS["reconcile"] = int(os.environ.get("BENCH_RECONCILE_WORKERS", "32"))
     SHARDED["count"] = int(os.environ.get("BENCH_FANOUT_SCHEDULERS", "3"))
     if min(WORKERS.values()) < 1:
         print("BENCH_FANOUT_WORKERS and BENCH_RECONCILE_WORKERS are pool sizes (>= 1)", file=sys.stderr)
@@ -1028,6 +1029,8 @@ def _runs(
                 log(f"  {rr.seconds:.2f} s: {rr.summary}")
     if reconcile_accounts:
         for workers in (WORKERS["reconcile"], 0):
+            if not workers and reconcile_accounts > serial_max:
+                continue
             log(f"reconcile {reconcile_accounts} accounts x {RECONCILE_ORDERS} RECONCILE_WORKERS={workers} ...")
             rr = _guarded(reconcile_run, accounts=reconcile_accounts, workers=workers, sampler=sampler, timer=timer)
             if rr is None:
@@ -1106,6 +1109,8 @@ def _report(
             f"value = RECONCILE_WORKERS={WORKERS['reconcile']}, baseline = RECONCILE_WORKERS=0"
         )
         label = f"[{reconcile_accounts}x{RECONCILE_ORDERS}]"
+        if reconcile_accounts > serial_max:
+            out.append(f"# serial baseline not run ({reconcile_accounts} accounts > BENCH_FANOUT_SERIAL_MAX={serial_max})")
         if value_r is not None:
             base_s = base_r.seconds if base_r is not None else None
             out.append(line(f"reconcile_seconds{label}", value_r.seconds, base_s))

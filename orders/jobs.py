@@ -75,7 +75,7 @@ class _ReconcileRun:
 
 
 def _reconcile_account_market(
-    *, run: _ReconcileRun, account: Account, market_type: str, scopes: tuple[str, str]
+    *, run: _ReconcileRun, account: Account, market_type: str, scopes: tuple[str, str], submitting: bool = True
 ) -> tuple[str, Any]:
     """Reconcile one (account, market type) in a worker of the reconcile pool (or inline).
 
@@ -94,7 +94,9 @@ def _reconcile_account_market(
             return "skipped", f"{label} ({ex_scope} failed this run)"
     try:
         gateway = gateway_for(account)
-        report = orders_reconcile(account=account, market_type=market_type, gateway=gateway, now=run.now)
+        report = orders_reconcile(
+            account=account, market_type=market_type, gateway=gateway, now=run.now, submitting=submitting
+        )
     except Auth as exc:
         with run.lock:
             run.outcomes[acc_scope] = (True, f"Auth: {exc}")
@@ -133,14 +135,12 @@ def update_open_orders() -> JobResult:
     ctx = current_run.get()
     shards = shard_filter(ctx.shards if ctx else None)
     mine = shards.q() if shards is not None else Q()  # a sharded scheduler's own accounts only
-    pairs = sorted(
-        set(OpenOrder.objects.filter(mine).values_list("account_id", "market_type").distinct())
-        | set(
-            PendingOrder.objects.filter(mine, status=PendingOrder.Status.SUBMITTING)
-            .values_list("account_id", "market_type")
-            .distinct()
-        )
+    submitting = set(
+        PendingOrder.objects.filter(mine, status=PendingOrder.Status.SUBMITTING)
+        .values_list("account_id", "market_type")
+        .distinct()
     )
+    pairs = sorted(set(OpenOrder.objects.filter(mine).values_list("account_id", "market_type").distinct()) | submitting)
     if not pairs:
         return JobResult(summary="no live orders", noop=True)
     accounts = Account.objects.in_bulk([account_id for account_id, _ in pairs])
@@ -165,6 +165,7 @@ def update_open_orders() -> JobResult:
             account=accounts[account_id],
             market_type=market_type,
             scopes=scopes[(account_id, market_type)],
+            submitting=(account_id, market_type) in submitting,
         )
         if future is None:
             busy += 1

@@ -70,7 +70,9 @@ class ReconcileReport:
 RECONCILE_SYMBOL_LISTS_MAX = 3
 
 
-def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGateway, now: datetime) -> ReconcileReport:
+def orders_reconcile(
+    *, account: Account, market_type: str, gateway: ExchangeGateway, now: datetime, submitting: bool = True
+) -> ReconcileReport:
     """Reconcile every OpenOrder and SUBMITTING PendingOrder of (account, market_type) with the exchange.
 
     Open-orders listings for regular orders and for conditional orders (only when rows of that
@@ -78,11 +80,14 @@ def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGat
     RECONCILE_SYMBOL_LISTS_MAX symbols; then a lookup only for rows missing from those sets. No row lock is
     held across an exchange call. Network, rate-limit, maintenance and other exchange errors
     and Auth propagate (the caller feeds its circuit breakers); rows already handled keep
-    their changes, the rest stay as they are.
+    their changes, the rest stay as they are. `submitting` False: the caller read just before that the
+    account market has no SUBMITTING row (a row claimed since is its pass's, or the next run's).
     """
     report = ReconcileReport()
     mt = MarketType(market_type)
-    rows = list(OpenOrder.objects.filter(account=account, market_type=market_type).select_related("account"))
+    rows = list(OpenOrder.objects.filter(account=account, market_type=market_type))
+    for row in rows:
+        row.account = account  # the caller's row: no join, and its keys decrypted once
     report.orders = len(rows)
     if rows:
         listed: dict[tuple[bool, str], OrderState] = {}
@@ -132,11 +137,11 @@ def orders_reconcile(*, account: Account, market_type: str, gateway: ExchangeGat
             _observe(row=row, state=state, gateway=gateway, now=now, report=report)
         if seen:
             OpenOrder.objects.filter(pk__in=seen).update(last_seen_at=now, missing_runs=0)
-    submitting = list(
-        PendingOrder.objects.filter(account=account, market_type=market_type, status=PendingOrder.Status.SUBMITTING)
-    )
     if submitting:
-        for pending in submitting:
+        pendings = PendingOrder.objects.filter(
+            account=account, market_type=market_type, status=PendingOrder.Status.SUBMITTING
+        )
+        for pending in pendings:
             outcome = submitting_resolve(pending=pending, gateway=gateway, now=now)
             report.submitting[outcome] = report.submitting.get(outcome, 0) + 1
     return report
