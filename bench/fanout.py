@@ -1110,7 +1110,9 @@ def _report(
         )
         label = f"[{reconcile_accounts}x{RECONCILE_ORDERS}]"
         if reconcile_accounts > serial_max:
-            out.append(f"# serial baseline not run ({reconcile_accounts} accounts > BENCH_FANOUT_SERIAL_MAX={serial_max})")
+            out.append(
+                f"# serial baseline not run ({reconcile_accounts} accounts > BENCH_FANOUT_SERIAL_MAX={serial_max})"
+            )
         if value_r is not None:
             base_s = base_r.seconds if base_r is not None else None
             out.append(line(f"reconcile_seconds{label}", value_r.seconds, base_s))
