@@ -16,6 +16,8 @@ balances only through `balance()`, positions through `position()`, and saves ord
 through `order_save()` / `fill_add()`. Rows are never inserted before `flush()` except a wallet's
 default balances (the same insert, ignoring conflicts, that an unlocked balance read makes), so a
 savepoint rolled back inside the transaction cannot leave the books holding a row that is gone.
+Reads and writes are plain SQL (core.rawsql): the ORM's query building cost more CPU than the
+statements themselves.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from django.db import connection
 
 from core.money import ZERO
+from core.rawsql import row_select, row_update, rows_insert, rows_select
 from exchanges.gateway import MarketType
 from exchanges.models import SimBalance, SimFill, SimOrder, SimPosition
 from exchanges.simulator.catalog import DEFAULT_BALANCES
@@ -60,10 +63,8 @@ class Books:
         rows meanwhile) and RETURNING: the rows this insert made are this transaction's until it
         commits, so only a conflict (rows someone else inserted) costs a second read.
         """
-        rows = SimBalance.objects.select_for_update().filter(
-            exchange=self.exchange, account=self.account, market_type=wallet
-        )
-        found = list(rows)
+        where, key = "exchange = %s AND account = %s AND market_type = %s", [self.exchange, self.account, wallet]
+        found = rows_select(SimBalance, where, key, lock=True)
         if not found:
             defaults = DEFAULT_BALANCES[MarketType(wallet)]
             values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(defaults))
@@ -94,7 +95,7 @@ class Books:
                     for c, amount in defaults.items()
                 ]
             else:
-                found = list(rows.all())
+                found = rows_select(SimBalance, where, key, lock=True)
         self._wallets.add(wallet)
         for row in found:
             self._balances[(wallet, row.currency)] = row
@@ -121,10 +122,11 @@ class Books:
         """The futures position on `symbol`, read under a lock on first use; a flat new one (inserted by flush)."""
         position = self._positions.get(symbol)
         if position is None:
-            position = (
-                SimPosition.objects.select_for_update()
-                .filter(exchange=self.exchange, account=self.account, symbol=symbol)
-                .first()
+            position = row_select(
+                SimPosition,
+                "exchange = %s AND account = %s AND symbol = %s",
+                [self.exchange, self.account, symbol],
+                lock=True,
             ) or SimPosition(exchange=self.exchange, account=self.account, symbol=symbol)
             self._positions[symbol] = position
         return position
@@ -142,15 +144,19 @@ class Books:
         """Write what changed: orders (a new one inserted once, with its final state), then their fills,
         then each changed balance and position row."""
         for order in self._orders.values():
-            order.save()
+            if order.pk is None:
+                rows_insert([order])
+            else:
+                row_update(order)
         if self._fills:
-            SimFill.objects.bulk_create(self._fills)
+            for fill in self._fills:
+                fill.order_id = fill.order.pk  # the order may have been inserted just above
+            rows_insert(self._fills)
         for row in self._dirty.values():
             if row.pk is None:
-                row.save(force_insert=True)
+                rows_insert([row])
             else:
-                fields = ["free", "used"] if isinstance(row, SimBalance) else ["quantity", "entry_price"]
-                row.save(update_fields=fields)
+                row_update(row, ["free", "used"] if isinstance(row, SimBalance) else ["quantity", "entry_price"])
         self._orders.clear()
         self._fills.clear()
         self._dirty.clear()

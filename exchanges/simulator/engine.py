@@ -84,7 +84,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -92,6 +92,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from core.money import ZERO, quantize
+from core.rawsql import row_select, row_update, rows_select, scalar
 from exchanges.gateway import (
     AssetBalance,
     Balance,
@@ -132,6 +133,7 @@ ONE = Decimal("1")
 MATCH_INTERVAL = timedelta(seconds=1)
 FUTURES_MARGIN_RATE = Decimal("0.1")  # 10x: margin reserved per unit of notional on open futures orders
 OPEN = (OrderStatus.NEW.value, OrderStatus.PARTIALLY_FILLED.value)
+_OPEN_IN = "(" + ", ".join(["%s"] * len(OPEN)) + ")"  # `status IN _OPEN_IN` with *OPEN as its parameters
 ENDPOINTS = (
     "load_markets",
     "fetch_last_prices",
@@ -255,6 +257,20 @@ def scripted_price(*, prices: list[str], start_at: datetime, step_seconds: int, 
     return Decimal(prices[min(max(index, 0), len(prices) - 1)])
 
 
+class _Resting(NamedTuple):
+    """What a matching step's test (`_due`) reads of an open order."""
+
+    pk: int
+    account: str
+    market_type: str
+    symbol: str
+    side: str
+    order_type: str
+    conditional: bool
+    price: Decimal  # None where the test does not read it (a MARKET's price, a regular order's stop)
+    stop_price: Decimal
+
+
 def _snapshot(
     order: SimOrder, status: OrderStatus, filled: Decimal, cost: Decimal, fee: Decimal, at: datetime
 ) -> SimOrder:
@@ -320,15 +336,15 @@ class SimEngine:
     # --- configuration and scripting -------------------------------------------------
 
     def _exchange_row(self, exchange: str, *, lock: bool) -> SimExchange:
-        manager = SimExchange.objects.select_for_update() if lock else SimExchange.objects
-        row = manager.filter(exchange=exchange).first()
+        row = row_select(SimExchange, "exchange = %s", [exchange], lock=lock)
         if row is None:
             try:
                 with transaction.atomic():
                     SimExchange.objects.create(exchange=exchange)
             except IntegrityError:
                 pass  # another process created it first; read it below
-            row = manager.get(exchange=exchange)
+            row = row_select(SimExchange, "exchange = %s", [exchange], lock=lock)
+            assert row is not None  # noqa: S101 - created above or by the process that conflicted
         return row
 
     def _account_lock(self, exchange: str, account: str) -> SimAccount:
@@ -371,11 +387,11 @@ class SimEngine:
         # The insert is ON CONFLICT DO NOTHING, so two first uses racing neither fail nor abort the
         # transaction (PostgreSQL waits for the other insert's commit, then the locking read sees it);
         # the row it inserts is this transaction's until it commits, as good as locked.
-        rows = SimAccount.objects.select_for_update(skip_locked=skip_locked).filter(exchange=exchange, account=account)
-        row = rows.first()
+        where, params = "exchange = %s AND account = %s", [exchange, account]
+        row = row_select(SimAccount, where, params, lock=True, skip_locked=skip_locked)
         if row is not None:
             return row
-        if skip_locked and SimAccount.objects.filter(exchange=exchange, account=account).exists():
+        if skip_locked and row_select(SimAccount, where, params) is not None:
             return None  # held by another transaction
         accounts, orders = SimAccount._meta.db_table, SimOrder._meta.db_table
         with connection.cursor() as cursor:
@@ -387,8 +403,12 @@ class SimEngine:
             )
             inserted = cursor.fetchone()
         if inserted is not None:
-            return SimAccount(id=inserted[0], exchange=exchange, account=account, seq=inserted[1], last_match_at=None)
-        return rows.first()
+            return SimAccount.from_db(
+                connection.alias,
+                ["id", "exchange", "account", "seq", "last_match_at"],
+                [inserted[0], exchange, account, inserted[1], None],
+            )
+        return row_select(SimAccount, where, params, lock=True, skip_locked=skip_locked)
 
     def exchange_configure(
         self,
@@ -487,7 +507,7 @@ class SimEngine:
         return max(floor_to_step(raw, market.tick_size), market.tick_size)
 
     def _scripts(self, exchange: str) -> dict[str, SimPricePath]:
-        return {s.symbol: s for s in SimPricePath.objects.filter(exchange=exchange)}
+        return {s.symbol: s for s in rows_select(SimPricePath, "exchange = %s", [exchange])}
 
     def price_get(self, exchange: str, market_type: MarketType, symbol: str, *, now: datetime | None = None) -> Decimal:
         row = self._exchange_row(exchange, lock=False)
@@ -749,7 +769,7 @@ class SimEngine:
                 # Refused before it changed anything; what the account's step matched is kept, as when
                 # that step ran in a transaction of its own.
                 refused = exc
-            acct.save(update_fields=["seq", "last_match_at"])
+            row_update(acct, ["seq", "last_match_at"])
         if refused is not None:
             raise refused
         logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, order.client_order_id)
@@ -788,9 +808,11 @@ class SimEngine:
                 )
             request = dataclasses.replace(request, quantity=base_quantity)
         cid = request.client_order_id or f"sim{uuid.uuid4().hex[:24]}"
-        if SimOrder.objects.filter(
-            exchange=exchange, account=account, market_type=market_type, client_order_id=cid
-        ).exists():
+        if scalar(
+            f"SELECT 1 FROM {SimOrder._meta.db_table} "  # noqa: S608 - our table name
+            "WHERE exchange = %s AND account = %s AND market_type = %s AND client_order_id = %s LIMIT 1",
+            [exchange, account, market_type.value, cid],
+        ):
             raise DuplicateClientId(f"Duplicate order sent: client order id {cid}", code="-4116", exchange=exchange)
         # OrderRequest.__post_init__ holds: LIMIT and STOP_LIMIT have a price, conditional orders a stop price.
         if request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
@@ -819,14 +841,12 @@ class SimEngine:
                 if (o.market_type, o.symbol, o.conditional) == (market_type, request.symbol, request.conditional)
             )
         else:
-            open_same = SimOrder.objects.filter(
-                exchange=exchange,
-                account=account,
-                market_type=market_type,
-                symbol=request.symbol,
-                conditional=request.conditional,
-                status__in=OPEN,
-            ).count()
+            open_same = scalar(
+                f"SELECT COUNT(*) FROM {SimOrder._meta.db_table} "  # noqa: S608 - our table name
+                "WHERE exchange = %s AND account = %s AND market_type = %s AND symbol = %s AND conditional = %s "
+                "AND status IN " + _OPEN_IN,
+                [exchange, account, market_type.value, request.symbol, request.conditional, *OPEN],
+            )
         if open_same >= row.open_order_cap:
             raise Rejected(
                 f"Filter failure: MAX_NUM_ORDERS ({row.open_order_cap} open orders on {request.symbol})",
@@ -893,11 +913,11 @@ class SimEngine:
         return last <= limit if side == Side.BUY else last >= limit
 
     @staticmethod
-    def _crosses(order: SimOrder, price: Decimal) -> bool:
+    def _crosses(order: SimOrder | _Resting, price: Decimal) -> bool:
         return price <= order.price if order.side == Side.BUY else price >= order.price
 
     @staticmethod
-    def _stop_hit(order: SimOrder, price: Decimal) -> bool:
+    def _stop_hit(order: SimOrder | _Resting, price: Decimal) -> bool:
         return price >= order.stop_price if order.side == Side.BUY else price <= order.stop_price
 
     def _find(
@@ -997,7 +1017,7 @@ class SimEngine:
             order.status = OrderStatus.CANCELED.value
             self._bump(acct, order, now)
             self._order_save(order)
-            acct.save(update_fields=["seq"])
+            row_update(acct, ["seq"])
         return _state_of(order)
 
     def order_list_open(
@@ -1175,12 +1195,13 @@ class SimEngine:
         due = self._due(row, self._scripts(exchange), now)
         # Orders created during the step (a trigger's child) wait for the next one, as they always have.
         by_account: dict[str, list[int]] = {}
-        live = SimOrder.objects.filter(exchange=exchange, status__in=OPEN)
-        for order in live.order_by("pk").only(
-            "pk", "account", "market_type", "symbol", "side", "order_type", "conditional", "price", "stop_price"
-        ):
-            if due(order) is not None:
-                by_account.setdefault(order.account, []).append(order.pk)
+        # Every open order of the exchange: plain tuples (a fan-out's thousands of resting orders cost
+        # the step a model instance each otherwise), tested by `due` as the orders themselves.
+        live = SimOrder.objects.filter(exchange=exchange, status__in=OPEN).order_by("pk")
+        for values in live.values_list(*_Resting._fields):
+            resting = _Resting._make(values)
+            if due(resting) is not None:
+                by_account.setdefault(resting.account, []).append(resting.pk)
         fills = triggers = 0
         for account, pks in by_account.items():
             # Skip-locked: an account busy with its own call is matched by that call's own step
@@ -1191,7 +1212,7 @@ class SimEngine:
                 locked = SimOrder.objects.select_for_update().filter(pk__in=pks, status__in=OPEN).order_by("pk")
                 done = self._step_orders(row, acct, locked, due, now)
                 fills, triggers = fills + done[0], triggers + done[1]
-                acct.save(update_fields=["seq", "last_match_at"])
+                row_update(acct, ["seq", "last_match_at"])
         return MatchReport(ran=True, fills=fills, triggers=triggers)
 
     def _match_for(self, exchange: str, account: str, now: datetime | None) -> list[SimOrder] | None:
@@ -1208,13 +1229,17 @@ class SimEngine:
         now = now or self.clock()
         row = self._exchange_row(exchange, lock=False)
         self.match(exchange, now=now, row=row)
-        steps = SimAccount.objects.filter(exchange=exchange, account=account).values_list("last_match_at", flat=True)
-        last = list(steps)
-        if last and _recent(last[0], now):
+        stepped = row_select(SimAccount, "exchange = %s AND account = %s", [exchange, account])
+        if stepped is not None and _recent(stepped.last_match_at, now):
             return None
         # An unlocked look first: most calls (order lookups, open-order lists) find nothing due, and
         # then only mark the account stepped, without waiting for its lock.
-        live = list(SimOrder.objects.filter(exchange=exchange, account=account, status__in=OPEN).order_by("pk"))
+        live = rows_select(
+            SimOrder,
+            "exchange = %s AND account = %s AND status IN " + _OPEN_IN,
+            [exchange, account, *OPEN],
+            order_by="id",
+        )
         if live:
             scripts = self._scripts(exchange)
             due = self._due(row, scripts, now)
@@ -1222,10 +1247,11 @@ class SimEngine:
                 with self._locked(exchange, account) as acct:
                     assert acct is not None  # noqa: S101 - a waiting lock always returns the row
                     self._step_account(row, acct, scripts, now)
-                    acct.save(update_fields=["seq", "last_match_at"])
+                    row_update(acct, ["seq", "last_match_at"])
                 return None
-        if last:
-            SimAccount.objects.filter(exchange=exchange, account=account).update(last_match_at=now)
+        if stepped is not None:
+            stepped.last_match_at = now
+            row_update(stepped, ["last_match_at"])
         return live
 
     def _step_account(
@@ -1241,18 +1267,23 @@ class SimEngine:
         """
         if _recent(acct.last_match_at, now):
             return _Live(orders=[], complete=False)
-        live = SimOrder.objects.select_for_update().filter(exchange=row.exchange, account=acct.account, status__in=OPEN)
-        orders = list(live.order_by("pk"))
+        orders = rows_select(
+            SimOrder,
+            "exchange = %s AND account = %s AND status IN " + _OPEN_IN,
+            [row.exchange, acct.account, *OPEN],
+            lock=True,
+            order_by="id",
+        )
         fills, triggers = self._step_orders(row, acct, orders, self._due(row, scripts, now), now)
         return None if fills or triggers else _Live(orders=orders, complete=True)
 
     def _due(
         self, row: SimExchange, scripts: dict[str, SimPricePath], now: datetime
-    ) -> Callable[[SimOrder], tuple[CatalogMarket, Decimal] | None]:
+    ) -> Callable[[SimOrder | _Resting], tuple[CatalogMarket, Decimal] | None]:
         """The test of a step at `now`: an order's market and price when it fills or triggers, else None."""
         prices: dict[tuple[str, str], Decimal] = {}
 
-        def due(order: SimOrder) -> tuple[CatalogMarket, Decimal] | None:
+        def due(order: SimOrder | _Resting) -> tuple[CatalogMarket, Decimal] | None:
             market = catalog_market(MarketType(order.market_type), order.symbol)
             if market is None:
                 return None
@@ -1273,7 +1304,7 @@ class SimEngine:
         row: SimExchange,
         acct: SimAccount,
         orders: Iterable[SimOrder],
-        due: Callable[[SimOrder], tuple[CatalogMarket, Decimal] | None],
+        due: Callable[[SimOrder | _Resting], tuple[CatalogMarket, Decimal] | None],
         now: datetime,
     ) -> tuple[int, int]:
         """Fill or trigger the due ones among the account's locked open `orders`; (fills, triggers).

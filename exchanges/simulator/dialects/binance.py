@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl
 from aiohttp import WSMsgType, web
 from django.utils import timezone
 
+from core.rawsql import row_select, rows_select
 from exchanges.gateway import (
     DuplicateClientId,
     GatewayError,
@@ -918,18 +919,24 @@ class BinanceDialect(Dialect):
                 "Order type not supported for this endpoint. Please use the Algo Order API endpoints instead.",
             )
         request, tif, quote_order = self._request(params, market_type, stop_key="stopPrice", cid_key="newClientOrderId")
-        state = await db_call(
-            self.engine.order_create, self.exchange, call.account, request, time_in_force=tif, quote_order=quote_order
-        )
         # USDⓈ-M answers with the order as accepted (NEW, nothing executed) whatever newOrderRespType asks
         # (ccxt sends RESULT): matching is asynchronous there, and fills follow on the stream and on lookup.
         # Spot answers FULL (final state and fills) unless asked for ACK or RESULT.
         default = "ACK" if market_type == MarketType.FUTURES else "FULL"
         kind = params.get("newOrderRespType", default).upper()
-        return await db_call(self._create_reply, call.account, market_type, int(state.exchange_order_id), kind)
+
+        def create() -> dict[str, Any]:  # one trip to a database thread for the order and its reply
+            state = self.engine.order_create(
+                self.exchange, call.account, request, time_in_force=tif, quote_order=quote_order
+            )
+            return self._create_reply(call.account, market_type, int(state.exchange_order_id), kind)
+
+        return await db_call(create)
 
     def _create_reply(self, account: str, market_type: MarketType, pk: int, kind: str) -> dict[str, Any]:
-        order = SimOrder.objects.get(pk=pk, exchange=self.exchange, account=account)
+        order = row_select(SimOrder, "id = %s AND exchange = %s AND account = %s", [pk, self.exchange, account])
+        if order is None:
+            raise SimOrder.DoesNotExist(f"sim order {pk} of {self.exchange}/{account}")
         if market_type == MarketType.FUTURES:
             accepted = SimOrder(**{f.attname: getattr(order, f.attname) for f in SimOrder._meta.concrete_fields})
             accepted.status, accepted.filled_quantity, accepted.cost = OrderStatus.NEW.value, Decimal(0), Decimal(0)
@@ -1013,9 +1020,13 @@ class BinanceDialect(Dialect):
             if params.get("symbol"):
                 filters["symbol"] = self._engine_symbol(params["symbol"], market_type)
             if market_type == MarketType.FUTURES:
-                rows = self._rows(
-                    call.account, market_type, conditional=False, status__in=("NEW", "PARTIALLY_FILLED"), **filters
-                )
+                # Plain SQL (core.rawsql): reconciliation lists every account's open orders each run.
+                self.engine.match(self.exchange)
+                where = "exchange = %s AND account = %s AND market_type = %s AND NOT conditional AND status IN (%s, %s)"
+                key = [self.exchange, call.account, market_type.value, "NEW", "PARTIALLY_FILLED"]
+                if "symbol" in filters:
+                    where, key = where + " AND symbol = %s", [*key, filters["symbol"]]
+                rows = rows_select(SimOrder, where, key, order_by="id")
                 return [self._order_view(o, market_type) for o in rows]
             views = [
                 self._order_view(o, market_type)
