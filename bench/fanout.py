@@ -66,6 +66,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ LATENCY_ENDPOINTS = ("create_order", "fetch_order", "fetch_open_orders", "cancel
 RECONCILE_ORDERS = 5
 TICK_SECONDS = 1.0
 SKIPPED_GAP = 1.5
+SEEN_ROUNDS = 5  # acks_wait's look-back, in polling rounds of 0.2 s
 READY_TIMEOUT = 120.0
 # Tables that survive the reset between runs: schema, market data, the simulator's exchange and faults.
 KEEP_TABLES = {
@@ -517,14 +519,26 @@ def acks_wait(
     lo, hi = min(followers.account_ids), max(followers.account_ids)
     events = OrderEvent.objects.filter(account_id__gte=lo, account_id__lte=hi)
     acked: dict[str, float] = {}
+    failed: set[str] = set()
     ended: set[str] = set()
+    # This process is the one measured, so each round reads only the events of the last few rounds
+    # (by id), not all of them again: ids are taken at insert and a transaction may commit after a
+    # later one, so the window reaches back SEEN_ROUNDS rounds (~1 s) rather than to the last id seen.
+    seen = deque([0], maxlen=SEEN_ROUNDS)
+    kinds = (OrderEvent.Kind.PLACED, OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         poll()
-        for key, at in events.filter(kind=OrderEvent.Kind.PLACED).values_list("order_key", "created_at"):
-            acked.setdefault(str(key), at.timestamp() - returned)
-        failed = events.filter(kind__in=(OrderEvent.Kind.REJECTED, OrderEvent.Kind.FAILED))
-        ended = {str(k) for k in failed.values_list("order_key", flat=True)} - set(acked)
+        new = events.filter(pk__gt=seen[0], kind__in=kinds).order_by("pk")
+        top = seen[-1]
+        for pk, kind, key, at in new.values_list("pk", "kind", "order_key", "created_at"):
+            top = max(top, pk)
+            if kind == OrderEvent.Kind.PLACED:
+                acked.setdefault(str(key), at.timestamp() - returned)
+            else:
+                failed.add(str(key))
+        seen.append(top)
+        ended = failed - set(acked)
         if len(acked) + len(ended) >= n:
             break
         time.sleep(0.2)

@@ -108,6 +108,8 @@ def rows_insert(objs: Sequence[Model], *, conflict: tuple[str, ...] | None = Non
     marks = "(" + ", ".join(["%s"] * len(fields)) + ")"
     params: list[Any] = []
     for obj in objs:
+        # As bulk_create: a foreign key set as an object saved since takes that object's key.
+        cast(Any, obj)._prepare_related_fields_for_save(operation_name="rows_insert")  # not in django-stubs
         params += [f.get_db_prep_save(f.pre_save(obj, True), connection=connection) for f in fields]
     sql = (
         f"INSERT INTO {quote(opts.db_table)} ({', '.join(quote(f.column) for f in fields)}) "  # noqa: S608
@@ -144,4 +146,20 @@ def row_update(obj: Model, fields: Sequence[str] | None = None) -> int:
     sql = f"UPDATE {quote(opts.db_table)} SET {sets} WHERE {quote(opts.pk.column)} = %s"  # noqa: S608
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, obj.pk])
+        return cursor.rowcount
+
+
+def rows_delete(model: type[Model], **equals: Any) -> int:
+    """DELETE the `model` rows whose fields equal `equals` (attnames; values prepared by their fields, so a
+    datetime compares as the ORM stored it), in one statement: no cascade and no signals, for a table
+    that no foreign key points to. The number deleted."""
+    opts, quote = model._meta, connection.ops.quote_name
+    where, params = [], []
+    for name, value in equals.items():
+        field = next(f for f in opts.concrete_fields if f.attname == name)
+        where.append(f"{quote(field.column)} = %s")
+        params.append(field.get_db_prep_value(value, connection))
+    sql = f"DELETE FROM {quote(opts.db_table)} WHERE {' AND '.join(where)}"  # noqa: S608 - the model's names
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
         return cursor.rowcount

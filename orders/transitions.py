@@ -22,6 +22,7 @@ from django.db import connection, transaction
 
 from accounts.models import Account
 from core.money import decimal_text
+from core.rawsql import rows_delete, rows_insert
 from core.scrub import scrub
 from exchanges.gateway import (
     DuplicateClientId,
@@ -127,13 +128,16 @@ class DirtyTracker:
             return
         # Built only here: a swept pair with nothing to do (most of a sweep) costs no ORM work.
         account_id, market_type, symbol = self.pair
-        rows = QueueDirty.objects.filter(
-            account_id=account_id, market_type=market_type, symbol=symbol, marked_at=self.known_at
-        )
         if next_due is None:
-            rows.delete()
+            # Plain SQL (core.rawsql): every placement's pair ends here, and the ORM's delete
+            # collects cascades that a marker table has none of.
+            rows_delete(
+                QueueDirty, account_id=account_id, market_type=market_type, symbol=symbol, marked_at=self.known_at
+            )
         elif next_due != self.known_at:
-            rows.update(marked_at=next_due)
+            QueueDirty.objects.filter(
+                account_id=account_id, market_type=market_type, symbol=symbol, marked_at=self.known_at
+            ).update(marked_at=next_due)
 
 
 def _touch(dirty: DirtyTracker | None, row: Any, now: datetime) -> None:
@@ -337,7 +341,7 @@ def _claim(
                 events.append(order_event_new(order=row, kind=OrderEvent.Kind.REJECTED, details={"reason": reason}))
                 rejected.append((row, reason))
         if events:
-            OrderEvent.objects.bulk_create(events)
+            rows_insert(events)
             _touch(dirty, rows[0], now)
     return claims, rejected
 
@@ -512,9 +516,9 @@ def placements_record(
                 lives.append(live)
                 later.append((live, state))
         if lives:
-            OpenOrder.objects.bulk_create(lives)
+            rows_insert(lives)
         if events:
-            OrderEvent.objects.bulk_create(events)
+            rows_insert(events)
         if taken:
             _touch(dirty, first, now)
     for live, state in logged:

@@ -149,9 +149,7 @@ class Books:
             else:
                 row_update(order)
         if self._fills:
-            for fill in self._fills:
-                fill.order_id = fill.order.pk  # the order may have been inserted just above
-            rows_insert(self._fills)
+            rows_insert(self._fills)  # each takes its order's key, inserted just above if new
         for row in self._dirty.values():
             if row.pk is None:
                 rows_insert([row])

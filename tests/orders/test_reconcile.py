@@ -515,6 +515,24 @@ def test_the_steady_state_costs_the_same_queries_for_one_or_many_live_orders(clo
     assert len(six.captured_queries) == len(one.captured_queries)
 
 
+def test_a_run_reads_submitting_rows_once_not_per_account_market_and_reads_no_account_again(clock):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    default_engine.price_script(EX, "ETH/USDT", ["3000"])
+    for _ in range(3):
+        place(StrategyAccountFactory(), "BUY", "LIMIT", "1", price="2900")
+    clock.shift(29)
+    with CaptureQueriesContext(connection) as queries:
+        update_open_orders()
+
+    tables = [q["sql"] for q in queries.captured_queries]
+    assert sum(PendingOrder._meta.db_table in sql for sql in tables) == 1  # the job's, for every account market
+    accounts = "accounts_account"
+    assert sum(f'FROM "{accounts}"' in sql for sql in tables) == 1  # the job's in_bulk; the rows reuse it
+    assert OpenOrder.objects.filter(last_seen_at__isnull=False).count() == 3
+
+
 def test_a_crash_after_the_trade_upsert_writes_nothing_and_the_next_run_records_the_fill_once(clock):
     from orders.faults import CrashPointError, crash_disable_all, crash_enable
     from scheduler.runs import JobFailedError
