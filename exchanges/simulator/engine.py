@@ -54,6 +54,7 @@ Nothing sleeps (latency faults) inside an engine transaction.
     engine.fault_add(kind, *, exchange="", endpoint="", account="", phase="before", remaining=1,
                      probability=None, latency_ms=0) -> int
     engine.fault_take(exchange, endpoint, account, *, phase="before") -> FaultHit | None   # consumes
+    engine.fault_take_before(exchange, endpoint, account) -> (FaultHit | None, after armed: bool)
     engine.fault_check(exchange, endpoint, account, *, phase="before") -> None   # sleeps or raises
     engine.fault_ws_take(exchange, account) -> str | None                        # "ws_drop" | "ws_silent"
     engine.fault_clear(exchange=None) -> int
@@ -1421,16 +1422,19 @@ class SimEngine:
         faults = SimFault.objects.all() if exchange is None else SimFault.objects.filter(exchange=exchange)
         return faults.delete()[0]
 
-    def _fault_candidates(self, exchange: str, endpoint: str, account: str, *, phase: str | None) -> list[tuple]:
-        """The faults in scope of one call, oldest first: (id, kind, remaining, probability, latency_ms).
+    def _fault_candidates(
+        self, exchange: str, endpoint: str, account: str, *, phase: str | None, also_after: bool = False
+    ) -> list[tuple]:
+        """The faults in scope of one call, oldest first: (id, kind, remaining, probability, latency_ms, phase).
 
-        `phase` None: the websocket faults of the account's stream, else the REST faults of that phase.
+        `phase` None: the websocket faults of the account's stream, else the REST faults of that phase
+        (and of phase "after" too with `also_after`).
         Plain SQL: every gateway call of every client passes here, and the ORM's query building for
         these OR'd scopes cost more CPU than the rest of a fault-free call's checks.
         """
         table = SimFault._meta.db_table
         sql = (
-            f"SELECT id, kind, remaining, probability, latency_ms FROM {table} "  # noqa: S608 - our table name
+            f"SELECT id, kind, remaining, probability, latency_ms, phase FROM {table} "  # noqa: S608 - our table name
             "WHERE exchange IN (%s, '') AND endpoint IN (%s, '') AND account IN (%s, '') "
             "AND (remaining IS NULL OR remaining > 0) AND "
         )
@@ -1438,6 +1442,9 @@ class SimEngine:
         if phase is None:
             sql += "kind IN (%s, %s)"
             params += list(WS_FAULTS)
+        elif also_after:
+            sql += "kind NOT IN (%s, %s) AND phase IN (%s, %s)"
+            params += [*WS_FAULTS, phase, SimFault.Phase.AFTER]
         else:
             sql += "kind NOT IN (%s, %s) AND phase = %s"
             params += [*WS_FAULTS, phase]
@@ -1452,7 +1459,7 @@ class SimEngine:
         creates) must not queue them: its row is locked for that one statement only.
         """
         table = SimFault._meta.db_table
-        for fault_id, kind, remaining, probability, latency_ms in candidates:
+        for fault_id, kind, remaining, probability, latency_ms, _phase in candidates:
             if probability is not None and Decimal(str(self.rng.random())) >= Decimal(str(probability)):
                 continue
             with connection.cursor() as cursor:
@@ -1472,6 +1479,13 @@ class SimEngine:
     def fault_take(self, exchange: str, endpoint: str, account: str, *, phase: str = "before") -> FaultHit | None:
         """Consume the first matching REST fault for this call and phase (the HTTP server shapes the reply)."""
         return self._fault_consume(self._fault_candidates(exchange, endpoint, account, phase=phase))
+
+    def fault_take_before(self, exchange: str, endpoint: str, account: str) -> tuple[FaultHit | None, bool]:
+        """fault_take of phase "before", and whether a fault of phase "after" was armed for the call then: the
+        server takes an "after" fault only then, so a fault-free call costs one query instead of two."""
+        candidates = self._fault_candidates(exchange, endpoint, account, phase=SimFault.Phase.BEFORE, also_after=True)
+        before = [c for c in candidates if c[5] == SimFault.Phase.BEFORE]
+        return self._fault_consume(before), len(before) < len(candidates)
 
     def fault_ws_take(self, exchange: str, account: str) -> str | None:
         """Consume a websocket fault for the account's stream: "ws_drop", "ws_silent" or None."""

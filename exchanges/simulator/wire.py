@@ -147,6 +147,15 @@ class Faults:
             logger.info("sim server fault %s on %s %s (%s)", hit.kind, exchange, endpoint, phase)
         return hit
 
+    async def take_before(self, exchange: str, endpoint: str | None, account: str) -> tuple[FaultHit | None, bool]:
+        """The "before" fault of a call, and whether an "after" one was armed for it (SimEngine.fault_take_before)."""
+        if not endpoint:
+            return None, False
+        hit, after = await db_call(self.engine.fault_take_before, exchange, endpoint, account)
+        if hit is not None:
+            logger.info("sim server fault %s on %s %s (before)", hit.kind, exchange, endpoint)
+        return hit, after
+
     async def apply(
         self,
         hit: FaultHit | None,

@@ -351,6 +351,20 @@ def test_a_callers_call_policy_cuts_a_slow_reply_short_like_a_real_client(gatewa
     assert sleeps == [0.5, 0.3]
 
 
+def test_a_calls_before_lookup_consumes_only_a_before_fault_and_says_whether_an_after_fault_is_armed(engine):
+    assert engine.fault_take_before(EX, "create_order", "acct") == (None, False)
+
+    after = engine.fault_add(SimFault.Kind.TIMEOUT, exchange=EX, endpoint="create_order", phase=SimFault.Phase.AFTER)
+    assert engine.fault_take_before(EX, "create_order", "acct") == (None, True)
+    assert engine.fault_take_before(EX, "cancel_order", "acct") == (None, False)  # out of its scope
+
+    before = engine.fault_add(SimFault.Kind.HTTP_5XX, exchange=EX, endpoint="create_order")
+    hit, armed = engine.fault_take_before(EX, "create_order", "acct")
+    assert (hit.fault_id, hit.kind, armed) == (before, SimFault.Kind.HTTP_5XX, True)
+    assert dict(SimFault.objects.values_list("id", "remaining")) == {after: 1, before: 0}  # the after one waits
+    assert engine.fault_take(EX, "create_order", "acct", phase=SimFault.Phase.AFTER).fault_id == after
+
+
 def test_probability_fault(engine):
     engine.fault_add(SimFault.Kind.MAINTENANCE, remaining=None, probability=D("0"))
     engine.fault_check(EX, "fetch_balance", ACC)  # probability 0 never fires

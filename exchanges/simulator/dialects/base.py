@@ -194,15 +194,18 @@ class Dialect(ABC):
     async def _serve(self, call: Call, fn: Handler) -> web.StreamResponse:
         """Faults around the handler: before (nothing done), after (done and committed, reply lost)."""
         endpoint = self.fault_endpoint(call)
-        hit = await self.faults.take(self.exchange, endpoint, call.account, SimFault.Phase.BEFORE)
+        hit, after_armed = await self.faults.take_before(self.exchange, endpoint, call.account)
         reply = await self.faults.apply(hit, self.fault_reply)
         if reply is not None:
             return reply
         result = await fn(call)
-        hit = await self.faults.take(self.exchange, endpoint, call.account, SimFault.Phase.AFTER)
-        reply = await self.faults.apply(hit, self.fault_reply)
-        if reply is not None:
-            return reply
+        # An "after" fault is taken when one was armed as the call began (one added meanwhile applies
+        # to the calls that begin after it): a fault-free call costs one lookup, not two.
+        if after_armed:
+            hit = await self.faults.take(self.exchange, endpoint, call.account, SimFault.Phase.AFTER)
+            reply = await self.faults.apply(hit, self.fault_reply)
+            if reply is not None:
+                return reply
         return result if isinstance(result, web.StreamResponse) else self.reply(result)
 
     # --- shared views -------------------------------------------------------------------------
