@@ -688,6 +688,10 @@ def queue_pass(work: QueueWork, wait: float = PASS_WAIT_SECONDS) -> QueueTally:
             busy += 1
         else:
             futures[future] = pair
+    # The wait ends with the pass's budget (PASS_BUDGET_SECONDS from the start of its plan): a plan slowed
+    # by a busy process (a fan-out's tasks holding the CPU) must not push the job past the next tick,
+    # which APScheduler would then skip. The tasks go on beside it either way.
+    wait = min(wait, max(0.0, PASS_BUDGET_SECONDS - (time.monotonic() - work.started)))
     done, running = futures_wait(futures, timeout=wait) if futures else (set(), set())
     failure: BaseException | None = None
     for future in done:

@@ -121,6 +121,28 @@ def test_pairs_of_different_accounts_reach_the_exchange_at_once_one_pair_one_cal
         assert bucket_occupancy(sa.account_id) == {"db:BUY": 2, "ex:BUY": 2}
 
 
+def test_a_pass_whose_plan_spent_its_budget_starts_its_tasks_and_returns_without_waiting_for_them(
+    execution_workers, monkeypatch
+):  # noqa: ANN001
+    followers = _followers(2, orders=1)
+    tracker = Tracker(delay=0.1)  # well within the usual wait
+    monkeypatch.setattr("orders.queue.gateway_for", tracker.factory)
+    # As when a busy process slowed the plan past the budget: waiting the usual 0.5 s for the tasks
+    # could then hold the job past the next tick, which APScheduler would skip.
+    monkeypatch.setattr("orders.queue.PASS_BUDGET_SECONDS", 0.0)
+
+    rebalance_order_queue()
+
+    run = JobRun.objects.filter(job_id="rebalance_order_queue").order_by("-id").first()
+    assert "2 still executing" in run.summary, run.summary
+    assert execution_pool("queue").drain(30)
+    assert tracker.calls == 2
+    account_ids = [sa.account_id for sa in followers]
+    assert OpenOrder.objects.filter(account_id__in=account_ids).count() == 2
+    assert not PendingOrder.objects.exists()
+    assert invariant_problems(account_ids) == []
+
+
 def test_a_pass_does_not_wait_for_a_slow_call_and_the_next_pass_leaves_the_busy_pair_alone(
     execution_workers, monkeypatch
 ):  # noqa: ANN001
