@@ -241,11 +241,7 @@ def queue_work_load(*, now: datetime, term: Any = None, shards: ShardSet | None 
     busy: set[Pair] = set() if pool.inline else {cast(Pair, key) for key in pool.keys_in_flight()}
     dirty = {m.pair: m for m in marks if m.pair not in busy}
     held = len(marks) - len(dirty)
-    express = [
-        o
-        for o in selectors.queue_express_due(now=now, shards=shards)
-        if (o.account_id, o.market_type, o.symbol) not in busy
-    ]
+    express = selectors.queue_express_due(now=now, shards=shards, busy=busy)
     if swept:
         wanted = set(dirty) | {p for p in queue_sweep_detect(now=now) if shards is None or shards.has(p[0])}
         if len(wanted) > SWEEP_LOAD_ALL:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -110,14 +111,33 @@ def queue_dirty_due(*, now: datetime, limit: int, shards: ShardSet | None = None
     return [DirtyMark(id=i, pair=(a, m, s), marked_at=at) for i, a, m, s, at in rows]
 
 
-def queue_express_due(*, now: datetime, shards: ShardSet | None = None) -> list[PendingOrder]:
-    """Queued MARKET orders whose backoff (if any) has passed, in arrival order (of `shards`' accounts only)."""
-    return list(
+def queue_express_due(
+    *, now: datetime, shards: ShardSet | None = None, busy: AbstractSet[Pair] = frozenset()
+) -> list[PendingOrder]:
+    """Queued MARKET orders whose backoff (if any) has passed, in arrival order (of `shards`' accounts only),
+    but those of the `busy` pairs.
+
+    With busy pairs (a fan-out's tasks still in flight, whose express rows wait their turn in the
+    pool) the rows' pairs are read first and only the others' rows in full: a tick during a
+    1,000-follower burst would otherwise build a model instance of every waiting row each second,
+    on a process whose CPU the burst already holds.
+    """
+    due = (
         PendingOrder.objects.filter(express=True, status=PendingOrder.Status.QUEUED)
         .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .filter(shards.q() if shards is not None else Q())
         .order_by("signal_at", "queue_seq")
     )
+    if busy:
+        idle = [
+            pk
+            for pk, account_id, market_type, symbol in due.values_list("pk", "account_id", "market_type", "symbol")
+            if (account_id, market_type, symbol) not in busy
+        ]
+        if not idle:
+            return []
+        due = due.filter(pk__in=idle)
+    return list(due)
 
 
 def queue_pairs_all() -> set[Pair]:

@@ -21,7 +21,7 @@ from orders.faults import crash_disable_all
 from orders.jobs import rebalance_order_queue
 from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty
 from orders.queue import queue_congestion_check, queue_sweep_reset, queue_work_load
-from orders.selectors import DirtyMark, queue_slots_for
+from orders.selectors import DirtyMark, queue_express_due, queue_slots_for
 from orders.transitions import DirtyTracker, backoff, order_cancel_by_user
 from positions.models import Fill
 from scheduler.models import JobRun
@@ -259,6 +259,20 @@ def test_express_market_orders_are_placed_first_in_the_first_pass(sa, clock, spy
     assert not OpenOrder.objects.filter(order_key=market.order_key).exists()
     assert Fill.objects.filter(trade__order_key=market.order_key).count() == 1
     assert invariant_problems([sa.account_id]) == []
+
+
+def test_express_orders_of_busy_pairs_are_left_out_before_their_rows_are_read_in_full(clock):  # noqa: ANN001
+    paper_market_info(market_type="SPOT", symbol="ETH/USDT")
+    followers = [StrategyAccountFactory(strategy__market_type="SPOT") for _ in range(3)]
+    orders = [enqueue(sa, "BUY", None, order_type="MARKET") for sa in followers]
+    pairs = [(o.account_id, o.market_type, o.symbol) for o in orders]
+    now = timezone.now()
+
+    assert [o.pk for o in queue_express_due(now=now)] == [o.pk for o in orders]
+    assert [o.pk for o in queue_express_due(now=now, busy={pairs[1]})] == [orders[0].pk, orders[2].pk]
+    with CaptureQueriesContext(connection) as every_pair_busy:
+        assert queue_express_due(now=now, busy=set(pairs)) == []
+    assert len(every_pair_busy.captured_queries) == 1  # the pairs only: no row is built
 
 
 def test_an_unknown_create_outcome_is_resolved_by_lookup_and_never_sent_again(sa, clock, spy):  # noqa: ANN001
