@@ -30,7 +30,8 @@ was before issue 12) on fresh data in the same run; ratio = value / baseline:
     from the webhook until the last acknowledgement; wake runs — WAKE runs of the queue meanwhile;
   RSS — of this process (the queue's), sampled every 0.2 s over that window: start, end, max;
   exchange calls — ccxt HTTP requests in the window, those that timed out, create call p50/p99;
-  CPU seconds of this process and of the simulator in the window (where the time went).
+  CPU seconds of this process, of the simulator and of the local PostgreSQL server's processes in the
+  window (where the time went; PostgreSQL's NaN when the server is not on this machine).
 Simulator ceiling (first, on fresh data): 16 MARKET creates sent straight through the followers'
 gateways, all at once against one after another. The simulator locks per account (a SimAccount
 row), so creates of different accounts run side by side, but each costs it tens of milliseconds of
@@ -418,6 +419,23 @@ def cpu_seconds(pid: int | None = None) -> float:
     return times.user + times.system
 
 
+def postgres_cpu() -> dict[int, float]:
+    """User + system CPU seconds of each PostgreSQL server process on this machine, by pid ({} when none is
+    visible: a remote server). With `postgres_cpu_since`, the database's share of a window's CPU."""
+    times = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        if proc.info["name"] == "postgres" and proc.info["cpu_times"] is not None:
+            times[proc.pid] = proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return times
+
+
+def postgres_cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the PostgreSQL processes used since `before` (those that ended meanwhile uncounted;
+    NaN without a local server)."""
+    now = postgres_cpu()
+    return sum(t - before.get(pid, 0.0) for pid, t in now.items()) if now else math.nan
+
+
 # The simulator's pid, for its CPU time over each run.
 SIM: dict[str, int] = {}
 # The pools' sizes measured against 0 (serial): the product defaults unless BENCH_FANOUT_WORKERS /
@@ -468,6 +486,7 @@ class FanoutResult:
     warm_seconds: float = math.nan
     calls: list[tuple[str, float, str]] = field(default_factory=list)  # exchange HTTP requests after the webhook
     cpu: tuple[float, float] = (math.nan, math.nan)  # CPU seconds of (this process, the simulator) in the window
+    postgres_cpu: float = math.nan  # CPU seconds of the local PostgreSQL server in the window
     errors: list[str] = field(default_factory=list)
     wake_runs: int = 0  # WAKE runs of the queue (intake's NOTIFY) in the window
 
@@ -491,6 +510,7 @@ class FanoutResult:
             "create_call_p99_s": percentile([t for name, t, _ in self.calls if name == CREATE], 0.99),
             "leader_cpu_s": self.cpu[0],
             "simulator_cpu_s": self.cpu[1],
+            "postgres_cpu_s": self.postgres_cpu,
         }[name]
 
 
@@ -574,6 +594,7 @@ def fanout_run(
         time.sleep(max(0.0, tick + phase - time.time()))
         timer.take()
         cpu0 = (cpu_seconds(), cpu_seconds(SIM["pid"]))
+        pg0 = postgres_cpu()
         posted = time.time()
         response = client.post("/api/webhook/", data=json.dumps(payload), content_type="application/json")
         returned = time.time()
@@ -586,6 +607,7 @@ def fanout_run(
         acked, ended = acks_wait(followers, n, returned=returned, timeout=timeout)
         finished = time.time()
         result.cpu = (cpu_seconds() - cpu0[0], cpu_seconds(SIM["pid"]) - cpu0[1])
+        result.postgres_cpu = postgres_cpu_since(pg0)
     finally:
         result.wake_runs = ticker.wake_runs
         ticker.stop()
@@ -722,6 +744,7 @@ class ReconcileResult:
     warm_seconds: float = math.nan
     calls: int = 0
     cpu: tuple[float, float] = (math.nan, math.nan)
+    postgres_cpu: float = math.nan
 
 
 def reconcile_run(*, accounts: int, workers: int, sampler: RssSampler, timer: HttpTimer) -> ReconcileResult:
@@ -739,12 +762,14 @@ def reconcile_run(*, accounts: int, workers: int, sampler: RssSampler, timer: Ht
     pool = execution_pool("reconcile")
     timer.take()
     cpu0 = (cpu_seconds(), cpu_seconds(SIM["pid"]))
+    pg0 = postgres_cpu()
     started = time.time()
     t0 = time.perf_counter()
     update_open_orders()
     pool.drain(600)
     result.seconds = time.perf_counter() - t0
     result.cpu = (cpu_seconds() - cpu0[0], cpu_seconds(SIM["pid"]) - cpu0[1])
+    result.postgres_cpu = postgres_cpu_since(pg0)
     result.calls = len(timer.take())
     result.rss = sampler.window(started, time.time())
     run = JobRun.objects.filter(job_id="update_open_orders").order_by("-id").first()
@@ -772,6 +797,7 @@ FANOUT_FIGURES = (
     "create_call_p99_s",
     "leader_cpu_s",
     "simulator_cpu_s",
+    "postgres_cpu_s",
 )
 
 
@@ -1053,7 +1079,8 @@ def _runs(
             reconciles[workers] = rr
             log(
                 f"  {rr.seconds:.2f} s, {rr.calls} exchange calls, CPU s leader {rr.cpu[0]:.1f} "
-                f"simulator {rr.cpu[1]:.1f}, ccxt warm-up {rr.warm_seconds:.1f} s: {rr.summary}"
+                f"simulator {rr.cpu[1]:.1f} PostgreSQL {rr.postgres_cpu:.1f}, "
+                f"ccxt warm-up {rr.warm_seconds:.1f} s: {rr.summary}"
             )
     return failed
 
@@ -1134,6 +1161,8 @@ def _report(
             out.append(line(f"reconcile_exchange_calls{label}", value_r.calls, base_r.calls if base_r else None))
             out.append(line(f"reconcile_leader_cpu_s{label}", value_r.cpu[0], base_r.cpu[0] if base_r else None))
             out.append(line(f"reconcile_simulator_cpu_s{label}", value_r.cpu[1], base_r.cpu[1] if base_r else None))
+            base_pg = base_r.postgres_cpu if base_r else None
+            out.append(line(f"reconcile_postgres_cpu_s{label}", value_r.postgres_cpu, base_pg))
             out.append(f"# reconcile job summary (when the job returned): {value_r.summary[:200]}")
         shard_r = reconciles.get(-count) if count else None  # -0 is the serial baseline's key
         if shard_r is not None:

@@ -203,6 +203,7 @@ def sharded_fanout_run(
         result.warm_seconds = schedulers.wait_ready(int(SHARD_ENV["ACCOUNT_SHARDS"]))
         time.sleep(phase)  # the processes tick at phases of their own: the signal meets them wherever
         cpu0 = (schedulers.cpu(), fanout.cpu_seconds(sim_pid))
+        pg0 = fanout.postgres_cpu()
         posted = time.time()
         response = client.post("/api/webhook/", data=json.dumps(payload), content_type="application/json")
         returned = time.time()
@@ -217,6 +218,7 @@ def sharded_fanout_run(
         acked, ended = fanout.acks_wait(followers, n, returned=returned, timeout=timeout, poll=poll)
         finished = time.time()
         result.cpu = (schedulers.cpu() - cpu0[0], fanout.cpu_seconds(sim_pid) - cpu0[1])
+        result.postgres_cpu = fanout.postgres_cpu_since(pg0)
     finally:
         schedulers.stop()
     from scheduler.models import JobRun
@@ -256,6 +258,7 @@ def sharded_reconcile_run(*, accounts: int, count: int, env: dict[str, str], wor
     try:
         schedulers.wait_ready(shards)
         cpu0 = (schedulers.cpu(), fanout.cpu_seconds(sim_pid))
+        pg0 = fanout.postgres_cpu()
         owner_of = {shard: pid for shard, pid in ShardLease.objects.values_list("shard", "pid") if pid is not None}
         total: dict[int, int] = {}
         for account_id in account_ids:
@@ -276,6 +279,7 @@ def sharded_reconcile_run(*, accounts: int, count: int, env: dict[str, str], wor
                     done_at[pid] = time.time()
             time.sleep(0.1)
         result.cpu = (schedulers.cpu() - cpu0[0], fanout.cpu_seconds(sim_pid) - cpu0[1])
+        result.postgres_cpu = fanout.postgres_cpu_since(pg0)
     finally:
         schedulers.stop()
     if len(done_at) < len(total):

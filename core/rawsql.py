@@ -21,16 +21,21 @@ from django.db.models import Model
 
 M = TypeVar("M", bound=Model)
 
-# (model, vendor) → the select list and each column's converters, built once per process.
-_LOADERS: dict[tuple[type[Model], str], tuple[str, list[str], list[tuple[Any, list[Any]]]]] = {}
+# (model, fields, vendor) → the select list, the attnames and each column's converters, built once per process.
+_LOADERS: dict[tuple[type[Model], tuple[str, ...] | None, str], tuple[str, list[str], list[tuple[Any, list[Any]]]]] = {}
 
 
-def _loader(model: type[Model]) -> tuple[str, list[str], list[tuple[Any, list[Any]]]]:
-    key = (model, connection.vendor)
+def _loader(
+    model: type[Model], attnames: tuple[str, ...] | None = None
+) -> tuple[str, list[str], list[tuple[Any, list[Any]]]]:
+    key = (model, attnames, connection.vendor)
     loader = _LOADERS.get(key)
     if loader is None:
         quote = connection.ops.quote_name
-        fields = model._meta.concrete_fields
+        fields = list(model._meta.concrete_fields)
+        if attnames is not None:
+            by_name = {f.attname: f for f in fields}
+            fields = [by_name[name] for name in attnames]
         select = ", ".join(quote(f.column) for f in fields)
         converters = []
         for f in fields:
@@ -39,6 +44,40 @@ def _loader(model: type[Model]) -> tuple[str, list[str], list[tuple[Any, list[An
             converters.append((col, connection.ops.get_db_converters(col) + field_converters))
         loader = _LOADERS[key] = (select, [f.attname for f in fields], converters)
     return loader
+
+
+def _fetch(
+    model: type[Model],
+    loader: tuple[str, list[str], list[tuple[Any, list[Any]]]],
+    where: str,
+    params: Sequence[Any],
+    *,
+    lock: bool,
+    skip_locked: bool,
+    order_by: str,
+    limit: int | None,
+) -> list[list[Any]]:
+    select, _, converters = loader
+    sql = f"SELECT {select} FROM {connection.ops.quote_name(model._meta.db_table)} WHERE {where}"  # noqa: S608
+    if order_by:
+        sql += f" ORDER BY {order_by}"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    if lock and connection.features.has_select_for_update:
+        sql += " FOR UPDATE"
+        if skip_locked and connection.features.has_select_for_update_skip_locked:
+            sql += " SKIP LOCKED"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, list(params))
+        fetched = cursor.fetchall()
+    out = []
+    for row in fetched:
+        values = list(row)
+        for i, (col, convs) in enumerate(converters):
+            for conv in convs:
+                values[i] = conv(values[i], col, connection)
+        out.append(values)
+    return out
 
 
 def rows_select(
@@ -56,27 +95,18 @@ def rows_select(
     `lock`: FOR UPDATE (SKIP LOCKED with `skip_locked`) where the backend has it; call inside
     transaction.atomic, as select_for_update requires.
     """
-    select, attnames, converters = _loader(model)
-    sql = f"SELECT {select} FROM {connection.ops.quote_name(model._meta.db_table)} WHERE {where}"  # noqa: S608
-    if order_by:
-        sql += f" ORDER BY {order_by}"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
-    if lock and connection.features.has_select_for_update:
-        sql += " FOR UPDATE"
-        if skip_locked and connection.features.has_select_for_update_skip_locked:
-            sql += " SKIP LOCKED"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, list(params))
-        fetched = cursor.fetchall()
-    out = []
-    for values in fetched:
-        values = list(values)
-        for i, (col, convs) in enumerate(converters):
-            for conv in convs:
-                values[i] = conv(values[i], col, connection)
-        out.append(model.from_db(connection.alias, attnames, values))
-    return out
+    loader = _loader(model)
+    rows = _fetch(model, loader, where, params, lock=lock, skip_locked=skip_locked, order_by=order_by, limit=limit)
+    return [model.from_db(connection.alias, loader[1], values) for values in rows]
+
+
+def rows_values(
+    model: type[Model], attnames: tuple[str, ...], where: str, params: Sequence[Any], *, order_by: str = ""
+) -> list[dict[str, Any]]:
+    """As `rows_select`, each row as a dict of the `attnames` asked for (as `QuerySet.values`)."""
+    loader = _loader(model, attnames)
+    rows = _fetch(model, loader, where, params, lock=False, skip_locked=False, order_by=order_by, limit=None)
+    return [dict(zip(attnames, values, strict=True)) for values in rows]
 
 
 def row_select(model: type[M], where: str, params: Sequence[Any], **kwargs: Any) -> M | None:

@@ -26,6 +26,7 @@ from django.db import transaction
 from accounts.models import Account
 from core.counters import counter_add, counters_buffer_add, counters_buffer_flush
 from core.models import MetricCounter
+from core.rawsql import rows_select
 from exchanges.gateway import ExchangeGateway, GatewayError, Maintenance, Network, OrderType, RateLimited
 from exchanges.services import UnknownExchangeError, gateway_for
 from notifications.services import alert_raise
@@ -431,7 +432,7 @@ def queue_pair_rebalance(*, work: QueueWork, pair: Pair, dirty: DirtyTracker | N
     if plan.promote and work.may_call(pair[0]):
         # One batch: claimed together, created one after another, recorded together.
         ids = [pending_ids[key] for key in plan.promote]
-        found = PendingOrder.objects.in_bulk(ids)
+        found = {row.pk: row for row in rows_select(PendingOrder, f"id IN ({', '.join(['%s'] * len(ids))})", ids)}
         promoted = orders_promote(
             rows=[found[i] for i in ids if i in found],
             gateway=work.gateway(pair[0]),

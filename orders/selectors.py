@@ -17,6 +17,7 @@ from django.db.models import CharField, Count, Exists, F, Max, Min, OuterRef, Q,
 
 from accounts.models import Account, StrategyAccount
 from core.querysets import filter_given
+from core.rawsql import rows_values
 from exchanges.models import MarketInfo
 from orders.models import OpenOrder, OrderEvent, PendingOrder, QueueDirty, Signal
 from orders.signal_report import ExecutionSummary, FollowerExecution, execution_summarize
@@ -155,6 +156,18 @@ def queue_rows_for_pairs(
     wanted = set(pairs)
     result: dict[Pair, PairRows] = defaultdict(PairRows)
     if not wanted and not everything:
+        return result
+    if len(wanted) == 1 and not everything and shards is None:
+        # One pair (a pair task reading its rows again): plain SQL on the pair's index (core.rawsql),
+        # as a fan-out's thousand tasks each do this once.
+        ((account_id, market_type, symbol),) = wanted
+        where, key = "account_id = %s AND market_type = %s AND symbol = %s", [account_id, market_type, symbol]
+        rows = PairRows(
+            pending=rows_values(PendingOrder, PENDING_FIELDS, where, key, order_by="id"),
+            open=rows_values(OpenOrder, OPEN_FIELDS, where, key, order_by="id"),
+        )
+        if not rows.empty:  # as below: a pair without rows has no entry
+            result[(account_id, market_type, symbol)] = rows
         return result
     pending = PendingOrder.objects.filter(shards.q() if shards is not None else Q())
     live = OpenOrder.objects.filter(shards.q() if shards is not None else Q())

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 from django.db import connections, transaction
 
-from core.rawsql import row_select, row_update, rows_delete, rows_insert, rows_select, scalar
+from core.rawsql import row_select, row_update, rows_delete, rows_insert, rows_select, rows_values, scalar
 from exchanges.models import SimAccount, SimExchange, SimFill, SimOrder
 from orders.models import QueueDirty
 from tests.orders.factories import AccountFactory
@@ -67,6 +67,17 @@ def test_rows_come_in_the_order_asked_for_and_no_more_than_the_limit():
 
     assert [o.client_order_id for o in newest_first] == ["cid-2", "cid-1"]
     assert row_select(SimOrder, "account = %s", ["acct-1"]).client_order_id == "cid-0"  # by primary key
+
+
+def test_values_of_chosen_fields_read_as_queryset_values_reads_them():
+    for i in range(2):
+        _order(client_order_id=f"cid-{i}", price=Decimal("3100.5") + i, stop_price=None).save()
+    fields = ("id", "client_order_id", "price", "stop_price", "conditional", "created_at")
+
+    values = rows_values(SimOrder, fields, "account = %s", ["acct-1"], order_by="id")
+
+    assert values == list(SimOrder.objects.filter(account="acct-1").order_by("id").values(*fields))
+    assert values[1]["price"] == Decimal("3101.5") and values[0]["created_at"] == AT
 
 
 def test_an_insert_gives_each_object_its_key_and_a_foreign_key_takes_the_key_of_an_object_saved_since():
