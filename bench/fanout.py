@@ -1136,7 +1136,7 @@ def _report(
     if sharded:
         out.append(
             f"# sharded: the same signal with the followers' accounts sharded over {count} scheduler processes "
-            f"(bench.fanout_shards; per process EXECUTION_WORKERS=6, RECONCILE_WORKERS=3, own egress address); "
+            f"(bench.fanout_shards; per process EXECUTION_WORKERS=16, RECONCILE_WORKERS=11, own egress address); "
             f"value = {count} schedulers, baseline = the single process (EXECUTION_WORKERS={WORKERS['queue']}) above; "
             "RSS is the largest process's, CPU the processes' sum"
         )

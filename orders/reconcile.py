@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from accounts.models import Account
+from core.rawsql import rows_select, rows_update
 from exchanges.gateway import (
     Auth,
     ExchangeError,
@@ -85,7 +86,8 @@ def orders_reconcile(
     """
     report = ReconcileReport()
     mt = MarketType(market_type)
-    rows = list(OpenOrder.objects.filter(account=account, market_type=market_type))
+    # Plain SQL (core.rawsql): every account market with live orders passes here on every run.
+    rows = rows_select(OpenOrder, "account_id = %s AND market_type = %s", [account.pk, market_type], order_by="id")
     for row in rows:
         row.account = account  # the caller's row: no join, and its keys decrypted once
     report.orders = len(rows)
@@ -136,7 +138,7 @@ def orders_reconcile(
                 seen.append(row.pk)
             _observe(row=row, state=state, gateway=gateway, now=now, report=report)
         if seen:
-            OpenOrder.objects.filter(pk__in=seen).update(last_seen_at=now, missing_runs=0)
+            rows_update(OpenOrder, seen, last_seen_at=now, missing_runs=0)
     if submitting:
         pendings = PendingOrder.objects.filter(
             account=account, market_type=market_type, status=PendingOrder.Status.SUBMITTING

@@ -9,7 +9,16 @@ from decimal import Decimal
 import pytest
 from django.db import connections, transaction
 
-from core.rawsql import row_select, row_update, rows_delete, rows_insert, rows_select, rows_values, scalar
+from core.rawsql import (
+    row_select,
+    row_update,
+    rows_delete,
+    rows_insert,
+    rows_select,
+    rows_update,
+    rows_values,
+    scalar,
+)
 from exchanges.models import SimAccount, SimExchange, SimFill, SimOrder
 from orders.models import QueueDirty
 from tests.orders.factories import AccountFactory
@@ -121,6 +130,19 @@ def test_an_update_writes_only_the_fields_named_and_says_when_the_row_is_gone():
     assert SimOrder.objects.get(pk=order.pk).filled_quantity == Decimal("0.015")
     SimOrder.objects.filter(pk=order.pk).delete()
     assert row_update(order, ["status"]) == 0
+
+
+def test_an_update_by_keys_sets_the_values_on_those_rows_only():
+    orders = [_order(client_order_id=f"cid-{i}") for i in range(3)]
+    for order in orders:
+        order.save()
+
+    assert rows_update(SimOrder, [orders[0].pk, orders[2].pk], updated_at=AT.replace(hour=9), update_seq=7) == 2
+    assert rows_update(SimOrder, [], update_seq=8) == 0
+
+    stored = dict(SimOrder.objects.values_list("client_order_id", "update_seq"))
+    assert stored == {"cid-0": 7, "cid-1": 0, "cid-2": 7}
+    assert SimOrder.objects.get(pk=orders[2].pk).updated_at == AT.replace(hour=9)
 
 
 def test_a_delete_matches_a_datetime_as_the_orm_stored_it():
