@@ -53,6 +53,7 @@ Nothing sleeps (latency faults) inside an engine transaction.
     # faults (endpoint names: ENDPOINTS; the dialect server maps its routes onto them)
     engine.fault_add(kind, *, exchange="", endpoint="", account="", phase="before", remaining=1,
                      probability=None, latency_ms=0) -> int
+    engine.order_create_row(...) -> SimOrder   # order_create's arguments; the row as committed
     engine.fault_take(exchange, endpoint, account, *, phase="before") -> FaultHit | None   # consumes
     engine.fault_take_before(exchange, endpoint, account) -> (FaultHit | None, after armed: bool)
     engine.fault_check(exchange, endpoint, account, *, phase="before") -> None   # sleeps or raises
@@ -749,6 +750,24 @@ class SimEngine:
         order whose request.quantity is an amount of the quote currency, converted at the market
         price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
         """
+        return _state_of(
+            self.order_create_row(
+                exchange, account, request, now=now, time_in_force=time_in_force, quote_order=quote_order
+            )
+        )
+
+    def order_create_row(
+        self,
+        exchange: str,
+        account: str,
+        request: OrderRequest,
+        *,
+        now: datetime | None = None,
+        time_in_force: TimeInForce = TimeInForce.GTC,
+        quote_order: bool = False,
+    ) -> SimOrder:
+        """order_create, returning the order's row as committed (a dialect shapes its reply from it without
+        reading it again)."""
         now = now or self.clock()
         row = self._exchange_row(exchange, lock=False)
         self.match(exchange, now=now, row=row)
@@ -774,7 +793,7 @@ class SimEngine:
         if refused is not None:
             raise refused
         logger.debug("sim %s/%s created order %s (%s)", exchange, account, order.pk, order.client_order_id)
-        return _state_of(order)
+        return order
 
     def _order_new(
         self,

@@ -926,22 +926,25 @@ class BinanceDialect(Dialect):
         kind = params.get("newOrderRespType", default).upper()
 
         def create() -> dict[str, Any]:  # one trip to a database thread for the order and its reply
-            state = self.engine.order_create(
+            order = self.engine.order_create_row(
                 self.exchange, call.account, request, time_in_force=tif, quote_order=quote_order
             )
-            return self._create_reply(call.account, market_type, int(state.exchange_order_id), kind)
+            return self._create_reply(order, market_type, kind)
 
         return await db_call(create)
 
-    def _create_reply(self, account: str, market_type: MarketType, pk: int, kind: str) -> dict[str, Any]:
-        order = row_select(SimOrder, "id = %s AND exchange = %s AND account = %s", [pk, self.exchange, account])
-        if order is None:
-            raise SimOrder.DoesNotExist(f"sim order {pk} of {self.exchange}/{account}")
+    def _create_reply(self, order: SimOrder, market_type: MarketType, kind: str) -> dict[str, Any]:
+        """The reply to a create, from the order's row as the create committed it: on USDⓈ-M as accepted (its
+        values are the request's, validated), on spot as read back (amounts as the database keeps them)."""
         if market_type == MarketType.FUTURES:
             accepted = SimOrder(**{f.attname: getattr(order, f.attname) for f in SimOrder._meta.concrete_fields})
             accepted.status, accepted.filled_quantity, accepted.cost = OrderStatus.NEW.value, Decimal(0), Decimal(0)
             accepted.updated_at = order.created_at
             return self._order_view(accepted, market_type, shown=accepted)
+        stored = row_select(SimOrder, "id = %s", [order.pk])
+        if stored is None:
+            raise SimOrder.DoesNotExist(f"sim order {order.pk} of {self.exchange}")
+        order = stored
         view = self._order_view(order, market_type)
         view["transactTime"] = view["updateTime"]
         if kind == "ACK":
