@@ -3,8 +3,9 @@
 Building a query costs the ORM about ten times what the database spends answering a short one on
 a primary or unique key (measured here: about 0.5 ms of Python for `filter(...).first()` against
 0.04 ms for the same statement through a cursor). The simulated exchange runs a dozen such
-statements for every order it creates, on the 2-core machine it shares with the engine under test
-(bench.fanout), so its hot paths read and write through these helpers instead. They stay model
+statements for every order it creates, and the execution engine several for every placement and
+every reconciled account market, all on the machine's two cores (bench.fanout), so those paths read
+and write through these helpers instead; everything else keeps the ORM. They stay model
 rows: columns come from the model's fields, values go through the fields' own conversions both
 ways (`get_db_prep_save` out, the backend's and the field's converters in), and the objects are
 built by `Model.from_db` as a queryset builds them. Row locks follow what the backend supports, as
@@ -21,13 +22,13 @@ from django.db.models import Model
 
 M = TypeVar("M", bound=Model)
 
-# (model, fields, vendor) → the select list, the attnames and each column's converters, built once per process.
-_LOADERS: dict[tuple[type[Model], tuple[str, ...] | None, str], tuple[str, list[str], list[tuple[Any, list[Any]]]]] = {}
+# The select list, the attnames and each column's converters (with the column they take).
+_Loader = tuple[str, list[str], list[tuple[Any, list[Any]]]]
+# By (model, fields asked for or None for all, vendor): built once per process.
+_LOADERS: dict[tuple[type[Model], tuple[str, ...] | None, str], _Loader] = {}
 
 
-def _loader(
-    model: type[Model], attnames: tuple[str, ...] | None = None
-) -> tuple[str, list[str], list[tuple[Any, list[Any]]]]:
+def _loader(model: type[Model], attnames: tuple[str, ...] | None = None) -> _Loader:
     key = (model, attnames, connection.vendor)
     loader = _LOADERS.get(key)
     if loader is None:
@@ -48,7 +49,7 @@ def _loader(
 
 def _fetch(
     model: type[Model],
-    loader: tuple[str, list[str], list[tuple[Any, list[Any]]]],
+    loader: _Loader,
     where: str,
     params: Sequence[Any],
     *,
