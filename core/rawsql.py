@@ -169,15 +169,8 @@ def rows_insert(objs: Sequence[Model], *, conflict: tuple[str, ...] | None = Non
 def row_update(obj: Model, fields: Sequence[str] | None = None) -> int:
     """UPDATE `obj`'s row with its `fields` (attnames; every concrete field but the key when None);
     the number of rows updated (0: the row is gone)."""
-    opts = obj._meta
-    chosen = [f for f in opts.concrete_fields if not f.primary_key and (fields is None or f.attname in fields)]
-    quote = connection.ops.quote_name
-    sets = ", ".join(f"{quote(f.column)} = %s" for f in chosen)
-    params = [f.get_db_prep_save(f.pre_save(obj, False), connection=connection) for f in chosen]
-    sql = f"UPDATE {quote(opts.db_table)} SET {sets} WHERE {quote(opts.pk.column)} = %s"  # noqa: S608
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, obj.pk])
-        return cursor.rowcount
+    chosen = [f for f in obj._meta.concrete_fields if not f.primary_key and (fields is None or f.attname in fields)]
+    return rows_update(type(obj), [obj.pk], **{f.attname: f.pre_save(obj, False) for f in chosen})
 
 
 def rows_update(model: type[Model], pks: Sequence[Any], **values: Any) -> int:

@@ -16,6 +16,7 @@ from django.db import connection, models
 from django.db.models import Sum
 
 from core.money import ZERO, decimal_text, quantize
+from core.rawsql import rows_insert
 from exchanges.gateway import OrderState
 from exchanges.models import MarketInfo
 from notifications.services import alert_raise
@@ -80,28 +81,8 @@ def insert_if_new(obj: models.Model, *, conflict: tuple[str, ...]) -> bool:
     True (and obj.pk set) when inserted: the row is `obj` as given, and on PostgreSQL locked by the
     insert until the transaction ends. One statement on PostgreSQL and SQLite (3.35+: RETURNING).
     """
-    opts = obj._meta
-    fields = [f for f in opts.concrete_fields if not f.primary_key]
-    quote = connection.ops.quote_name
-    values = [f.get_db_prep_save(f.pre_save(obj, True), connection=connection) for f in fields]
-    columns = ", ".join(quote(f.column) for f in fields)
-    marks = ", ".join(["%s"] * len(fields))
-    target = ", ".join(quote(c) for c in conflict)
-    sql = (
-        f"INSERT INTO {quote(opts.db_table)} ({columns}) VALUES ({marks}) "  # noqa: S608 - names are the model's
-        f"ON CONFLICT ({target}) DO NOTHING RETURNING {quote(opts.pk.column)}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, values)
-        row = cursor.fetchone()
-    if row is None:
-        return False
-    obj.pk = row[0]
-    for f in fields:  # what the database holds: defaults such as 0 as their Python type (Decimal)
-        setattr(obj, f.attname, f.to_python(getattr(obj, f.attname)))
-    obj._state.adding = False
-    obj._state.db = connection.alias
-    return True
+    rows_insert([obj], conflict=conflict)
+    return obj.pk is not None
 
 
 def trade_fill_record(

@@ -734,27 +734,9 @@ class SimEngine:
                 exchange=row.exchange,
             )
 
-    def order_create(
-        self,
-        exchange: str,
-        account: str,
-        request: OrderRequest,
-        *,
-        now: datetime | None = None,
-        time_in_force: TimeInForce = TimeInForce.GTC,
-        quote_order: bool = False,
-    ) -> OrderState:
-        """Store and (if marketable) fill an order in one short transaction; nothing is kept when it raises.
-
-        `time_in_force` applies to regular LIMIT orders (see TimeInForce). `quote_order`: a MARKET
-        order whose request.quantity is an amount of the quote currency, converted at the market
-        price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
-        """
-        return _state_of(
-            self.order_create_row(
-                exchange, account, request, now=now, time_in_force=time_in_force, quote_order=quote_order
-            )
-        )
+    def order_create(self, exchange: str, account: str, request: OrderRequest, **options: Any) -> OrderState:
+        """order_create_row (its arguments), as the order's state."""
+        return _state_of(self.order_create_row(exchange, account, request, **options))
 
     def order_create_row(
         self,
@@ -766,8 +748,13 @@ class SimEngine:
         time_in_force: TimeInForce = TimeInForce.GTC,
         quote_order: bool = False,
     ) -> SimOrder:
-        """order_create, returning the order's row as committed (a dialect shapes its reply from it without
-        reading it again)."""
+        """Store and (if marketable) fill an order in one short transaction; nothing is kept when it raises.
+        Returns the order's row as committed (a dialect shapes its reply from it without reading it again).
+
+        `time_in_force` applies to regular LIMIT orders (see TimeInForce). `quote_order`: a MARKET
+        order whose request.quantity is an amount of the quote currency, converted at the market
+        price and floored to the step (Binance quoteOrderQty, Bybit marketUnit=quoteCoin).
+        """
         now = now or self.clock()
         row = self._exchange_row(exchange, lock=False)
         self.match(exchange, now=now, row=row)

@@ -28,14 +28,7 @@ def pool_of(settings):
 
 def _backends() -> int:
     """Connections to the test database other than this thread's own."""
-    with connections["default"].cursor() as cursor:
-        cursor.execute(
-            # Client connections only: an autovacuum worker on the test database (after the write-heavy
-            # tests before this one) is a backend too.
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend'"
-        )
-        return int(cursor.fetchone()[0])
+    return len(_sessions())
 
 
 def _backends_settled(*, at_most: int, timeout: float = 5.0) -> int:
@@ -50,7 +43,8 @@ def _backends_settled(*, at_most: int, timeout: float = 5.0) -> int:
 
 
 def _sessions() -> list[tuple]:
-    """The other client sessions on the test database, for a failure's message."""
+    """The other client sessions on the test database. Client connections only: an autovacuum worker on
+    the test database (after the write-heavy tests before this one) is a backend too."""
     with connections["default"].cursor() as cursor:
         cursor.execute(
             "SELECT pid, application_name, state, left(query, 80) FROM pg_stat_activity "

@@ -38,7 +38,7 @@ from exchanges.simulator.dialects.base import (
     ms,
     signature_ok,
 )
-from exchanges.simulator.engine import OrderEvent, StreamCursor, TimeInForce
+from exchanges.simulator.engine import OPEN, OrderEvent, StreamCursor, TimeInForce
 from exchanges.simulator.ratelimit import Charge, Verdict, Window
 from exchanges.simulator.wire import db_call, now_ms
 
@@ -1025,8 +1025,9 @@ class BinanceDialect(Dialect):
             if market_type == MarketType.FUTURES:
                 # Plain SQL (core.rawsql): reconciliation lists every account's open orders each run.
                 self.engine.match(self.exchange)
-                where = "exchange = %s AND account = %s AND market_type = %s AND NOT conditional AND status IN (%s, %s)"
-                key = [self.exchange, call.account, market_type.value, "NEW", "PARTIALLY_FILLED"]
+                where = "exchange = %s AND account = %s AND market_type = %s AND NOT conditional AND status IN "
+                where += "(" + ", ".join(["%s"] * len(OPEN)) + ")"
+                key = [self.exchange, call.account, market_type.value, *OPEN]
                 if "symbol" in filters:
                     where, key = where + " AND symbol = %s", [*key, filters["symbol"]]
                 rows = rows_select(SimOrder, where, key, order_by="id")
